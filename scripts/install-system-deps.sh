@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Install the Debian packages liveclone's demo and tests use, if any is missing.
+# Safe to run twice: it does nothing when everything is there.
+set -euo pipefail
+need=()
+check() { command -v "$1" >/dev/null 2>&1 || need+=("$2"); }
+check qemu-img qemu-utils
+check qemu-system-x86_64 qemu-system-x86
+check nbdkit nbdkit
+check nbdinfo libnbd-bin
+check fio fio
+check fusermount3 fuse3
+check pkg-config pkg-config
+check mkfs.ext4 e2fsprogs
+check busybox busybox-static
+check nginx nginx-light
+check cpio cpio
+check curl curl
+[ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
+if [ ${#need[@]} -eq 0 ]; then exit 0; fi
+if [ "$(id -u)" != 0 ]; then
+  echo "missing Debian packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2
+  exit 1
+fi
+echo "installing Debian packages: ${need[*]}"
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -q
+apt-get install -y -q --no-install-recommends "${need[@]}"

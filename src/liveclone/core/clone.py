@@ -1,0 +1,650 @@
+"""The clone: routing policy of DESIGN invariants 3-6. Knows nothing of protocols.
+
+A ``Clone`` is a read-only source, a clone file of the source's size, and a
+region map. Every frontend (NBD, FUSE, the copier) calls the same blocking,
+thread-safe methods: ``read``, ``write``, ``write_zeroes``, ``trim``, ``flush``,
+``cache`` and ``fill``. Async frontends run them in worker threads.
+
+Ownership of absent regions. A region that is absent can only change (its clone
+bytes written, its bit set) by the one caller that *owns* it. Ownership is taken
+for runs of regions under ``_cond``'s lock and released there. Guest writes wait
+until no region they touch is owned by someone else; the copier never waits: it
+skips owned and present regions. Since a region's bit is set only by its owner,
+and the copier only writes regions it found absent and took, the copier never
+overwrites guest data (invariant 4), and there is one fill per region at a time.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from liveclone.core.metadata import COMPACT_RECORDS, MapHeader, MapStore
+from liveclone.core.regions import DEFAULT_REGION_SIZE, Geometry, RegionMap
+from liveclone.errors import (
+    CloneBusyError,
+    CorruptMetadataError,
+    NotACloneError,
+    SourceChangedError,
+    SourceError,
+    TargetError,
+)
+from liveclone.sources.base import Source
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# Largest single read from the source when filling; big enough for disk speed.
+COPY_CHUNK = 8 << 20
+# Zero detection granularity cap: an all-zero block this big becomes a hole.
+ZERO_BLOCK = 64 << 10
+# Invariant 6: commit at least this often while bits are pending.
+COMMIT_INTERVAL = 1.0
+
+# Block status flags, as NBD's base:allocation defines them.
+STATE_HOLE = 1
+STATE_ZERO = 2
+
+_libc: Any = None
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode; Python's os module only has posix_fallocate."""
+    global _libc
+    if length <= 0:
+        return
+    if _libc is None:
+        import ctypes
+        import ctypes.util
+
+        _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        import ctypes
+
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+
+
+def _is_zero(view: memoryview, zeros: bytes) -> bool:
+    return view == zeros[: len(view)]
+
+
+@dataclass
+class CloneStats:
+    """Counters for ``status``. Updated under ``Clone._cond``."""
+
+    bytes_copied: int = 0  # source bytes written into the clone by fills
+    bytes_from_source: int = 0  # every byte read from the source (fills and reads)
+    regions_skipped: int = 0  # copier found the region already present: "done"
+    guest_reads: int = 0
+    guest_writes: int = 0
+    guest_bytes_read: int = 0
+    guest_bytes_written: int = 0
+    commits: int = 0
+    last_commit: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Clone:
+    """A partly filled clone, safe for concurrent callers."""
+
+    def __init__(self, path: str, fd: int, store: MapStore, rmap: RegionMap,
+                 source: Source | None) -> None:
+        header = store.header
+        self.path = path
+        self.size = header.size
+        self.region_size = header.region_size
+        self.geometry = Geometry(header.size, header.region_size)
+        self.source = source
+        self.source_spec = str(header.source.get("path", ""))
+        self.copy_on_read = False
+        self._fd = fd
+        self._store = store
+        self._zero_block = min(ZERO_BLOCK, self.region_size)
+        self._zeros = bytes(max(COPY_CHUNK, self.region_size))
+        self._cond = threading.Condition()
+        # --- state guarded by _cond ------------------------------------------
+        # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
+        # (perhaps not yet durable). Bits only go 0 → 1.
+        self._map = rmap
+        # Invariant: bit r set ⇒ r's bytes were fdatasynced before the bit reached
+        # the journal. committed ⊆ map.
+        self._committed = RegionMap(rmap.count, rmap.to_bytes())
+        # Runs (first, end) set in _map and not yet committed, in the order set.
+        self._pending: list[tuple[int, int]] = []
+        # Runs of absent regions owned by one caller each; no two overlap.
+        # Only the owner writes an owned region's clone bytes or sets its bit.
+        self._owned: list[tuple[int, int]] = []
+        self.guest_inflight = 0  # guest requests now running, for the copier to yield
+        self.stats = CloneStats()
+        self.last_error: str | None = None
+        # --- end of state guarded by _cond -----------------------------------
+        self._commit_lock = threading.Lock()  # one commit/compaction at a time
+        self._closed = threading.Event()
+        self._committer = threading.Thread(target=self._commit_loop, name="commit",
+                                           daemon=True)
+        self._committer.start()
+
+    # -- opening ---------------------------------------------------------------
+
+    @classmethod
+    def create(cls, source: Source, path: str,
+               region_size: int = DEFAULT_REGION_SIZE) -> Clone:
+        """Make a new clone of ``source`` at ``path``. Blocks."""
+        path = os.path.abspath(path)
+        if os.path.lexists(path):
+            raise TargetError(f"{path} already exists")
+        directory = os.path.dirname(path)
+        if not os.path.isdir(directory):
+            raise TargetError(f"cannot create clone {path}: directory {directory} does not exist")
+        if not os.access(directory, os.W_OK):
+            raise TargetError(
+                f"cannot create clone {path}: directory {directory} is not writable; "
+                "choose a writable directory or fix its permissions"
+            )
+        header = MapStore.new_header(source.size, region_size, source.identity(), time.time())
+        store = MapStore.create(path, header)  # the map first: its superblock marks the clone
+        return cls._open_file(path, store, RegionMap(Geometry(source.size, region_size).count),
+                              source)
+
+    @classmethod
+    def open(cls, path: str, source: Source | None) -> Clone:
+        """Open an existing clone. ``source`` may be None only if it is complete."""
+        path = os.path.abspath(path)
+        if not MapStore.exists(path):
+            if os.path.lexists(path):
+                raise NotACloneError(
+                    f"{path} exists but is not a liveclone clone (no {os.path.basename(path)}"
+                    ".lcmap beside it); choose another clone path, or remove the file if "
+                    "you do not need it"
+                )
+            raise NotACloneError(f"{path} is not a liveclone clone: it does not exist")
+        store, rmap = MapStore.load(path)
+        try:
+            header = store.header
+            if not rmap.complete:
+                if source is None:
+                    raise SourceError(
+                        f"the clone {path} is {rmap.present_count}/{rmap.count} regions "
+                        f"copied and needs its source {header.source.get('path')!r}"
+                    )
+                if source.size != header.size:
+                    raise SourceChangedError(
+                        f"source {source.spec} is {source.size} bytes but the clone {path} "
+                        f"was made from {header.size} bytes; give the original source"
+                    )
+                why = source.identity_mismatch(header.source)
+                if why:
+                    raise SourceChangedError(
+                        f"source {source.spec} changed since the clone {path} was made "
+                        f"({why}). Resuming would mix two different images. Restore the "
+                        "original source, or delete the clone and its map and start again."
+                    )
+            return cls._open_file(path, store, rmap, source)
+        except BaseException:
+            store.close()
+            raise
+
+    @classmethod
+    def _open_file(cls, path: str, store: MapStore, rmap: RegionMap,
+                   source: Source | None) -> Clone:
+        size = store.header.size
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            store.close()
+            raise TargetError(f"cannot open clone file {path}: {e.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise CloneBusyError(
+                    f"the clone {path} is in use by another liveclone process; stop it first "
+                    "(or use `liveclone status` to see its progress)"
+                ) from None
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                if rmap.present_count:
+                    raise CorruptMetadataError(
+                        f"clone file {path} is {actual} bytes but its map says {size} bytes "
+                        f"with {rmap.present_count} regions present: the file was truncated "
+                        "or replaced. Delete the clone and its map and clone again."
+                    )
+                # Crash during creation, before any data: finishing it is safe.
+                os.ftruncate(fd, size)
+            return cls(path, fd, store, rmap, source)
+        except BaseException:
+            os.close(fd)
+            store.close()
+            raise
+
+    # -- reporting ---------------------------------------------------------------
+
+    @property
+    def header(self) -> MapHeader:
+        return self._store.header
+
+    @property
+    def regions_total(self) -> int:
+        return self._map.count
+
+    @property
+    def regions_present(self) -> int:
+        return self._map.present_count
+
+    @property
+    def complete(self) -> bool:
+        return self._map.complete
+
+    def is_present(self, region: int) -> bool:
+        with self._cond:
+            return region in self._map
+
+    def committed_snapshot(self) -> bytes:
+        with self._cond:
+            return self._committed.to_bytes()
+
+    def present_runs(self, first: int, end: int) -> list[tuple[int, int, bool]]:
+        with self._cond:
+            return list(self._map.runs(first, end))
+
+    # -- ownership -------------------------------------------------------------
+
+    def _overlaps_owned(self, first: int, end: int) -> bool:
+        return any(a < end and first < b for a, b in self._owned)
+
+    def _take(self, first: int, end: int, wait: bool) -> list[tuple[int, int]]:
+        """Own the absent regions of ``[first, end)``; return them as runs.
+
+        With ``wait``, block until no region there is owned by another, then take
+        every absent one (all at once, so two writers never deadlock). Without
+        ``wait``, take only absent regions nobody owns. Caller holds ``_cond``.
+        """
+        if wait:
+            while self._overlaps_owned(first, end):
+                self._cond.wait()
+            taken = [(a, b) for a, b, present in self._map.runs(first, end) if not present]
+        else:
+            taken = []
+            for a, b, present in self._map.runs(first, end):
+                if present:
+                    continue
+                # Cut owned runs out of [a, b).
+                pieces = [(a, b)]
+                for oa, ob in self._owned:
+                    pieces = [q for pa, pb in pieces
+                              for q in ((pa, min(pb, oa)), (max(pa, ob), pb)) if q[0] < q[1]]
+                taken.extend(pieces)
+        self._owned.extend(taken)
+        return taken
+
+    def _release(self, runs: list[tuple[int, int]], made_present: bool) -> None:
+        """Give runs back; with ``made_present`` their bits are set (pending commit)."""
+        with self._cond:
+            for run in runs:
+                self._owned.remove(run)
+                if made_present:
+                    self._map.set(*run)
+                    self._pending.append(run)
+            self._cond.notify_all()
+
+    def _owning(self, first: int, end: int, wait: bool) -> _Ownership:
+        with self._cond:
+            return _Ownership(self, self._take(first, end, wait))
+
+    # -- data movement ---------------------------------------------------------
+
+    def _need_source(self) -> Source:
+        if self.source is None:
+            raise OSError(errno.EIO, "the clone's source is not available")
+        return self.source
+
+    def _copy_from_source(self, start: int, end: int) -> int:
+        """Copy source bytes ``[start, end)`` into the clone file; zero runs and source
+        holes become holes (punched, never trusted). Return the data bytes read.
+        The caller owns every region touched."""
+        source = self._need_source()
+        fd, zb = self._fd, self._zero_block
+        read = 0
+        hole_start: int | None = None  # a zero run waiting to be punched
+
+        def flush_hole(upto: int) -> None:
+            nonlocal hole_start
+            if hole_start is not None and upto > hole_start:
+                punch_hole(fd, hole_start, upto - hole_start)
+            hole_start = None
+
+        for ext in source.extents(start, end - start):
+            if not ext.data:
+                if hole_start is None:
+                    hole_start = ext.offset
+                continue
+            pos, ext_end = ext.offset, ext.offset + ext.length
+            while pos < ext_end:
+                n = min(COPY_CHUNK, ext_end - pos)
+                data = memoryview(source.pread(pos, n))
+                read += n
+                # Walk zero-detection blocks aligned to the clone, not to pos.
+                i = 0
+                while i < n:
+                    j = min(n, (((pos + i) // zb) + 1) * zb - pos)
+                    if _is_zero(data[i:j], self._zeros):
+                        if hole_start is None:
+                            hole_start = pos + i
+                        i = j
+                        continue
+                    flush_hole(pos + i)
+                    # Extend the data run over following non-zero blocks.
+                    k = j
+                    while k < n:
+                        nk = min(n, k + zb)
+                        if _is_zero(data[k:nk], self._zeros):
+                            break
+                        k = nk
+                    self._pwrite(data[i:k], pos + i)
+                    i = k
+                pos += n
+        flush_hole(end)
+        with self._cond:
+            self.stats.bytes_from_source += read
+        return read
+
+    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def fill(self, first: int, end: int, wait: bool = False) -> tuple[int, int]:
+        """Copy absent regions of ``[first, end)`` from the source and make them present.
+
+        This is the copier's write and CACHE's: regions that are present are "done"
+        without being written (invariant 4); regions owned by another caller are
+        skipped unless ``wait``. Return ``(regions filled, source bytes read)``.
+        """
+        with self._cond:
+            # Present regions are "done" without writing (the seed's skipped write).
+            self.stats.regions_skipped += sum(
+                b - a for a, b, present in self._map.runs(first, end) if present)
+            runs = self._take(first, end, wait)
+            taken = sum(b - a for a, b in runs)
+        ok = False
+        read = 0
+        try:
+            for a, b in runs:
+                start, _ = self.geometry.bounds(a)
+                _, stop = self.geometry.bounds(b - 1)
+                read += self._copy_from_source(start, stop)
+            ok = True
+        finally:
+            self._release(runs, made_present=ok)
+        if ok:
+            with self._cond:
+                self.stats.bytes_copied += read
+        return taken, read
+
+    # -- the guest's operations -------------------------------------------------
+
+    def _guest(self) -> _GuestOp:
+        return _GuestOp(self)
+
+    def read(self, offset: int, length: int) -> bytearray:
+        """Source ⊕ acknowledged writes (invariant 3): present runs from the clone,
+        absent runs from the source, split where they meet."""
+        with self._guest():
+            if self.copy_on_read:
+                first, end = self._span(offset, length)
+                self.fill(first, end, wait=True)
+            buf = bytearray(length)
+            view = memoryview(buf)
+            for start, stop, present in self._byte_runs(offset, length):
+                part = view[start - offset:stop - offset]
+                if present:
+                    got = os.preadv(self._fd, [part], start)
+                    if got < len(part):
+                        part[got:] = self._zeros[: len(part) - got]
+                else:
+                    part[:] = self._need_source().pread(start, stop - start)
+                    with self._cond:
+                        self.stats.bytes_from_source += stop - start
+            with self._cond:
+                self.stats.guest_reads += 1
+                self.stats.guest_bytes_read += length
+            return buf
+
+    def _span(self, offset: int, length: int) -> tuple[int, int]:
+        span = self.geometry.span(offset, length)
+        return span.start, span.stop
+
+    def _byte_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
+        """Split ``[offset, offset+length)`` into byte runs that are all present or
+        all absent, from one snapshot of the map."""
+        first, end = self._span(offset, length)
+        stop_at = offset + length
+        for a, b, present in self.present_runs(first, end):
+            yield max(offset, a << self.geometry.shift), min(stop_at, b << self.geometry.shift), present
+
+    def _modify(self, offset: int, length: int, fua: bool,
+                apply: Callable[[], None]) -> None:
+        """A guest write, or zero-write: own the absent regions touched, fill the parts
+        of partly covered absent regions from the source (invariant 5), apply the
+        change, then mark them present. All before returning (the acknowledgement)."""
+        first, end = self._span(offset, length)
+        with self._guest(), self._owning(first, end, wait=True) as own:
+            for a, b in own.runs:
+                for r in {a, b - 1}:
+                    rs, re_ = self.geometry.bounds(r)
+                    if offset > rs:
+                        self._copy_from_source(rs, min(offset, re_))
+                    if offset + length < re_:
+                        self._copy_from_source(max(offset + length, rs), re_)
+            apply()
+            own.made_present = True
+            with self._cond:
+                self.stats.guest_writes += 1
+                self.stats.guest_bytes_written += length
+        if fua:
+            self.flush()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        self._modify(offset, len(data), fua, lambda: self._pwrite(data, offset))
+
+    def write_zeroes(self, offset: int, length: int, fua: bool = False,
+                     no_hole: bool = False) -> None:
+        """Zero a range. Whole absent regions become present holes with nothing
+        copied (invariant 2); partly covered absent regions are filled first."""
+        def apply() -> None:
+            if no_hole:
+                _fallocate(self._fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            else:
+                punch_hole(self._fd, offset, length)
+
+        self._modify(offset, length, fua, apply)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """Discard a range. Whole regions become present holes (invariant 2); on a
+        partly covered present region the covered part is punched; a partly covered
+        absent region is left alone: trim is advisory and must not zero the rest."""
+        with self._guest():
+            rs = self.region_size
+            inner_start = -(-offset // rs) * rs
+            inner_end = min(((offset + length) // rs) * rs, self.size)
+            if offset + length >= self.size:
+                inner_end = self.size  # the short last region is covered whole
+            if inner_end > inner_start:
+                first, end = self._span(inner_start, inner_end - inner_start)
+                with self._owning(first, end, wait=True) as own:
+                    punch_hole(self._fd, inner_start, inner_end - inner_start)
+                    own.made_present = True
+            else:
+                inner_start = inner_end = offset
+            # Partly covered edges: punch only where present, under ownership so a
+            # concurrent fill cannot make them present behind our back.
+            for start, stop in ((offset, min(inner_start, offset + length)),
+                                (max(inner_end, offset), offset + length)):
+                if stop <= start:
+                    continue
+                first, end = self._span(start, stop - start)
+                with self._owning(first, end, wait=True):
+                    for s, e, present in self._byte_runs(start, stop - start):
+                        if present:
+                            punch_hole(self._fd, s, e - s)
+        if fua:
+            self.flush()
+
+    def cache(self, offset: int, length: int) -> None:
+        """A hint: fill these regions now."""
+        first, end = self._span(offset, length)
+        self.fill(first, end, wait=False)
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        """``(length, flags)`` extents covering the range: present runs from the clone's
+        holes, absent runs from the source's extents. Flags: STATE_HOLE | STATE_ZERO."""
+        out: list[tuple[int, int]] = []
+
+        def add(n: int, flags: int) -> None:
+            if out and out[-1][1] == flags:
+                out[-1] = (out[-1][0] + n, flags)
+            else:
+                out.append((n, flags))
+
+        for start, stop, present in self._byte_runs(offset, length):
+            if present:
+                for s, e, data in _fd_extents(self._fd, start, stop):
+                    add(e - s, 0 if data else STATE_HOLE | STATE_ZERO)
+            elif self.source is not None:
+                for ext in self.source.extents(start, stop - start):
+                    add(ext.length, 0 if ext.data else STATE_HOLE | STATE_ZERO)
+            else:
+                add(stop - start, 0)
+        return out
+
+    # -- durability --------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every acknowledged write durable (invariant 6). Blocks."""
+        with self._commit_lock:
+            with self._cond:
+                ranges, self._pending = self._pending, []
+            try:
+                os.fdatasync(self._fd)  # step 1: data first
+                self._store.commit(_merge(ranges))  # step 2: then the map
+            except BaseException:
+                with self._cond:
+                    self._pending[:0] = ranges  # not committed: try again next time
+                raise
+            with self._cond:
+                for a, b in ranges:
+                    self._committed.set(a, b)
+                self.stats.commits += 1
+                self.stats.last_commit = time.time()
+                compact = (self._store.records > COMPACT_RECORDS
+                           or (self._committed.complete and self._store.records))
+                snapshot = RegionMap(self._committed.count, self._committed.to_bytes()) \
+                    if compact else None
+            if snapshot is not None:
+                self._store.compact(snapshot)
+
+    def _commit_loop(self) -> None:
+        while not self._closed.wait(COMMIT_INTERVAL):
+            with self._cond:
+                idle = not self._pending
+            if idle:
+                continue
+            try:
+                self.flush()
+            except OSError as e:
+                with self._cond:
+                    self.last_error = f"periodic commit failed: {e}"
+
+    def close(self) -> None:
+        """Commit and close. Blocks."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self._committer.join()
+        try:
+            self.flush()
+        finally:
+            self._store.close()
+            os.close(self._fd)
+            if self.source is not None:
+                self.source.close()
+
+    def __enter__(self) -> Clone:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _Ownership:
+    """Context manager around owned runs: released on exit, made present on request."""
+
+    def __init__(self, clone: Clone, runs: list[tuple[int, int]]) -> None:
+        self.clone = clone
+        self.runs = runs
+        self.made_present = False
+
+    def __enter__(self) -> _Ownership:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clone._release(self.runs, self.made_present and exc[0] is None)
+
+
+class _GuestOp:
+    """Counts guest requests in flight, so the copier can yield to them."""
+
+    def __init__(self, clone: Clone) -> None:
+        self.clone = clone
+
+    def __enter__(self) -> None:
+        with self.clone._cond:
+            self.clone.guest_inflight += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self.clone._cond:
+            self.clone.guest_inflight -= 1
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _fd_extents(fd: int, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+    """Data/hole runs of an open file within ``[start, stop)``."""
+    pos = start
+    while pos < stop:
+        try:
+            data_at = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:
+                yield pos, stop, False
+                return
+            raise
+        if data_at > pos:
+            yield pos, min(data_at, stop), False
+            pos = min(data_at, stop)
+            continue
+        hole_at = os.lseek(fd, pos, os.SEEK_HOLE)
+        yield pos, min(hole_at, stop), True
+        pos = min(hole_at, stop)

@@ -1,0 +1,242 @@
+"""The background copier: fills absent regions in order, through ``Clone.fill``.
+
+The copier is just another client of the clone. It never writes a region itself;
+``Clone.fill`` takes ownership of absent regions and skips present ones, so the
+copier can never overwrite guest data (invariant 4).
+
+Order: a linear sweep from region 0. Regions asked for by ``prioritize`` (for
+example near recent guest reads) are copied before the sweep goes on. Adjacent
+absent regions are merged into batches of ``batch_bytes``; ``workers`` threads
+keep that many batches in flight. When the sweep reaches the end, it starts again
+from the lowest absent region, until every region is present.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections import deque
+
+from liveclone.core.clone import Clone
+from liveclone.errors import NoSpaceError
+from liveclone.units import format_size
+
+DEFAULT_BATCH = 8 << 20
+DEFAULT_WORKERS = 2
+# Source errors: tries per batch before it is set aside, and the back-off cap.
+RETRIES = 5
+BACKOFF_MAX = 5.0
+
+
+class Phase:
+    COPYING = "copying"
+    PAUSED = "paused"
+    COMPLETE = "complete"
+    FAILED = "failed"
+
+
+class RateLimiter:
+    """Token bucket: ``take(n)`` sleeps so the long-run rate stays under ``rate``."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate  # bytes per second
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the next byte may go
+
+    def take(self, nbytes: int, stop: threading.Event) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(self._next, now)
+            self._next = start + nbytes / self.rate
+            delay = start - now
+        if delay > 0:
+            stop.wait(delay)
+
+
+class Copier:
+    """Fills a clone in the background with a few worker threads."""
+
+    def __init__(self, clone: Clone, rate: float | None = None,
+                 workers: int = DEFAULT_WORKERS, batch_bytes: int = DEFAULT_BATCH) -> None:
+        self.clone = clone
+        self.batch_regions = max(1, batch_bytes // clone.region_size)
+        self.workers = workers
+        self.limiter = RateLimiter(rate) if rate else None
+        self._lock = threading.Lock()
+        # --- guarded by _lock ----------------------------------------------------
+        self._cursor = 0  # next region of the linear sweep
+        self._priority: deque[tuple[int, int]] = deque()  # runs to copy first
+        self._failures: dict[int, int] = {}  # batch start → failed tries
+        self.error: BaseException | None = None  # fatal: the copier stopped on it
+        self.started = time.monotonic()
+        self._rate_window: deque[tuple[float, int]] = deque()  # (time, bytes_copied)
+        # --- end ---------------------------------------------------------------
+        self._stop = threading.Event()
+        self._running = threading.Event()
+        self._running.set()
+        self._done = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- control -------------------------------------------------------------------
+
+    def start(self) -> Copier:
+        self._threads = [threading.Thread(target=self._work, name=f"copier-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for t in self._threads:
+            t.start()
+        return self
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
+
+    def stop(self) -> None:
+        """Stop the workers after their current batch. Blocks until they have."""
+        self._stop.set()
+        self._running.set()
+        for t in self._threads:
+            t.join()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until complete or failed; True if the copier has finished."""
+        return self._done.wait(timeout)
+
+    def prioritize(self, first: int, end: int) -> None:
+        """Copy ``[first, end)`` before the sweep goes on (guest-driven order)."""
+        with self._lock:
+            self._priority.append((first, end))
+
+    @property
+    def phase(self) -> str:
+        if self.clone.complete:
+            return Phase.COMPLETE
+        if self.error is not None:
+            return Phase.FAILED
+        return Phase.PAUSED if self.paused else Phase.COPYING
+
+    # -- progress --------------------------------------------------------------------
+
+    def rate(self) -> float:
+        """Bytes per second over the last few seconds."""
+        now = time.monotonic()
+        copied = self.clone.stats.bytes_copied
+        with self._lock:
+            self._rate_window.append((now, copied))
+            while len(self._rate_window) > 2 and now - self._rate_window[0][0] > 5:
+                self._rate_window.popleft()
+            t0, b0 = self._rate_window[0]
+        return (copied - b0) / (now - t0) if now > t0 else 0.0
+
+    def eta(self) -> float | None:
+        rate = self.rate()
+        remaining = (self.clone.regions_total - self.clone.regions_present) * self.clone.region_size
+        return remaining / rate if rate > 0 else None
+
+    # -- the work --------------------------------------------------------------------
+
+    def _next_batch(self) -> tuple[int, int] | None:
+        """The next run of regions to fill, or None when nothing is left to try."""
+        clone = self.clone
+        with self._lock:
+            while self._priority:
+                first, end = self._priority.popleft()
+                runs = [(a, b) for a, b, present in clone.present_runs(first, end) if not present]
+                if runs:
+                    a, b = runs[0]
+                    if len(runs) > 1 or b < end:
+                        self._priority.appendleft((b, end))
+                    return a, min(b, a + self.batch_regions)
+            start = None if clone.complete else self._sweep_start()
+            if start is None:
+                return None
+            end = min(start + self.batch_regions, clone.regions_total)
+            self._cursor = end
+            return start, end
+
+    def _sweep_start(self) -> int | None:
+        """The first absent region at or after the cursor, wrapping around once."""
+        for begin in (self._cursor, 0):
+            for a, _b, present in self.clone.present_runs(begin, self.clone.regions_total):
+                if not present:
+                    return a
+        return None
+
+    def _work(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._running.wait()
+                if self._stop.is_set():
+                    break
+                self._yield_to_guest()
+                batch = self._next_batch()
+                if batch is None:
+                    if self.clone.complete:
+                        break
+                    # Regions owned by other callers: they finish soon.
+                    self._stop.wait(0.01)
+                    continue
+                self._copy(*batch)
+        except BaseException as e:  # noqa: BLE001 - reported through phase/error
+            with self._lock:
+                if self.error is None:
+                    self.error = e
+            self.clone.last_error = str(e)
+            self._stop.set()
+        finally:
+            if self.clone.complete or self.error is not None:
+                self._done.set()
+
+    def _yield_to_guest(self) -> None:
+        """Let guest requests in flight go first, for a few milliseconds at most."""
+        for _ in range(5):
+            if self.clone.guest_inflight == 0:
+                return
+            time.sleep(0.001)
+
+    def _copy(self, first: int, end: int) -> None:
+        try:
+            taken, nbytes = self.clone.fill(first, end)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise self._no_space() from None
+            self._retry_later(first, end, e)
+            return
+        with self._lock:
+            self._failures.pop(first, None)
+        if not taken:
+            # Every absent region there is owned by another filler: let it finish.
+            self._stop.wait(0.002)
+        if self.limiter is not None and nbytes:
+            self.limiter.take(nbytes, self._stop)
+
+    def _retry_later(self, first: int, end: int, e: OSError) -> None:
+        with self._lock:
+            tries = self._failures.get(first, 0) + 1
+            self._failures[first] = tries
+        msg = (f"reading source regions {first}-{end - 1} failed ({e}); "
+               f"try {tries} of {RETRIES}")
+        self.clone.last_error = msg
+        if tries >= RETRIES:
+            raise OSError(e.errno, f"source keeps failing at regions {first}-{end - 1}: {e}")
+        self._stop.wait(min(BACKOFF_MAX, 0.1 * 2 ** tries))
+        self.prioritize(first, end)
+
+    def _no_space(self) -> NoSpaceError:
+        import os
+
+        clone = self.clone
+        remaining = (clone.regions_total - clone.regions_present) * clone.region_size
+        st = os.statvfs(os.path.dirname(clone.path))
+        free = st.f_bavail * st.f_frsize
+        return NoSpaceError(
+            f"no space left on the device holding {clone.path}: up to "
+            f"{format_size(remaining)} is still to copy and {format_size(free)} is free. "
+            "The map is consistent; free some space and run the same command again to resume."
+        )

@@ -1,0 +1,161 @@
+"""Region geometry and the in-core region map. Pure: no files, no sockets, no locks.
+
+The clone is cut into fixed-size regions (a power of two from 4 KiB to 1 GiB).
+Each region is *absent* (its authoritative bytes are the source's) or *present*
+(the clone file holds them). The map is one bit per region.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+MIN_REGION_SIZE = 4 << 10
+MAX_REGION_SIZE = 1 << 30
+DEFAULT_REGION_SIZE = 64 << 10
+
+_NOT_FULL = re.compile(rb"[^\xff]")
+_NOT_EMPTY = re.compile(rb"[^\x00]")
+
+
+def check_region_size(region_size: int) -> None:
+    """Raise ValueError unless ``region_size`` is a power of two in [4 KiB, 1 GiB]."""
+    if (
+        region_size < MIN_REGION_SIZE
+        or region_size > MAX_REGION_SIZE
+        or region_size & (region_size - 1)
+    ):
+        raise ValueError(
+            f"region size {region_size} must be a power of two from 4K to 1G"
+        )
+
+
+class Geometry:
+    """How byte offsets map to region indices for a clone of ``size`` bytes."""
+
+    __slots__ = ("size", "region_size", "shift", "count")
+
+    def __init__(self, size: int, region_size: int) -> None:
+        check_region_size(region_size)
+        self.size = size
+        self.region_size = region_size
+        self.shift = region_size.bit_length() - 1
+        # The last region may be short when size is not a multiple of region_size.
+        self.count = (size + region_size - 1) >> self.shift
+
+    def region_of(self, offset: int) -> int:
+        return offset >> self.shift
+
+    def span(self, offset: int, length: int) -> range:
+        """Indices of regions touched by ``[offset, offset+length)`` (empty if length 0)."""
+        if length <= 0:
+            return range(0)
+        return range(offset >> self.shift, ((offset + length - 1) >> self.shift) + 1)
+
+    def bounds(self, region: int) -> tuple[int, int]:
+        """``(start, end)`` byte offsets of ``region``; the last one ends at ``size``."""
+        start = region << self.shift
+        return start, min(start + self.region_size, self.size)
+
+    def covers(self, offset: int, length: int, region: int) -> bool:
+        """True if ``[offset, offset+length)`` covers all of ``region``."""
+        start, end = self.bounds(region)
+        return offset <= start and offset + length >= end
+
+
+class RegionMap:
+    """One bit per region: set ⇔ present.
+
+    Invariant: a bit only goes from 0 to 1 (DESIGN invariant 2). There is no
+    ``clear``; ``present_count`` always equals the number of set bits.
+    """
+
+    __slots__ = ("count", "_bits", "present_count")
+
+    def __init__(self, count: int, bits: bytes | None = None) -> None:
+        self.count = count
+        nbytes = (count + 7) >> 3
+        if bits is None:
+            self._bits = bytearray(nbytes)
+        else:
+            if len(bits) != nbytes:
+                raise ValueError(f"bitmap has {len(bits)} bytes, expected {nbytes}")
+            self._bits = bytearray(bits)
+            # Bits past ``count`` in the last byte are kept clear.
+            if count & 7:
+                self._bits[-1] &= (1 << (count & 7)) - 1
+        self.present_count = sum(b.bit_count() for b in self._bits)
+
+    def __contains__(self, region: int) -> bool:
+        return bool(self._bits[region >> 3] >> (region & 7) & 1)
+
+    def is_present(self, region: int) -> bool:
+        return region in self
+
+    @property
+    def complete(self) -> bool:
+        return self.present_count == self.count
+
+    def set(self, start: int, stop: int) -> int:
+        """Mark regions ``[start, stop)`` present; return how many were newly set."""
+        if stop <= start:
+            return 0
+        bits = self._bits
+        first_byte, last_byte = start >> 3, (stop - 1) >> 3
+        before = int.from_bytes(bits[first_byte:last_byte + 1], "little").bit_count()
+        if first_byte == last_byte:
+            bits[first_byte] |= ((1 << (stop - start)) - 1) << (start & 7)
+        else:
+            bits[first_byte] |= (0xFF << (start & 7)) & 0xFF
+            bits[first_byte + 1:last_byte] = b"\xff" * (last_byte - first_byte - 1)
+            bits[last_byte] |= (1 << (((stop - 1) & 7) + 1)) - 1
+        added = int.from_bytes(bits[first_byte:last_byte + 1], "little").bit_count() - before
+        self.present_count += added
+        return added
+
+    def find_absent(self, start: int, stop: int | None = None) -> int | None:
+        """The first absent region in ``[start, stop)``, or None."""
+        return self._find(start, self.count if stop is None else stop, want_set=False)
+
+    def find_present(self, start: int, stop: int | None = None) -> int | None:
+        """The first present region in ``[start, stop)``, or None."""
+        return self._find(start, self.count if stop is None else stop, want_set=True)
+
+    def _find(self, start: int, stop: int, want_set: bool) -> int | None:
+        stop = min(stop, self.count)
+        r = start
+        # Finish the partial first byte bit by bit, then let the regex skip whole bytes.
+        while r < stop and r & 7:
+            if (r in self) == want_set:
+                return r
+            r += 1
+        if r >= stop:
+            return None
+        m = (_NOT_EMPTY if want_set else _NOT_FULL).search(self._bits, r >> 3, (stop + 7) >> 3)
+        if m is None:
+            return None
+        r = m.start() << 3
+        while r < stop:
+            if (r in self) == want_set:
+                return r
+            r += 1
+        return None
+
+    def runs(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """Yield maximal ``(first, end, present)`` runs covering ``[start, stop)``."""
+        r = start
+        while r < stop:
+            present = r in self
+            nxt = self.find_absent(r, stop) if present else self.find_present(r, stop)
+            end = stop if nxt is None else nxt
+            yield r, end, present
+            r = end
+
+    def ranges(self) -> Iterator[tuple[int, int]]:
+        """Yield ``(first, end)`` runs of present regions over the whole map."""
+        for first, end, present in self.runs(0, self.count):
+            if present:
+                yield first, end
+
+    def to_bytes(self) -> bytes:
+        return bytes(self._bits)

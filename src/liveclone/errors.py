@@ -1,0 +1,66 @@
+"""Errors that reach the user.
+
+Each error carries a message that names the problem and the fix, and the exit
+code the CLI uses for it (borg's habit: the error class owns its exit code).
+Code below the CLI raises these; only ``cli/`` turns them into exit codes.
+"""
+
+from __future__ import annotations
+
+
+class LivecloneError(Exception):
+    """Base of every error liveclone reports to a user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class UsageError(LivecloneError):
+    """A bad argument: wrong size syntax, region size out of range..."""
+
+    exit_code = 2
+
+
+class SourceError(LivecloneError):
+    """The source is missing, unreadable, not a file, or failing."""
+
+    exit_code = 3
+
+
+class SourceChangedError(SourceError):
+    """The source no longer matches the identity recorded when the clone was made."""
+
+    exit_code = 4
+
+
+class NotACloneError(LivecloneError):
+    """The CLONE path exists but has no liveclone map beside it."""
+
+    exit_code = 5
+
+
+class CorruptMetadataError(LivecloneError):
+    """The region map is damaged; liveclone never guesses which regions are present."""
+
+    exit_code = 6
+
+
+class CloneBusyError(LivecloneError):
+    """Another liveclone process holds the clone open."""
+
+    exit_code = 7
+
+
+class NoSpaceError(LivecloneError):
+    """The clone's filesystem is full; the map stays consistent and the copy resumes later."""
+
+    exit_code = 8
+
+
+class TargetError(LivecloneError):
+    """The clone cannot be created or written: unwritable directory, bad path."""
+
+    exit_code = 9

@@ -1,0 +1,70 @@
+"""The one small interface every read-only source implements.
+
+A source is never written (invariant 1). It exposes its virtual size, positional
+reads, its allocation extents (so holes are skipped without reading), and an
+identity recorded when a clone is made so a changed source is refused on resume.
+Implementations must be safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Extent:
+    """A run of the source: ``data`` may hold bytes; not ``data`` reads as zeros (a hole)."""
+
+    offset: int
+    length: int
+    data: bool
+
+
+class Source(abc.ABC):
+    """A read-only disk image the clone is filled from."""
+
+    #: the URI or path the user gave, shown in messages and recorded in the map
+    spec: str
+    #: virtual size in bytes
+    size: int
+
+    @abc.abstractmethod
+    def pread(self, offset: int, length: int) -> bytes:
+        """Return exactly ``length`` bytes at ``offset`` (short only past the end: never)."""
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        """Yield the allocation of ``[offset, offset+length)`` in order, covering it whole.
+
+        The default says everything is data; sources that know better override it.
+        """
+        yield Extent(offset, length, True)
+
+    @abc.abstractmethod
+    def identity(self) -> dict[str, Any]:
+        """Facts that change when the source changes (size, mtime, ETag, fingerprint)."""
+
+    def fileno(self) -> int | None:
+        """A local file descriptor for ``copy_file_range``, or None when not a local file."""
+        return None
+
+    def close(self) -> None:
+        """Release what the source holds (file descriptors, child processes)."""
+
+    def identity_mismatch(self, recorded: dict[str, Any]) -> str | None:
+        """Explain how ``recorded`` differs from this source now, or None if it matches."""
+        now = self.identity()
+        diffs = [
+            f"{key} was {recorded.get(key)!r}, now {now.get(key)!r}"
+            for key in sorted(set(recorded) | set(now))
+            if key != "path" and recorded.get(key) != now.get(key)
+        ]
+        return "; ".join(diffs) or None
+
+    def __enter__(self) -> Source:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
