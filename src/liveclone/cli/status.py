@@ -1,0 +1,103 @@
+"""``liveclone status``: report a clone's state, live if a process is running it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import click
+
+from liveclone.core.copier import Phase
+from liveclone.core.metadata import MapStore
+from liveclone.session import status_path
+from liveclone.units import format_size
+
+# A status file older than this, from a process that is gone, is not "running".
+_STALE = 5.0
+
+
+def read_status(clone_path: str) -> dict[str, Any]:
+    """The clone's state: the committed map, merged with the live status file if its
+    writer still runs. Raises NotACloneError / CorruptMetadataError."""
+    clone_path = os.path.abspath(clone_path)
+    header, rmap = MapStore.read(clone_path)
+    live: dict[str, Any] = {}
+    try:
+        with open(status_path(clone_path)) as f:
+            live = json.load(f)
+    except (OSError, ValueError):
+        pass
+    running = bool(live.get("running")) and _alive(live.get("pid"))
+    present = rmap.present_count
+    if running:
+        present = max(present, int(live.get("regions_present", 0)))
+    if present == rmap.count:
+        phase = Phase.COMPLETE
+    elif running:
+        phase = live.get("phase", Phase.COPYING)
+    elif live.get("phase") == Phase.FAILED:
+        phase = Phase.FAILED
+    else:
+        phase = Phase.PAUSED
+    out: dict[str, Any] = {
+        "phase": phase,
+        "running": running,
+        "clone": clone_path,
+        "regions_total": rmap.count,
+        "regions_present": present,
+        "regions_committed": rmap.present_count,
+        "region_size": header.region_size,
+        "bytes_total": header.size,
+        "bytes_present": min(present * header.region_size, header.size),
+        "bytes_copied": live.get("bytes_copied", 0),
+        "rate": live.get("rate", 0.0) if running else 0.0,
+        "eta": live.get("eta") if running else None,
+        "source": header.source,
+        "last_error": live.get("last_error"),
+        "created": header.created,
+    }
+    for key, value in live.items():
+        out.setdefault(key, value)
+    out["running"] = running
+    return out
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@click.command("status")
+@click.argument("clone_path", metavar="CLONE")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def command(clone_path: str, as_json: bool) -> None:
+    """Show how far CLONE's copy is, and what its running process reports."""
+    st = read_status(clone_path)
+    if as_json:
+        click.echo(json.dumps(st, sort_keys=True))
+        return
+    pct = 100.0 * st["regions_present"] / max(st["regions_total"], 1)
+    lines = [
+        f"clone:   {st['clone']}",
+        f"source:  {st['source'].get('path')}",
+        f"phase:   {st['phase']}" + (" (running)" if st["running"] else ""),
+        f"copied:  {st['regions_present']}/{st['regions_total']} regions ({pct:.1f}%) of "
+        f"{format_size(st['bytes_total'])}, region size {format_size(st['region_size'])}",
+    ]
+    if st["running"] and st.get("rate"):
+        eta = st.get("eta")
+        lines.append(f"rate:    {format_size(st['rate'])}/s"
+                     + (f", {eta:.0f} s left" if eta is not None else ""))
+    if st.get("last_error"):
+        lines.append(f"error:   {st['last_error']}")
+    lines.append(f"created: {time.ctime(st['created'])}")
+    click.echo("\n".join(lines))

@@ -1,0 +1,166 @@
+"""A running clone: the clone, its copier and its status file, as every command uses them.
+
+``CloneSession`` is what ``clone``, ``serve``, ``mount`` and ``boot`` share: open or
+create the clone for a source, start the copier, publish progress to the status
+file ``CLONE.lcstatus`` (read by ``liveclone status`` while the owner runs), and
+on ``close`` stop the copier and commit the map.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from typing import Any
+
+from liveclone.core.clone import Clone
+from liveclone.core.copier import Copier, Phase
+from liveclone.core.metadata import MapStore
+from liveclone.core.regions import DEFAULT_REGION_SIZE, check_region_size
+from liveclone.errors import UsageError
+from liveclone.sources import Source, open_source
+
+STATUS_SUFFIX = ".lcstatus"
+STATUS_INTERVAL = 0.5
+
+
+def status_path(clone_path: str) -> str:
+    return os.path.abspath(clone_path) + STATUS_SUFFIX
+
+
+def open_clone(source_spec: str | None, clone_path: str,
+               region_size: int | None = None) -> Clone:
+    """Resume the clone at ``clone_path`` if its map exists, else create it.
+
+    On resume a complete clone needs no source: a missing one is not opened.
+    """
+    if region_size is not None:
+        try:
+            check_region_size(region_size)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    if os.path.lexists(clone_path) and not MapStore.exists(clone_path):
+        return Clone.open(clone_path, None)  # raises NotACloneError with the fix
+    if MapStore.exists(clone_path):
+        header, rmap = MapStore.read(clone_path)
+        if region_size is not None and region_size != header.region_size:
+            raise UsageError(
+                f"the clone {clone_path} was made with region size {header.region_size}; "
+                f"drop --region-size or give {header.region_size}"
+            )
+        source: Source | None = None
+        if not rmap.complete or (source_spec and os.path.exists(source_spec)):
+            if source_spec is None:
+                raise UsageError(f"the clone {clone_path} is not complete: give its SOURCE")
+            source = open_source(source_spec)
+        try:
+            return Clone.open(clone_path, source)
+        except BaseException:
+            if source is not None:
+                source.close()
+            raise
+    if source_spec is None:
+        raise UsageError(f"{clone_path} is not a clone yet: give a SOURCE to clone")
+    source = open_source(source_spec)
+    try:
+        return Clone.create(source, clone_path, region_size or DEFAULT_REGION_SIZE)
+    except BaseException:
+        source.close()
+        raise
+
+
+class CloneSession:
+    """A clone with its copier running and its status published."""
+
+    def __init__(self, source_spec: str | None, clone_path: str,
+                 region_size: int | None = None, rate: float | None = None,
+                 copy: bool = True) -> None:
+        self.clone = open_clone(source_spec, clone_path, region_size)
+        self.copier = Copier(self.clone, rate=rate)
+        self.started = time.time()
+        self._copy = copy
+        self._stop = threading.Event()
+        self._status_thread = threading.Thread(target=self._publish_loop, name="status",
+                                               daemon=True)
+        self.extra_status: dict[str, Any] = {}  # frontends add their counters here
+
+    def start(self) -> CloneSession:
+        if self._copy and not self.clone.complete:
+            self.copier.start()
+        self._status_thread.start()
+        return self
+
+    def status(self, running: bool = True) -> dict[str, Any]:
+        clone, copier = self.clone, self.copier
+        stats = clone.stats
+        phase = copier.phase
+        if not running and phase == Phase.COPYING:
+            phase = Phase.PAUSED
+        return {
+            "phase": phase,
+            "running": running,
+            "pid": os.getpid() if running else None,
+            "clone": clone.path,
+            "regions_total": clone.regions_total,
+            "regions_present": clone.regions_present,
+            "region_size": clone.region_size,
+            "bytes_total": clone.size,
+            "bytes_present": min(clone.regions_present * clone.region_size, clone.size),
+            "bytes_copied": stats.bytes_copied,
+            "bytes_from_source": stats.bytes_from_source,
+            "regions_skipped": stats.regions_skipped,
+            "rate": copier.rate(),
+            "eta": copier.eta(),
+            "guest": {
+                "reads": stats.guest_reads,
+                "writes": stats.guest_writes,
+                "bytes_read": stats.guest_bytes_read,
+                "bytes_written": stats.guest_bytes_written,
+            },
+            "commits": stats.commits,
+            "source": clone.header.source,
+            "last_error": clone.last_error,
+            "updated": time.time(),
+            **self.extra_status,
+        }
+
+    def write_status(self, running: bool = True) -> None:
+        path = status_path(self.clone.path)
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.status(running), f)
+        os.replace(tmp, path)
+
+    def _publish_loop(self) -> None:
+        while not self._stop.wait(STATUS_INTERVAL):
+            try:
+                self.write_status()
+            except OSError:
+                pass  # status is best effort; a full disk must not stop the clone
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the copier to finish; True if it has (complete or failed)."""
+        if self.clone.complete:
+            return True
+        return self.copier.wait(timeout)
+
+    def close(self) -> None:
+        """Stop copying, commit the map, write the final status. Blocks."""
+        self._stop.set()
+        self.copier.stop()
+        if self._status_thread.is_alive():
+            self._status_thread.join()
+        try:
+            self.clone.close()
+        finally:
+            try:
+                self.write_status(running=False)
+            except OSError:
+                pass
+
+    def __enter__(self) -> CloneSession:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
