@@ -101,7 +101,7 @@ class Clone:
     """A partly filled clone, safe for concurrent callers."""
 
     def __init__(self, path: str, fd: int, store: MapStore, rmap: RegionMap,
-                 source: Source | None) -> None:
+                 source: Source | None, autocommit: bool = True) -> None:
         header = store.header
         self.path = path
         self.size = header.size
@@ -135,13 +135,14 @@ class Clone:
         self._closed = threading.Event()
         self._committer = threading.Thread(target=self._commit_loop, name="commit",
                                            daemon=True)
-        self._committer.start()
+        if autocommit:  # tests that model commits exactly turn it off
+            self._committer.start()
 
     # -- opening ---------------------------------------------------------------
 
     @classmethod
     def create(cls, source: Source, path: str,
-               region_size: int = DEFAULT_REGION_SIZE) -> Clone:
+               region_size: int = DEFAULT_REGION_SIZE, autocommit: bool = True) -> Clone:
         """Make a new clone of ``source`` at ``path``. Blocks."""
         path = os.path.abspath(path)
         if os.path.lexists(path):
@@ -157,10 +158,10 @@ class Clone:
         header = MapStore.new_header(source.size, region_size, source.identity(), time.time())
         store = MapStore.create(path, header)  # the map first: its superblock marks the clone
         return cls._open_file(path, store, RegionMap(Geometry(source.size, region_size).count),
-                              source)
+                              source, autocommit)
 
     @classmethod
-    def open(cls, path: str, source: Source | None) -> Clone:
+    def open(cls, path: str, source: Source | None, autocommit: bool = True) -> Clone:
         """Open an existing clone. ``source`` may be None only if it is complete."""
         path = os.path.abspath(path)
         if not MapStore.exists(path):
@@ -192,14 +193,14 @@ class Clone:
                         f"({why}). Resuming would mix two different images. Restore the "
                         "original source, or delete the clone and its map and start again."
                     )
-            return cls._open_file(path, store, rmap, source)
+            return cls._open_file(path, store, rmap, source, autocommit)
         except BaseException:
             store.close()
             raise
 
     @classmethod
     def _open_file(cls, path: str, store: MapStore, rmap: RegionMap,
-                   source: Source | None) -> Clone:
+                   source: Source | None, autocommit: bool) -> Clone:
         size = store.header.size
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -224,7 +225,7 @@ class Clone:
                     )
                 # Crash during creation, before any data: finishing it is safe.
                 os.ftruncate(fd, size)
-            return cls(path, fd, store, rmap, source)
+            return cls(path, fd, store, rmap, source, autocommit)
         except BaseException:
             os.close(fd)
             store.close()
@@ -361,7 +362,7 @@ class Clone:
             self.stats.bytes_from_source += read
         return read
 
-    def _pwrite(self, data: memoryview | bytes, offset: int) -> None:
+    def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
         while view:
             n = os.pwrite(self._fd, view, offset)
@@ -433,8 +434,9 @@ class Clone:
         all absent, from one snapshot of the map."""
         first, end = self._span(offset, length)
         stop_at = offset + length
+        shift = self.geometry.shift
         for a, b, present in self.present_runs(first, end):
-            yield max(offset, a << self.geometry.shift), min(stop_at, b << self.geometry.shift), present
+            yield max(offset, a << shift), min(stop_at, b << shift), present
 
     def _modify(self, offset: int, length: int, fua: bool,
                 apply: Callable[[], None]) -> None:
@@ -574,7 +576,8 @@ class Clone:
         if self._closed.is_set():
             return
         self._closed.set()
-        self._committer.join()
+        if self._committer.is_alive():
+            self._committer.join()
         try:
             self.flush()
         finally:
@@ -582,6 +585,16 @@ class Clone:
             os.close(self._fd)
             if self.source is not None:
                 self.source.close()
+
+    def abandon(self) -> None:
+        """Close without committing anything, as ``kill -9`` would: for crash tests."""
+        self._closed.set()
+        if self._committer.is_alive():
+            self._committer.join()
+        self._store.close()
+        os.close(self._fd)
+        if self.source is not None:
+            self.source.close()
 
     def __enter__(self) -> Clone:
         return self

@@ -50,7 +50,7 @@ class Source(abc.ABC):
         """A local file descriptor for ``copy_file_range``, or None when not a local file."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release what the source holds (file descriptors, child processes)."""
 
     def identity_mismatch(self, recorded: dict[str, Any]) -> str | None:
