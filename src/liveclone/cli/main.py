@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import sys
 
 import click
 
 from liveclone import __version__
-from liveclone.errors import LivecloneError
+from liveclone.errors import LivecloneError, NoSpaceError
 
 
 class _Group(click.Group):
@@ -19,6 +20,12 @@ class _Group(click.Group):
         except LivecloneError as e:
             click.echo(f"liveclone: error: {e.message}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:
+            # An unexpected system error: name it and where, never a traceback.
+            where = f" ({e.filename})" if e.filename else ""
+            code = NoSpaceError.exit_code if e.errno in (errno.ENOSPC, errno.EDQUOT) else 1
+            click.echo(f"liveclone: error: {e.strerror or e}{where}", err=True)
+            sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

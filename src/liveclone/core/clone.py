@@ -557,7 +557,12 @@ class Clone:
                 snapshot = RegionMap(self._committed.count, self._committed.to_bytes()) \
                     if compact else None
             if snapshot is not None:
-                self._store.compact(snapshot)
+                try:
+                    self._store.compact(snapshot)
+                except OSError as e:
+                    # The journal still holds every bit; compaction can wait.
+                    with self._cond:
+                        self.last_error = f"map compaction postponed: {e}"
 
     def _commit_loop(self) -> None:
         while not self._closed.wait(COMMIT_INTERVAL):

@@ -60,6 +60,10 @@ class Copier:
     def __init__(self, clone: Clone, rate: float | None = None,
                  workers: int = DEFAULT_WORKERS, batch_bytes: int = DEFAULT_BATCH) -> None:
         self.clone = clone
+        if rate:
+            # A batch is at most a quarter second of the rate, so the limit holds
+            # from the first batch on.
+            batch_bytes = min(batch_bytes, int(rate) // 4)
         self.batch_regions = max(1, batch_bytes // clone.region_size)
         self.workers = workers
         self.limiter = RateLimiter(rate) if rate else None

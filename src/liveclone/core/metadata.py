@@ -289,6 +289,7 @@ class MapStore:
                 # Crash between compaction steps 2 and 3: the superblock already
                 # holds every journalled bit. Finish step 3 now.
                 store._reset_journal(generation)
+            store._reserve(0)
         except BaseException:
             os.close(jfd)
             raise
@@ -354,6 +355,7 @@ class MapStore:
         want = self._write_pos + nbytes + _RESERVE
         try:
             os.posix_fallocate(self._jfd, size, want - size)
+            os.fsync(self._jfd)  # the new size must survive a crash, or replay sees less
         except OSError as e:
             if e.errno != errno.ENOSPC or self._write_pos + nbytes > size:
                 raise
@@ -372,6 +374,12 @@ class MapStore:
         jfd = os.open(self.journal_path, os.O_RDWR | os.O_CLOEXEC)
         os.close(self._jfd)
         self._jfd, self._write_pos, self.records = jfd, _JR_HEAD_SIZE, 0
+        try:
+            self._reserve(0)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            # No room for a reserve now: commits will try again.
 
     def close(self) -> None:
         if self._jfd >= 0:
