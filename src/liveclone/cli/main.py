@@ -35,9 +35,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from liveclone.cli import clone, status
+    from liveclone.cli import clone, mount, status
 
-    for module in (clone, status):
+    for module in (clone, status, mount):
         cli.add_command(module.command)
 
 

@@ -1,0 +1,5 @@
+"""FUSE frontend: a mount where the clone appears as a regular file."""
+
+from liveclone.fuse.mount import MountHandle, start_mount
+
+__all__ = ["MountHandle", "start_mount"]
