@@ -1,0 +1,208 @@
+"""The FUSE mount with real programs: cmp, dd, fallocate, several readers, kill -9."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from liveclone.fuse import start_mount
+from liveclone.session import CloneSession
+
+LIVECLONE = [sys.executable, "-m", "liveclone.cli.main"]
+MiB = 1 << 20
+SIZE = 24 * MiB
+
+
+def make_source(path: Path, size: int = SIZE, seed: int = 7) -> bytearray:
+    """Random data with a zero stretch and a hole, so sparse paths are used too."""
+    data = bytearray(random.Random(seed).randbytes(size))
+    data[size // 8:size // 4] = bytes(size // 8)
+    hole = slice(size // 2, size // 2 + size // 8)
+    data[hole] = bytes(size // 8)
+    with open(path, "wb") as f:
+        f.write(data[:hole.start])
+        f.seek(hole.stop)
+        f.write(data[hole.stop:])
+    assert os.path.getsize(path) == size
+    return data
+
+
+class Mount:
+    """A ``liveclone mount`` child process; ``stop()`` ends it, ``kill()`` crashes it."""
+
+    def __init__(self, src: Path, clone: Path, mnt: Path, *args: str) -> None:
+        mnt.mkdir(exist_ok=True)
+        self.mnt = mnt
+        self.proc = subprocess.Popen(
+            [*LIVECLONE, "mount", str(src), str(clone), str(mnt), *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line:
+            self.proc.wait()
+            raise AssertionError(f"mount failed: {self.proc.stderr.read()}")  # type: ignore[union-attr]
+        self.file = Path(line)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        rc = self.proc.wait(60)
+        self._unmount()
+        return rc
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(60)
+        self._unmount()
+
+    def _unmount(self) -> None:
+        if os.path.ismount(self.mnt) or _stale(self.mnt):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.mnt)], check=False,
+                           capture_output=True)
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+def _stale(mnt: Path) -> bool:
+    try:
+        os.stat(mnt)
+    except OSError:
+        return True
+    return False
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Mount]]:
+    started: list[Mount] = []
+    try:
+        yield started
+    finally:
+        for m in started:
+            if m.proc.poll() is None:
+                m.kill()
+            else:
+                m._unmount()
+
+
+def finish(src: Path, clone: Path) -> None:
+    subprocess.run([*LIVECLONE, "clone", str(src), str(clone), "--no-progress"], check=True,
+                   capture_output=True)
+
+
+def test_cmp_while_copying_and_finished_clone_equals_source(tmp_path: Path,
+                                                            mounts: list[Mount]) -> None:
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    expected = make_source(src)
+    m = Mount(src, clone, tmp_path / "mnt", "--rate", "2M")
+    mounts.append(m)
+    assert m.file == tmp_path / "mnt" / "disk.img"
+    assert m.file.stat().st_size == SIZE
+    status = subprocess.run([*LIVECLONE, "status", str(clone)], capture_output=True, text=True)
+    assert "copying" in status.stdout
+    subprocess.run(["cmp", str(m.file), str(src)], check=True)
+    assert m.stop() == 128 + signal.SIGTERM
+    finish(src, clone)
+    assert clone.read_bytes() == expected
+
+
+def test_dd_writes_survive_kill9_and_remount(tmp_path: Path, mounts: list[Mount]) -> None:
+    src, clone, mnt = tmp_path / "src.img", tmp_path / "disk.img", tmp_path / "mnt"
+    expected = make_source(src)
+    m = Mount(src, clone, mnt, "--rate", "1M")
+    mounts.append(m)
+    # Unaligned, across region edges, into the hole, and the last bytes of the disk.
+    writes = [(1000, 5000), (65536 - 7, 70000), (SIZE // 2 + MiB + 3, 200000),
+              (SIZE - 4096, 4096)]
+    for i, (off, n) in enumerate(writes):
+        payload = random.Random(100 + i).randbytes(n)
+        subprocess.run(["dd", f"of={m.file}", "bs=1M", "oflag=seek_bytes", f"seek={off}",
+                        "conv=notrunc,fsync", "status=none"], input=payload, check=True)
+        expected[off:off + n] = payload
+    m.kill()
+    m2 = Mount(src, clone, mnt, "--rate", "1M")
+    mounts.append(m2)
+    assert m2.file.read_bytes() == expected
+    assert m2.stop() == 128 + signal.SIGTERM
+    finish(src, clone)
+    assert clone.read_bytes() == expected
+
+
+def test_several_readers_and_o_direct(tmp_path: Path, mounts: list[Mount]) -> None:
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    make_source(src)
+    m = Mount(src, clone, tmp_path / "mnt", "--rate", "2M")
+    mounts.append(m)
+    readers = [subprocess.Popen(["cmp", str(m.file), str(src)]) for _ in range(4)]
+    direct = subprocess.Popen(["dd", f"if={m.file}", f"of={tmp_path / 'direct.out'}",
+                               "bs=256K", "iflag=direct", "status=none"])
+    try:
+        assert [r.wait(120) for r in readers] == [0, 0, 0, 0]
+        assert direct.wait(120) == 0
+    finally:
+        for p in [*readers, direct]:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    subprocess.run(["cmp", str(tmp_path / "direct.out"), str(src)], check=True)
+
+
+def test_fallocate_is_refused_and_changes_nothing(tmp_path: Path, mounts: list[Mount]) -> None:
+    """pyfuse3 3.5 has no fallocate handler: the kernel answers EOPNOTSUPP."""
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    make_source(src)
+    m = Mount(src, clone, tmp_path / "mnt", "--rate", "2M")
+    mounts.append(m)
+    for mode in ("--punch-hole", "--zero-range"):
+        r = subprocess.run(["fallocate", mode, "-o", "65536", "-l", "131072", str(m.file)],
+                           capture_output=True, text=True)
+        assert r.returncode != 0
+        assert "unsupported" in r.stderr or "not supported" in r.stderr
+    subprocess.run(["cmp", str(m.file), str(src)], check=True)
+
+
+def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: list[Mount]) -> None:
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    make_source(src)
+    m = Mount(src, clone, tmp_path / "mnt", "--read-only")
+    mounts.append(m)
+    with pytest.raises(OSError):
+        os.open(m.file, os.O_WRONLY)
+    subprocess.run(["cmp", str(m.file), str(src)], check=True)
+
+
+def test_in_process_mount_with_other_work(tmp_path: Path) -> None:
+    """start_mount serves from a background thread while this thread does I/O on it."""
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    expected = make_source(src, 4 * MiB)
+    (tmp_path / "mnt").mkdir()
+    session = CloneSession(str(src), str(clone), rate=1 << 20).start()
+    try:
+        handle = start_mount(session.clone, str(tmp_path / "mnt"))
+        try:
+            fd = os.open(handle.path, os.O_RDWR | os.O_DIRECT)
+            try:
+                buf = bytearray(random.Random(3).randbytes(8192))
+                aligned = mmap.mmap(-1, 8192)
+                aligned[:] = buf
+                assert os.pwrite(fd, aligned, 12288) == 8192
+                os.fsync(fd)
+                expected[12288:12288 + 8192] = buf
+            finally:
+                os.close(fd)
+            with open(handle.path, "rb") as f:
+                assert f.read() == expected
+        finally:
+            handle.stop()
+        assert not os.path.ismount(tmp_path / "mnt")
+    finally:
+        session.close()
+    finish(src, clone)
+    assert clone.read_bytes() == expected
