@@ -1,15 +1,49 @@
-"""Read-only sources behind one interface; ``open_source`` picks one from the argument."""
+"""Read-only sources behind one interface; ``open_source`` picks one from the argument.
+
+=====================================  ==========================================
+SOURCE                                 implementation
+=====================================  ==========================================
+``http://…``, ``https://…``            ``http.HttpSource`` (range requests)
+``s3://bucket/key``                    ``s3.S3Source`` (boto3)
+``nbd://``, ``nbd+unix://``, ``nbds``  ``nbd.NbdSource`` (our NBD client)
+a path to qcow2/vmdk/vhdx/vdi/vpc…     ``image.ImageSource`` (a qemu-nbd child)
+a path to a raw image or a device      ``local.LocalFileSource``
+=====================================  ==========================================
+"""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
+from liveclone.errors import SourceError
 from liveclone.sources.base import Extent, Source
+
+_NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
 
 
 def open_source(spec: str) -> Source:
-    """Open the source named by ``spec`` (a path today; URIs join as they are built)."""
-    from liveclone.sources.local import LocalFileSource
+    """Open the source named by ``spec``: a URL by its scheme, a path by its format."""
+    scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    if scheme in ("http", "https"):
+        from liveclone.sources.http import HttpSource
 
-    return LocalFileSource(spec)
+        return HttpSource(spec)
+    if scheme == "s3":
+        from liveclone.sources.s3 import S3Source
+
+        return S3Source(spec)
+    if scheme in _NBD_SCHEMES:
+        from liveclone.sources.nbd import NbdSource
+
+        return NbdSource.from_uri(spec)
+    if scheme:
+        raise SourceError(
+            f"source {spec!r} has the unknown scheme {scheme}://; give a local path or a "
+            "URL starting with http://, https://, s3://, nbd://, nbd+unix:// or nbds://"
+        )
+    from liveclone.sources.image import open_image
+
+    return open_image(spec)
 
 
 __all__ = ["Extent", "Source", "open_source"]

@@ -9,7 +9,8 @@ Implementations must be safe to call from several threads at once.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator
+import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,10 @@ class Source(abc.ABC):
     def identity(self) -> dict[str, Any]:
         """Facts that change when the source changes (size, mtime, ETag, fingerprint)."""
 
+    def status(self) -> dict[str, Any]:
+        """Health of the source for ``status``: remote sources report their retries."""
+        return {}
+
     def fileno(self) -> int | None:
         """A local file descriptor for ``copy_file_range``, or None when not a local file."""
         return None
@@ -68,3 +73,24 @@ class Source(abc.ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# Blocks sampled for a fingerprint: enough to notice an edited image, cheap on a huge one.
+FINGERPRINT_SAMPLES = 64
+FINGERPRINT_BLOCK = 4096
+
+
+def sample_fingerprint(pread: Callable[[int, int], bytes], size: int,
+                       samples: int = FINGERPRINT_SAMPLES,
+                       block: int = FINGERPRINT_BLOCK) -> str:
+    """SHA-256 of ``size`` and ``samples`` blocks spread evenly over the image, the
+    last block included. Same image, same fingerprint, whatever the source kind."""
+    h = hashlib.sha256()
+    h.update(size.to_bytes(8, "little"))
+    if size:
+        last = max(size - block, 0)
+        step = max(size // samples, 1)
+        offsets = sorted({min(i * step, last) for i in range(samples)} | {last})
+        for off in offsets:
+            h.update(pread(off, min(block, size - off)))
+    return h.hexdigest()

@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from typing import Any
 
 from liveclone.errors import SourceError
-from liveclone.sources.base import Extent, Source
-
-# Blocks sampled for the fingerprint: enough to notice an edited image, cheap on a huge one.
-_FINGERPRINT_SAMPLES = 64
-_FINGERPRINT_BLOCK = 4096
+from liveclone.sources.base import Extent, Source, sample_fingerprint
 
 
 class LocalFileSource(Source):
@@ -87,22 +82,11 @@ class LocalFileSource(Source):
     def fileno(self) -> int:
         return self._fd
 
-    def _compute_fingerprint(self) -> str:
-        h = hashlib.sha256()
-        h.update(self.size.to_bytes(8, "little"))
-        if self.size:
-            step = max(self.size // _FINGERPRINT_SAMPLES, 1)
-            offsets = sorted({min(i * step, max(self.size - _FINGERPRINT_BLOCK, 0))
-                              for i in range(_FINGERPRINT_SAMPLES)} |
-                             {max(self.size - _FINGERPRINT_BLOCK, 0)})
-            for off in offsets:
-                h.update(os.pread(self._fd, _FINGERPRINT_BLOCK, off))
-        return h.hexdigest()
-
     def identity(self) -> dict[str, Any]:
         st = os.fstat(self._fd)
         if self._fingerprint is None:
-            self._fingerprint = self._compute_fingerprint()
+            self._fingerprint = sample_fingerprint(
+                lambda off, n: os.pread(self._fd, n, off), self.size)
         return {
             "kind": "file",
             "path": self.spec,

@@ -1,0 +1,255 @@
+"""An image served over HTTP(S), read with range requests.
+
+Several threads read at once through one urllib3 pool of keep-alive
+connections. Opening asks for the first byte (``Range: bytes=0-0``): the 206
+answer proves range support and its ``Content-Range`` gives the size, with the
+ETag and Last-Modified that make the identity. Every later read checks that the
+server still serves the same ETag, so an image replaced mid-copy is noticed.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import urllib3
+
+from liveclone.errors import SourceChangedError, SourceError
+from liveclone.sources.base import Source, sample_fingerprint
+from liveclone.sources.retry import Retrier, RetryPolicy, TransientError
+
+# Connections kept open to the server: copier threads plus guest reads.
+POOL_SIZE = 8
+CONNECT_TIMEOUT = 10.0
+READ_TIMEOUT = 60.0
+# Opening retries briefly: a server that is down at the start is an error to report.
+OPEN_POLICY = RetryPolicy(tries=3, budget=3.0)
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+_CONTENT_RANGE_EMPTY = re.compile(r"bytes\s+\*/(\d+)")
+
+
+class HttpSource(Source):
+    """A read-only image at an ``http://`` or ``https://`` URL."""
+
+    def __init__(self, url: str, policy: RetryPolicy | None = None,
+                 pool_size: int = POOL_SIZE) -> None:
+        self.spec = url
+        self._shown = _redact(url)
+        self._url, self._headers = _split_credentials(url)
+        self._pool = urllib3.PoolManager(
+            num_pools=4, maxsize=pool_size, block=True,
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT, read=READ_TIMEOUT),
+            # Redirects are followed; every other retry is ours, in the Retrier.
+            retries=urllib3.Retry(total=None, connect=0, read=0, status=0, other=0,
+                                  redirect=10, raise_on_redirect=True),
+        )
+        self.retrier = Retrier(f"HTTP source {self._shown}", policy)
+        try:
+            self._etag, self._last_modified, self.size = self.retrier.call(
+                self._probe, "opening", policy=OPEN_POLICY)
+        except OSError as e:
+            self._pool.clear()
+            raise SourceError(
+                f"cannot reach HTTP source {self._shown}: {e.__cause__ or e}. "
+                "Check the URL and that the server is up"
+            ) from None
+        except BaseException:
+            self._pool.clear()
+            raise
+        self._fingerprint: str | None = None
+
+    # -- requests ----------------------------------------------------------------
+
+    def _get(self, first: int, last: int) -> urllib3.BaseHTTPResponse:
+        """GET bytes ``[first, last]``, body not yet read; network failures and 5xx
+        become TransientError, a TLS failure is a SourceError."""
+        headers = {**self._headers, "Range": f"bytes={first}-{last}"}
+        try:
+            r = self._pool.request("GET", self._url, headers=headers, preload_content=False)
+        except urllib3.exceptions.MaxRetryError as e:
+            if isinstance(e.reason, urllib3.exceptions.SSLError):
+                raise SourceError(
+                    f"HTTPS source {self._shown}: TLS failed ({_describe(e.reason)}); check "
+                    "the URL's host name, or install the CA that signed the server's "
+                    "certificate (SSL_CERT_FILE)"
+                ) from None
+            if isinstance(e.reason, urllib3.exceptions.ResponseError):  # too many redirects
+                raise SourceError(f"HTTP source {self._shown}: {e.reason}") from None
+            raise TransientError(_describe(e.reason or e)) from None
+        except urllib3.exceptions.HTTPError as e:
+            raise TransientError(_describe(e)) from None
+        if r.status >= 500 or r.status in (408, 429):
+            _discard(r)
+            raise TransientError(f"server answered {r.status} {r.reason}")
+        return r
+
+    def _body(self, r: urllib3.BaseHTTPResponse) -> bytes:
+        try:
+            return r.read()
+        except urllib3.exceptions.HTTPError as e:  # cut off mid-body
+            _discard(r)
+            raise TransientError(_describe(e)) from None
+        finally:
+            r.release_conn()
+
+    def _probe(self) -> tuple[str | None, str | None, int]:
+        """Ask for the first byte: proves range support and gives size and validators."""
+        r = self._get(0, 0)
+        if r.status != 206:
+            _discard(r)
+        else:
+            self._body(r)
+        if r.status == 416:  # an empty object has no byte 0
+            m = _CONTENT_RANGE_EMPTY.match(r.headers.get("Content-Range", ""))
+            if m and int(m.group(1)) == 0:
+                return r.headers.get("ETag"), r.headers.get("Last-Modified"), 0
+        self._check_status(r)
+        if r.status != 206:
+            raise SourceError(
+                f"HTTP source {self._shown} does not support range requests (it answered "
+                f"{r.status} to a request for one byte, Accept-Ranges: "
+                f"{r.headers.get('Accept-Ranges', 'absent')}). liveclone needs ranges to read "
+                "the image piece by piece: serve it from a server that honours Range "
+                "(nginx, Apache, S3), or download it first and clone the local file"
+            )
+        m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
+        if m is None or m.group(3) == "*":
+            raise SourceError(
+                f"HTTP source {self._shown} answered a range request without the total size "
+                f"(Content-Range: {r.headers.get('Content-Range')!r}); liveclone needs the "
+                "image's size: serve it as a plain file"
+            )
+        return r.headers.get("ETag"), r.headers.get("Last-Modified"), int(m.group(3))
+
+    def _check_status(self, r: urllib3.BaseHTTPResponse) -> None:
+        if r.status in (200, 206):
+            return
+        if r.status == 404 or r.status == 410:
+            raise SourceError(
+                f"HTTP source {self._shown} was not found ({r.status} {r.reason}): "
+                "check the URL"
+            )
+        if r.status in (401, 403):
+            raise SourceError(
+                f"HTTP source {self._shown} refused access ({r.status} {r.reason}): give a "
+                "URL you may read (credentials in the URL, or a signed URL), or fix the "
+                "server's permissions"
+            )
+        if r.status == 412:
+            raise SourceChangedError(
+                f"HTTP source {self._shown} changed while being cloned ({r.status}); "
+                "restore the original image, or delete the clone and start again"
+            )
+        raise SourceError(f"HTTP source {self._shown} answered {r.status} {r.reason}")
+
+    def _read_once(self, offset: int, length: int) -> bytes:
+        r = self._get(offset, offset + length - 1)
+        if r.status != 206:
+            _discard(r)
+        if r.status == 416:
+            raise SourceError(
+                f"HTTP source {self._shown} is shorter than the {self.size} bytes it had: "
+                "it was replaced or truncated while in use"
+            )
+        self._check_status(r)
+        if r.status == 200:
+            raise SourceError(
+                f"HTTP source {self._shown} stopped honouring range requests (it sent the "
+                "whole image for a range); serve the image from a server that supports Range"
+            )
+        etag = r.headers.get("ETag")
+        if self._etag is not None and etag is not None and etag != self._etag:
+            _discard(r)
+            raise SourceChangedError(
+                f"HTTP source {self._shown} changed while being cloned (ETag was "
+                f"{self._etag}, now {etag}); restore the original image, or delete the "
+                "clone and start again"
+            )
+        data = self._body(r)
+        m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
+        if m is None or int(m.group(1)) != offset or len(data) != length:
+            # A cut-off body or a proxy that mangled the range: ask again.
+            raise TransientError(
+                f"asked for {length} bytes at {offset}, got {len(data)} "
+                f"(Content-Range: {r.headers.get('Content-Range')!r})"
+            )
+        return data
+
+    # -- the Source interface ------------------------------------------------------------
+
+    def pread(self, offset: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return bytes(length)
+        try:
+            data = self.retrier.call(lambda: self._read_once(offset, end - offset),
+                                     f"reading {end - offset} bytes at {offset}")
+        except SourceError as e:
+            # Not a transient failure: still an I/O error for the reader, with the reason.
+            raise OSError(errno.EIO, e.message) from e
+        return data + bytes(length - len(data)) if len(data) < length else data
+
+    def identity(self) -> dict[str, Any]:
+        ident: dict[str, Any] = {
+            "kind": "http",
+            "path": self._shown,
+            "size": self.size,
+            "etag": self._etag,
+            "last_modified": self._last_modified,
+        }
+        if self._etag is None and self._last_modified is None:
+            # Nothing the server vouches for: sample the content instead.
+            if self._fingerprint is None:
+                self._fingerprint = sample_fingerprint(self.pread, self.size)
+            ident["fingerprint"] = self._fingerprint
+        return ident
+
+    def status(self) -> dict[str, Any]:
+        return self.retrier.status()
+
+    def close(self) -> None:
+        self._pool.clear()
+
+
+def _describe(e: BaseException) -> str:
+    """A short reason for a network failure: 'Connection refused', 'timed out'..."""
+    text = str(e)
+    for marker in ("Connection refused", "Name or service not known", "timed out",
+                   "Connection reset", "Temporary failure in name resolution",
+                   "certificate verify failed", "No route to host"):
+        if marker in text:
+            return marker
+    return text
+
+
+def _discard(r: urllib3.BaseHTTPResponse) -> None:
+    """Drop a response without reading its body: close its connection (a 200 for a
+    range could be the whole image) and give the slot back to the pool."""
+    r.close()
+    r.release_conn()
+
+
+def _split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """``http://user:pw@host/x`` → (``http://host/x``, Basic authorization header)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, {}
+    userinfo, host = parts.netloc.rsplit("@", 1)
+    from urllib.parse import unquote
+
+    headers = urllib3.make_headers(basic_auth=unquote(userinfo))
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, "")), dict(headers)
+
+
+def _redact(url: str) -> str:
+    """The URL without a password or query string (signatures), for messages."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "?..." if parts.query else "", ""))
