@@ -35,9 +35,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from liveclone.cli import clone, mount, status
+    from liveclone.cli import boot, clone, mount, status
 
-    for module in (clone, status, mount):
+    for module in (clone, status, mount, boot):
         cli.add_command(module.command)
 
 
