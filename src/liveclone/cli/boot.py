@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import tempfile
@@ -126,12 +127,28 @@ def _fuse_disk(session: CloneSession, mountpoint: str | None) -> Iterator[str]:
 
 
 def nbd_available() -> bool:
-    """True once the NBD server module can serve a clone."""
-    return False
+    """True if the in-process NBD server (``liveclone.nbd.server.ServerThread``) exists."""
+    try:
+        from liveclone.nbd.server import ServerThread  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @contextmanager
 def _nbd_disk(session: CloneSession) -> Iterator[str]:
-    raise UsageError("--via nbd is not available yet: the NBD server is missing; "
-                     "use --via file")
-    yield ""  # pragma: no cover
+    """Export the clone on a unix socket in a private directory; yield its NBD URI."""
+    if not nbd_available():
+        raise UsageError("--via nbd is not available in this build; use --via file")
+    from liveclone.nbd.server import ServerThread
+
+    tmp = tempfile.mkdtemp(prefix="liveclone-boot-")
+    try:
+        server = ServerThread(session.clone, export_name="clone")
+        try:
+            uris = server.start(unix_path=os.path.join(tmp, "nbd.sock"))
+            yield uris[0]
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
