@@ -75,8 +75,12 @@ class CloneSession:
 
     def __init__(self, source_spec: str | None, clone_path: str,
                  region_size: int | None = None, rate: float | None = None,
-                 copy: bool = True) -> None:
+                 copy: bool = True, copy_on_read: bool | None = None) -> None:
         self.clone = open_clone(source_spec, clone_path, region_size)
+        source = self.clone.source
+        if copy_on_read is None:  # default: on for remote sources, whose reads are dear
+            copy_on_read = source is not None and source.fileno() is None
+        self.clone.copy_on_read = copy_on_read
         self.copier = Copier(self.clone, rate=rate)
         self.started = time.time()
         self._copy = copy
@@ -120,6 +124,9 @@ class CloneSession:
             },
             "commits": stats.commits,
             "source": clone.header.source,
+            "source_status": clone.source.status() if clone.source is not None
+            and hasattr(clone.source, "status") else {},
+            "copy_on_read": clone.copy_on_read,
             "last_error": clone.last_error,
             "updated": time.time(),
             **self.extra_status,

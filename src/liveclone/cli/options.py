@@ -48,6 +48,14 @@ def rate_option(f: F) -> F:
     )(f)
 
 
+def copy_on_read_option(f: F) -> F:
+    return click.option(
+        "--copy-on-read/--no-copy-on-read", default=None,
+        help="Keep what guests read in the clone, so the source is read once "
+             "(default: on for remote sources, off for local files).",
+    )(f)
+
+
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
     """An event set by SIGINT or SIGTERM, while the block runs; the number is kept

@@ -77,6 +77,15 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Copy ``length`` bytes at the same ``offset`` between two local files."""
+    while length > 0:
+        n = os.copy_file_range(src_fd, dst_fd, length, offset, offset)
+        if n == 0:
+            raise OSError(errno.EIO, f"source ended early at offset {offset}")
+        offset, length = offset + n, length - n
+
+
 def _is_zero(view: memoryview, zeros: bytes) -> bool:
     return view == zeros[: len(view)]
 
@@ -109,11 +118,17 @@ class Clone:
         self.geometry = Geometry(header.size, header.region_size)
         self.source = source
         self.source_spec = str(header.source.get("path", ""))
+        # Copy-on-read: a guest read of absent regions fills them first, so a slow
+        # source is read once. The fill takes ownership like the copier does.
         self.copy_on_read = False
+        # Called with (first, end) for every guest read that touched absent regions;
+        # the copier uses it to copy what the guest touches first.
+        self.on_absent_read: Callable[[int, int], None] | None = None
         self._fd = fd
         self._store = store
         self._zero_block = min(ZERO_BLOCK, self.region_size)
         self._zeros = bytes(max(COPY_CHUNK, self.region_size))
+        self._local = threading.local()  # per-thread copy buffer
         self._cond = threading.Condition()
         # --- state guarded by _cond ------------------------------------------
         # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
@@ -315,9 +330,13 @@ class Clone:
     def _copy_from_source(self, start: int, end: int) -> int:
         """Copy source bytes ``[start, end)`` into the clone file; zero runs and source
         holes become holes (punched, never trusted). Return the data bytes read.
-        The caller owns every region touched."""
+        The caller owns every region touched.
+
+        A local source is read into a reused buffer and its non-zero runs are moved
+        with ``copy_file_range``, which shares blocks (reflink) where the filesystem
+        can; other sources are read with ``pread`` and written with ``pwrite``."""
         source = self._need_source()
-        fd, zb = self._fd, self._zero_block
+        fd, zb, src_fd = self._fd, self._zero_block, source.fileno()
         read = 0
         hole_start: int | None = None  # a zero run waiting to be punched
 
@@ -335,7 +354,7 @@ class Clone:
             pos, ext_end = ext.offset, ext.offset + ext.length
             while pos < ext_end:
                 n = min(COPY_CHUNK, ext_end - pos)
-                data = memoryview(source.pread(pos, n))
+                data = self._read_source(source, src_fd, pos, n)
                 read += n
                 # Walk zero-detection blocks aligned to the clone, not to pos.
                 i = 0
@@ -354,13 +373,29 @@ class Clone:
                         if _is_zero(data[k:nk], self._zeros):
                             break
                         k = nk
-                    self._pwrite(data[i:k], pos + i)
+                    if src_fd is not None:
+                        _copy_file_range(src_fd, fd, pos + i, k - i)
+                    else:
+                        self._pwrite(data[i:k], pos + i)
                     i = k
                 pos += n
         flush_hole(end)
         with self._cond:
             self.stats.bytes_from_source += read
         return read
+
+    def _read_source(self, source: Source, src_fd: int | None, offset: int,
+                     length: int) -> memoryview:
+        if src_fd is None:
+            return memoryview(source.pread(offset, length))
+        buf = getattr(self._local, "buf", None)
+        if buf is None:
+            buf = self._local.buf = bytearray(COPY_CHUNK)
+        view = memoryview(buf)[:length]
+        got = os.preadv(src_fd, [view], offset)
+        if got < length:
+            raise OSError(errno.EIO, f"source {source.spec} ended early at offset {offset + got}")
+        return view
 
     def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
         view = memoryview(data)
@@ -410,8 +445,10 @@ class Clone:
                 self.fill(first, end, wait=True)
             buf = bytearray(length)
             view = memoryview(buf)
+            absent_seen = False
             for start, stop, present in self._byte_runs(offset, length):
                 part = view[start - offset:stop - offset]
+                absent_seen = absent_seen or not present
                 if present:
                     got = os.preadv(self._fd, [part], start)
                     if got < len(part):
@@ -423,6 +460,9 @@ class Clone:
             with self._cond:
                 self.stats.guest_reads += 1
                 self.stats.guest_bytes_read += length
+            hook = self.on_absent_read
+            if absent_seen and hook is not None:
+                hook(*self._span(offset, length))
             return buf
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:

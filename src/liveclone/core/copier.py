@@ -23,7 +23,10 @@ from liveclone.errors import NoSpaceError
 from liveclone.units import format_size
 
 DEFAULT_BATCH = 8 << 20
-DEFAULT_WORKERS = 2
+DEFAULT_WORKERS = 4
+# Guest-driven order: readahead after a guest read of absent data, doubled while
+# the guest reads sequentially, up to this much.
+READAHEAD_MAX = 64 << 20
 # Source errors: tries per batch before it is set aside, and the back-off cap.
 RETRIES = 5
 BACKOFF_MAX = 5.0
@@ -72,10 +75,14 @@ class Copier:
         self._cursor = 0  # next region of the linear sweep
         self._priority: deque[tuple[int, int]] = deque()  # runs to copy first
         self._failures: dict[int, int] = {}  # batch start → failed tries
+        # Runs whose tries are used up: skipped by the sweep, reported at the end.
+        self._set_aside: list[tuple[int, int]] = []
         self.error: BaseException | None = None  # fatal: the copier stopped on it
         self.started = time.monotonic()
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, bytes_copied)
         # --- end ---------------------------------------------------------------
+        self._last_touch = (-1, 0)  # (end region of the last guest read, its readahead)
+        clone.on_absent_read = self._guest_touched
         self._stop = threading.Event()
         self._running = threading.Event()
         self._running.set()
@@ -116,6 +123,19 @@ class Copier:
         """Copy ``[first, end)`` before the sweep goes on (guest-driven order)."""
         with self._lock:
             self._priority.append((first, end))
+
+    def _guest_touched(self, first: int, end: int) -> None:
+        """Guest-driven order: copy what the guest reads, and a readahead after it that
+        grows while the guest reads sequentially."""
+        with self._lock:
+            last_end, ahead = self._last_touch
+            if first <= last_end <= end or first == last_end:
+                ahead = min(max(ahead * 2, self.batch_regions),
+                            max(1, READAHEAD_MAX // self.clone.region_size))
+            else:
+                ahead = 0
+            self._last_touch = (end, ahead)
+            self._priority.append((first, min(end + ahead, self.clone.regions_total)))
 
     @property
     def phase(self) -> str:
@@ -160,17 +180,34 @@ class Copier:
             start = None if clone.complete else self._sweep_start()
             if start is None:
                 return None
-            end = min(start + self.batch_regions, clone.regions_total)
+            end = self._batch_end(start)
             self._cursor = end
             return start, end
 
     def _sweep_start(self) -> int | None:
-        """The first absent region at or after the cursor, wrapping around once."""
+        """The first absent region at or after the cursor, wrapping around once,
+        that is not set aside."""
         for begin in (self._cursor, 0):
-            for a, _b, present in self.clone.present_runs(begin, self.clone.regions_total):
-                if not present:
-                    return a
+            for a, b, present in self.clone.present_runs(begin, self.clone.regions_total):
+                x = a
+                while not present and x < b:
+                    blocker = next((r for r in self._set_aside if r[0] <= x < r[1]), None)
+                    if blocker is None:
+                        return x
+                    x = blocker[1]
         return None
+
+    def _batch_end(self, start: int) -> int:
+        end = min(start + self.batch_regions, self.clone.regions_total)
+        return min([end] + [a for a, _ in self._set_aside if start < a < end])
+
+    def _only_set_aside_left(self) -> bool:
+        with self._lock:
+            if not self._set_aside:
+                return False
+            aside = sum(b - a - sum(y - x for x, y, p in self.clone.present_runs(a, b) if p)
+                        for a, b in self._set_aside)
+        return aside == self.clone.regions_total - self.clone.regions_present
 
     def _work(self) -> None:
         try:
@@ -183,6 +220,11 @@ class Copier:
                 if batch is None:
                     if self.clone.complete:
                         break
+                    if self._only_set_aside_left():
+                        runs = ", ".join(f"{a}-{b - 1}" for a, b in self._set_aside)
+                        raise OSError(errno.EIO, f"regions {runs} could not be read from the "
+                                      f"source ({self.clone.last_error}); everything else "
+                                      "is copied. Fix the source and run again to retry them.")
                     # Regions owned by other callers: they finish soon.
                     self._stop.wait(0.01)
                     continue
@@ -228,7 +270,9 @@ class Copier:
                f"try {tries} of {RETRIES}")
         self.clone.last_error = msg
         if tries >= RETRIES:
-            raise OSError(e.errno, f"source keeps failing at regions {first}-{end - 1}: {e}")
+            with self._lock:
+                self._set_aside.append((first, end))
+            return
         self._stop.wait(min(BACKOFF_MAX, 0.1 * 2 ** tries))
         self.prioritize(first, end)
 

@@ -1,0 +1,97 @@
+"""Copier order, copy-on-read, rate limit and pause, without timing assertions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from liveclone.core.clone import Clone
+from liveclone.core.copier import Copier, Phase
+from liveclone.sources.local import LocalFileSource
+
+RS = 64 << 10
+
+
+def _clone(tmp_path: Path, src: Path) -> Clone:
+    return Clone.create(LocalFileSource(str(src)), str(tmp_path / "c.img"), RS)
+
+
+def test_linear_order_and_batching(tmp_path: Path, source_image) -> None:
+    src, _ = source_image
+    with _clone(tmp_path, src) as c:
+        cp = Copier(c, batch_bytes=4 * RS)
+        assert cp._next_batch() == (0, 4)
+        assert cp._next_batch() == (4, 8)
+        c.write(8 * RS, b"g" * RS)  # present: the sweep starts after it
+        assert cp._next_batch() == (9, 13)
+
+
+def test_guest_reads_are_copied_first_with_growing_readahead(tmp_path: Path,
+                                                            source_image) -> None:
+    src, _ = source_image
+    with _clone(tmp_path, src) as c:
+        cp = Copier(c, batch_bytes=2 * RS)
+        assert cp._next_batch() == (0, 2)
+        c.read(100 * RS, 10)  # a random guest read far ahead
+        assert cp._next_batch() == (100, 101)
+        c.read(101 * RS, RS)  # sequential: readahead kicks in
+        first, end = cp._next_batch()
+        assert first == 101 and end > 102
+        assert cp._next_batch() == (2, 4)  # then the sweep goes on
+
+
+def test_copy_on_read_reads_the_source_once(tmp_path: Path, source_image) -> None:
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        c.copy_on_read = True
+        assert bytes(c.read(3 * RS + 5, 2 * RS)) == data[3 * RS + 5:5 * RS + 5]
+        assert all(c.is_present(r) for r in (3, 4, 5))
+        fetched = c.stats.bytes_from_source
+        assert bytes(c.read(3 * RS, 3 * RS)) == data[3 * RS:6 * RS]
+        assert c.stats.bytes_from_source == fetched  # served from the clone now
+        # and it never overwrites guest data
+        c.write(7 * RS, b"w" * 10)
+        assert bytes(c.read(7 * RS, 10)) == b"w" * 10
+
+
+def test_pause_resume_and_rate_limit(tmp_path: Path, source_image) -> None:
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        cp = Copier(c, rate=64 << 20)
+        cp.pause()
+        cp.start()
+        assert cp.phase == Phase.PAUSED
+        assert not cp.wait(0.3)
+        assert c.regions_present == 0
+        cp.resume()
+        assert cp.wait(60)
+        cp.stop()
+        assert cp.phase == Phase.COMPLETE
+    assert (tmp_path / "c.img").read_bytes() == data
+
+
+def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_image,
+                                                      monkeypatch) -> None:
+    import errno
+
+    import liveclone.core.copier as copier_mod
+
+    src, _ = source_image
+    monkeypatch.setattr(copier_mod, "BACKOFF_MAX", 0.01)
+    with _clone(tmp_path, src) as c:
+        real = c._copy_from_source
+
+        def failing(start: int, end: int) -> int:
+            if start <= 5 * RS < end:
+                raise OSError(errno.EIO, "injected source failure")
+            return real(start, end)
+
+        monkeypatch.setattr(c, "_copy_from_source", failing)
+        cp = Copier(c, batch_bytes=RS).start()
+        assert cp.wait(60)
+        cp.stop()
+        assert cp.phase == Phase.FAILED
+        assert "injected source failure" in (c.last_error or "")
+        assert "regions 5-5" in str(cp.error)
+        # The failing region is set aside; everything else is copied.
+        assert not c.is_present(5)
+        assert c.regions_present == c.regions_total - 1
