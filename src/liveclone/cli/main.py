@@ -35,9 +35,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from liveclone.cli import boot, clone, mount, status
+    from liveclone.cli import boot, clone, mount, serve, status
 
-    for module in (clone, status, mount, boot):
+    for module in (clone, status, mount, boot, serve):
         cli.add_command(module.command)
 
 
