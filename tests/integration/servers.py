@@ -128,13 +128,13 @@ def no_range_server(root: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def moto_server() -> Iterator[str]:
-    """moto's standalone S3 server on a free loopback port; yields its endpoint URL."""
+def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
+    """moto's standalone server on a free loopback port; yields its endpoint URL."""
     port = free_port()
     exe = Path(sys.executable).parent / "moto_server"
     proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ})
+                            stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     try:
         wait_listening(port, proc)
         yield f"http://127.0.0.1:{port}"

@@ -9,7 +9,6 @@ server still serves the same ETag, so an image replaced mid-copy is noticed.
 
 from __future__ import annotations
 
-import errno
 import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,8 +16,8 @@ from urllib.parse import urlsplit, urlunsplit
 import urllib3
 
 from liveclone.errors import SourceChangedError, SourceError
-from liveclone.sources.base import Source, sample_fingerprint
-from liveclone.sources.retry import Retrier, RetryPolicy, TransientError
+from liveclone.sources.base import sample_fingerprint
+from liveclone.sources.retry import RemoteSource, Retrier, RetryPolicy, TransientError
 
 # Connections kept open to the server: copier threads plus guest reads.
 POOL_SIZE = 8
@@ -31,7 +30,7 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _CONTENT_RANGE_EMPTY = re.compile(r"bytes\s+\*/(\d+)")
 
 
-class HttpSource(Source):
+class HttpSource(RemoteSource):
     """A read-only image at an ``http://`` or ``https://`` URL."""
 
     def __init__(self, url: str, policy: RetryPolicy | None = None,
@@ -180,20 +179,6 @@ class HttpSource(Source):
 
     # -- the Source interface ------------------------------------------------------------
 
-    def pread(self, offset: int, length: int) -> bytes:
-        if length <= 0:
-            return b""
-        end = min(offset + length, self.size)
-        if end <= offset:
-            return bytes(length)
-        try:
-            data = self.retrier.call(lambda: self._read_once(offset, end - offset),
-                                     f"reading {end - offset} bytes at {offset}")
-        except SourceError as e:
-            # Not a transient failure: still an I/O error for the reader, with the reason.
-            raise OSError(errno.EIO, e.message) from e
-        return data + bytes(length - len(data)) if len(data) < length else data
-
     def identity(self) -> dict[str, Any]:
         ident: dict[str, Any] = {
             "kind": "http",
@@ -208,9 +193,6 @@ class HttpSource(Source):
                 self._fingerprint = sample_fingerprint(self.pread, self.size)
             ident["fingerprint"] = self._fingerprint
         return ident
-
-    def status(self) -> dict[str, Any]:
-        return self.retrier.status()
 
     def close(self) -> None:
         self._pool.clear()

@@ -15,12 +15,16 @@ waiting to try again, ``last_error`` is the newest failure, ``failures`` and
 
 from __future__ import annotations
 
+import abc
 import errno
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
+
+from liveclone.errors import SourceError
+from liveclone.sources.base import Source
 
 T = TypeVar("T")
 
@@ -41,7 +45,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """The pause after failed attempt number ``attempt`` (1-based)."""
-        return min(self.max_delay, self.first_delay * 2 ** (attempt - 1))
+        return min(self.max_delay, self.first_delay * 2.0 ** (attempt - 1))
 
 
 class Retrier:
@@ -116,3 +120,37 @@ class Retrier:
                 "recoveries": self.recoveries,
                 "last_error": self.last_error,
             }
+
+
+class RemoteSource(Source):
+    """A source whose reads are requests that may fail for a while (HTTP, S3, NBD).
+
+    Subclasses set ``spec``, ``size`` and ``retrier`` and implement ``_read_once``,
+    one attempt that raises ``TransientError`` for failures worth retrying. A
+    ``SourceError`` from it (a changed or vanished image) is not retried: the
+    reader gets ``OSError(EIO)`` carrying its message.
+    """
+
+    retrier: Retrier
+
+    @abc.abstractmethod
+    def _read_once(self, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes at ``offset``, inside the image, in one attempt."""
+
+    def _before_retry(self) -> None:
+        """Runs before a read is tried again (reconnect, restart a child process...)."""
+
+    def pread(self, offset: int, length: int) -> bytes:
+        end = min(offset + length, self.size)
+        if end <= offset:
+            return bytes(max(length, 0))
+        try:
+            data = self.retrier.call(lambda: self._read_once(offset, end - offset),
+                                     f"reading {end - offset} bytes at {offset}",
+                                     before_retry=self._before_retry)
+        except SourceError as e:
+            raise OSError(errno.EIO, e.message) from e
+        return data + bytes(length - len(data)) if len(data) < length else data
+
+    def status(self) -> dict[str, Any]:
+        return self.retrier.status()
