@@ -92,6 +92,7 @@ class CloneSession:
     def start(self) -> CloneSession:
         if self._copy and not self.clone.complete:
             self.copier.start()
+        self.write_status()  # `status` sees the process as running from now on
         self._status_thread.start()
         return self
 
