@@ -87,3 +87,16 @@ def test_vm_failure_is_reported_and_clone_resumes(tmp_path: Path, guest: Guest) 
     r = boot(src, clone, guest, verify_script() + GUEST_WRITES, "--via", "file")
     assert RESULT_OK in r.stdout, r.stdout + r.stderr
     check_finished_clone(src, clone, guest)
+
+
+def test_qemu_command_line() -> None:
+    from liveclone.vm import VMConfig
+
+    cmd = VMConfig(disk="/m/a,b.img", kernel="/k", append="x=1", extra=["-snapshot"]).command()
+    assert "file=/m/a,,b.img,format=raw,if=none,id=clone0" in cmd
+    assert "virtio-blk-pci,drive=clone0" in cmd  # no bootindex: -kernel's ROM takes 0
+    assert cmd[-1] == "-snapshot" and cmd[cmd.index("-append") + 1] == "x=1"
+    cmd = VMConfig(disk="nbd+unix:///clone?socket=/s.sock").command()
+    assert "file=nbd+unix:///clone?socket=/s.sock,format=raw,discard=unmap,if=none,id=clone0" \
+        in cmd
+    assert "virtio-blk-pci,drive=clone0,bootindex=0" in cmd

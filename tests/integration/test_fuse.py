@@ -58,9 +58,9 @@ class Mount:
         return rc
 
     def kill(self) -> None:
+        """kill -9: the mount stays behind, stale, until ``_unmount``."""
         self.proc.kill()
         self.proc.wait(60)
-        self._unmount()
 
     def _unmount(self) -> None:
         if os.path.ismount(self.mnt) or _stale(self.mnt):
@@ -88,8 +88,7 @@ def mounts() -> Iterator[list[Mount]]:
         for m in started:
             if m.proc.poll() is None:
                 m.kill()
-            else:
-                m._unmount()
+            m._unmount()
 
 
 def finish(src: Path, clone: Path) -> None:
@@ -127,6 +126,11 @@ def test_dd_writes_survive_kill9_and_remount(tmp_path: Path, mounts: list[Mount]
                         "conv=notrunc,fsync", "status=none"], input=payload, check=True)
         expected[off:off + n] = payload
     m.kill()
+    stale = subprocess.run([*LIVECLONE, "mount", str(src), str(clone), str(mnt)],
+                           capture_output=True, text=True, timeout=60)
+    assert stale.returncode == 2
+    assert f"fusermount3 -u -z {mnt}" in stale.stderr
+    m._unmount()
     m2 = Mount(src, clone, mnt, "--rate", "1M")
     mounts.append(m2)
     assert m2.file.read_bytes() == expected

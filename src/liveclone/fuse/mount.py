@@ -30,6 +30,7 @@ at a time; :func:`start_mount` refuses a second.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import threading
@@ -47,13 +48,10 @@ ROOT_INODE = pyfuse3.ROOT_INODE
 FILE_INODE = ROOT_INODE + 1
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _active_lock = threading.Lock()
 _active: MountHandle | None = None
-
-
-def _fuse_error(e: OSError) -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(e.errno or errno.EIO)
 
 
 class CloneFS(pyfuse3.Operations):
@@ -71,12 +69,21 @@ class CloneFS(pyfuse3.Operations):
         self._mtime = self.started
         self.reads = 0
         self.writes = 0
+        self.last_error: str | None = None
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking clone call in a worker thread. Every failure becomes a
+        FUSEError: any other exception would end pyfuse3's main loop and leave the
+        kernel's request unanswered."""
         try:
             return await trio.to_thread.run_sync(fn, *args)
         except OSError as e:
-            raise _fuse_error(e) from None
+            self.last_error = f"{getattr(fn, '__name__', fn)}: {e}"
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception as e:
+            self.last_error = f"{getattr(fn, '__name__', fn)}: {e!r}"
+            log.exception("clone call failed")
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     # -- metadata -----------------------------------------------------------------
 
@@ -157,19 +164,21 @@ class CloneFS(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EPERM)
         return pyfuse3.FileInfo(fh=FILE_INODE, keep_cache=True, direct_io=False)
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int,  # type: ignore[override]
+                   size: int) -> bytes | bytearray:
         end = min(off + size, self.clone.size)
         if end <= off:
             return b""
         self.reads += 1
-        data = await self._call(self.clone.read, off, end - off)
-        return bytes(data)
+        return await self._call(self.clone.read, off, end - off)  # pyfuse3 takes any buffer
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         if self.read_only:
             raise pyfuse3.FUSEError(errno.EROFS)
+        if not buf:
+            return 0
         if off >= self.clone.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC if buf else 0)
+            raise pyfuse3.FUSEError(errno.ENOSPC)
         n = min(len(buf), self.clone.size - off)
         self.writes += 1
         await self._call(self.clone.write, off, memoryview(buf)[:n])
@@ -273,11 +282,19 @@ def start_mount(clone: Clone, mountpoint: str, read_only: bool = False,
     """Mount ``clone`` as ``mountpoint/<name>`` (default: the clone file's name) and
     serve it from a background thread. Returns once the mount is usable."""
     global _active
-    if not os.path.isdir(mountpoint):
-        raise UsageError(f"mount point {mountpoint} is not a directory; create it first")
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        if e.errno == errno.ENOTCONN:
+            raise UsageError(f"{mountpoint} is a stale FUSE mount (its process died); "
+                             f"run `fusermount3 -u -z {mountpoint}` and retry") from None
+        raise UsageError(f"mount point {mountpoint}: {e.strerror}; create it first") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mount point; unmount it first "
-                         f"(fusermount3 -u {mountpoint})")
+        raise UsageError(f"{mountpoint} is already a mount point: stop the process serving "
+                         "it, or if that process died, run "
+                         f"`fusermount3 -u -z {mountpoint}`")
     with _active_lock:
         if _active is not None:
             raise UsageError("this process already serves a FUSE mount (pyfuse3 allows one)")
