@@ -16,7 +16,7 @@ from liveclone.units import parse_size
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-class SizeType(click.ParamType):
+class SizeType(click.ParamType[int, Any]):
     """A byte count with an optional binary suffix: 4096, 64K, 64M, 2G."""
 
     name = "size"
