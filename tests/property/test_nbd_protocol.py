@@ -1,0 +1,212 @@
+"""Hypothesis over the NBD server state machine.
+
+* Every (state, input) pair: drive a connection into each state, apply one input
+  of each kind, and check the outcome against ``TRANSITIONS``: the new state the
+  table names, or RemoteProtocolError (peer input) / LocalProtocolError (our
+  reply) when the table has no entry.
+* Fuzz (h11's afl harness, in Hypothesis): arbitrary bytes, split anywhere, in any
+  state, give events or RemoteProtocolError, never another exception; and once
+  closed, the connection stays closed.
+* Round trips of the codec, and validate_request's promise to storage code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from liveclone.nbd import protocol as p
+from liveclone.nbd import wire
+from liveclone.nbd.wire import Cmd, Opt
+from tests.unit.nbd.drive import BUILDERS, EXPORT, SIZE, out
+
+State, Input = p.State, p.Input
+
+# Each input kind, as what a client sends (bytes) or what we do (a reply).
+# The bytes are parsed as whatever the state expects, so a kind "means" its name
+# only in the states where the parser would read it so; elsewhere it is garbage.
+PEER_BYTES: dict[Input, bytes] = {
+    Input.CLIENT_FLAGS: wire.encode_client_flags(wire.FLAG_C_FIXED_NEWSTYLE),
+    Input.OPTION: wire.encode_option(Opt.LIST),
+    Input.EXPORT_CHOSEN: wire.encode_option(Opt.GO, wire.encode_info_request("", [])),
+    Input.ABORT: wire.encode_option(Opt.ABORT),
+    Input.REQUEST: wire.encode_request(Cmd.READ, 100, 0, 512),
+    Input.DISC: wire.encode_request(Cmd.DISC, 101),
+}
+
+
+def _reply(conn: p.ServerConnection) -> None:
+    conn.send(p.ReadDone(1, bytes(512)))  # the READ that draining() left in flight
+
+
+def _bytes_input(data: bytes) -> Callable[[p.ServerConnection], None]:
+    def feed(conn: p.ServerConnection) -> None:
+        conn.receive_data(data)
+    return feed
+
+
+ACTIONS: dict[Input, Callable[[p.ServerConnection], None]] = {
+    **{k: _bytes_input(v) for k, v in PEER_BYTES.items()},
+    Input.REPLY: _reply,
+}
+
+# What each input does in each state where the parser reads it as that input.
+# Anything in a state that cannot read it is either misparsed (and must then be a
+# RemoteProtocolError or a harmless valid message) or, for REPLY, a LocalProtocolError.
+PARSED_AS = {
+    State.HANDSHAKE: {Input.CLIENT_FLAGS},
+    State.NEGOTIATING: {Input.OPTION, Input.EXPORT_CHOSEN, Input.ABORT},
+    State.TRANSMISSION: {Input.REQUEST, Input.DISC},
+    State.DRAINING: {Input.REQUEST, Input.DISC},
+    State.CLOSED: set(),
+}
+
+
+@given(st.sampled_from(list(State)), st.sampled_from(list(ACTIONS)))
+def test_every_state_input_pair(state: p.State, inp: p.Input) -> None:
+    conn = BUILDERS[state]()
+    if state is State.TRANSMISSION and inp is Input.REPLY:
+        conn.receive_data(wire.encode_request(Cmd.READ, 1, 0, 512))
+    expected = p.TRANSITIONS.get((state, inp))
+    if inp is Input.DISC and state is State.TRANSMISSION:
+        expected = State.CLOSED  # nothing in flight: DRAINING then DRAINED at once
+    if inp is Input.REPLY and state is State.DRAINING:
+        expected = State.CLOSED  # the only request in flight: DRAINED
+    try:
+        ACTIONS[inp](conn)
+    except p.LocalProtocolError:
+        assert inp in p.LOCAL_INPUTS and expected is None, (state, inp)
+        assert conn.state is state  # our misuse changes nothing
+        return
+    except p.RemoteProtocolError:
+        assert inp not in p.LOCAL_INPUTS, (state, inp)
+        assert expected is None or inp not in PARSED_AS[state], (state, inp)
+        assert conn.state is State.CLOSED
+        return
+    if state is State.CLOSED:
+        assert conn.state is State.CLOSED  # data after close is ignored
+        return
+    if inp in PARSED_AS[state] or inp in p.LOCAL_INPUTS:
+        assert expected is not None and conn.state is expected, (state, inp, conn.state)
+    else:
+        # Misparsed as something else but valid there (e.g. 4 bytes of an option
+        # header read as client flags): the state is still one the table allows.
+        assert any(conn.state is dst for (src, _), dst in p.TRANSITIONS.items()
+                   if src is state), (state, inp, conn.state)
+
+
+@settings(max_examples=400)
+@given(st.sampled_from(list(State)), st.lists(st.binary(max_size=80), max_size=8))
+def test_fuzz_garbage_gives_events_or_remote_error(state: p.State, chunks: list[bytes]) -> None:
+    conn = BUILDERS[state]()
+    for chunk in chunks:
+        try:
+            events = conn.receive_data(chunk)
+        except p.RemoteProtocolError:
+            assert conn.state is State.CLOSED
+            assert conn.receive_data(b"anything") == []
+            return
+        for ev in events:
+            assert isinstance(ev, p.ExportChosen | p.Command | p.Rejected | p.Disconnect
+                              | p.Aborted)
+            if isinstance(ev, p.Command):
+                _assert_valid(conn, ev)
+        out(conn)
+
+
+_structured_requests = st.builds(
+    wire.encode_request,
+    cmd=st.sampled_from([*Cmd, 9, 200]),
+    cookie=st.integers(0, 2**64 - 1),
+    offset=st.one_of(st.integers(0, SIZE + 10), st.integers(0, 2**64 - 1)),
+    length=st.one_of(st.integers(0, 70000), st.integers(0, 2**32 - 1)),
+    flags=st.integers(0, 2**16 - 1),
+)
+
+
+@settings(max_examples=400)
+@given(st.lists(_structured_requests, max_size=6), st.booleans(), st.integers(1, 50))
+def test_fuzz_requests_in_transmission(reqs: list[bytes], structured: bool,
+                                       cut: int) -> None:
+    """Well-formed headers with random fields (and no payloads): the parser either
+    emits valid Commands, rejects with an NBD error, or drops the connection."""
+    conn = BUILDERS[State.TRANSMISSION]() if structured else _simple_transmission()
+    data = b"".join(reqs)
+    try:
+        for i in range(0, len(data), cut):
+            for ev in conn.receive_data(data[i:i + cut]):
+                if isinstance(ev, p.Command):
+                    _assert_valid(conn, ev)
+                elif isinstance(ev, p.Rejected):
+                    assert ev.error in wire.NBD_ERRORS
+    except p.RemoteProtocolError:
+        assert conn.state is State.CLOSED
+
+
+def _simple_transmission() -> p.ServerConnection:
+    from tests.unit.nbd.drive import transmitting
+    return transmitting(structured=False)
+
+
+def _assert_valid(conn: p.ServerConnection, c: p.Command) -> None:
+    """What validate_request promises storage code."""
+    export = conn.export
+    assert export is not None
+    assert c.flags & ~p.ALLOWED_FLAGS[c.cmd] == 0
+    if c.cmd == Cmd.FLUSH:
+        assert c.offset == c.length == 0
+    else:
+        assert 0 < c.length and c.offset + c.length <= export.size
+    if c.cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES):
+        assert not export.read_only
+    if c.cmd == Cmd.WRITE:
+        assert c.data is not None and len(c.data) == c.length
+    if c.cmd == Cmd.BLOCK_STATUS:
+        assert conn.structured and conn.base_allocation
+    if c.flags & wire.CMD_FLAG_DF:
+        assert conn.structured
+
+
+@given(st.sampled_from([*Cmd, 77]), st.integers(0, 2**16 - 1), st.integers(0, 2**64 - 1),
+       st.integers(0, 2**32 - 1), st.booleans(), st.booleans(), st.booleans())
+def test_validate_request_never_lets_bad_ranges_through(
+        cmd: int, flags: int, offset: int, length: int, structured: bool, meta: bool,
+        ro: bool) -> None:
+    export = p.Export("x", SIZE, read_only=ro) if ro else EXPORT
+    if p.validate_request(export, structured, meta, cmd, flags, offset, length) is None:
+        assert cmd in p.ALLOWED_FLAGS
+        assert cmd == Cmd.FLUSH or offset + length <= SIZE
+        assert not (ro and cmd in (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES))
+
+
+@given(st.integers(0, 2**16 - 1), st.integers(0, 2**16 - 1), st.integers(0, 2**64 - 1),
+       st.integers(0, 2**64 - 1), st.integers(0, 2**32 - 1))
+def test_request_round_trip(flags: int, cmd: int, cookie: int, offset: int,
+                            length: int) -> None:
+    data = wire.encode_request(cmd, cookie, offset, length, flags)
+    assert wire.decode_request(data) == (wire.REQUEST_MAGIC, flags, cmd, cookie, offset,
+                                         length)
+
+
+names = st.text(st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)),
+                max_size=40)
+
+
+@given(names, st.lists(st.integers(0, 2**16 - 1), max_size=5), st.lists(names, max_size=4))
+def test_option_payload_round_trips(name: str, infos: list[int], queries: list[str]) -> None:
+    assert wire.decode_info_request(wire.encode_info_request(name, infos)) == (name, infos)
+    assert wire.decode_meta_context_request(
+        wire.encode_meta_context_request(name, queries)) == (name, queries)
+
+
+@given(st.binary(max_size=64))
+def test_option_payload_decoders_raise_only_wire_error(data: bytes) -> None:
+    for decode in (wire.decode_info_request, wire.decode_meta_context_request,
+                   wire.decode_rep_server, wire.decode_rep_meta_context, wire.decode_info,
+                   wire.decode_block_status, wire.decode_error_chunk):
+        try:
+            decode(data)
+        except wire.WireError:
+            pass
