@@ -165,10 +165,10 @@ def _busybox_version() -> str:
     return hashlib.sha256(Path(busybox).read_bytes()).hexdigest()[:16]
 
 
-def _key(disk_size: str, kernel: tuple[str, str]) -> str:
+def _key(disk_size: str, filler: int, kernel: tuple[str, str]) -> str:
     h = hashlib.sha256()
     h.update(Path(__file__).read_bytes())
-    h.update(json.dumps([disk_size, kernel, _busybox_version()]).encode())
+    h.update(json.dumps([disk_size, filler, kernel, _busybox_version()]).encode())
     return h.hexdigest()[:16]
 
 
@@ -218,10 +218,15 @@ def _make_initrd(modules: dict[str, Path], out: Path, work: Path) -> None:
     out.write_bytes(gzip.compress(cpio.stdout, mtime=0))
 
 
-def _make_disk(out: Path, size: str, work: Path) -> dict[str, str]:
+def _make_disk(out: Path, size: str, filler: int, work: Path) -> dict[str, str]:
     tree = work / "disk"
     data = tree / "data"
     data.mkdir(parents=True)
+    if filler:
+        # Random bytes the guest never reads: data a copy must move before a boot.
+        with open(tree / "filler.bin", "wb") as f:
+            for _ in range(0, filler, 64 << 20):
+                f.write(os.urandom(min(64 << 20, filler - f.tell())))
     sums = {}
     for name in DATA_FILES:
         content = file_content(name)
@@ -234,10 +239,12 @@ def _make_disk(out: Path, size: str, work: Path) -> dict[str, str]:
     return {f"data/{n}": h for n, h in sums.items()}
 
 
-def build_guest(disk_size: str = DEFAULT_DISK_SIZE, cache_dir: Path = CACHE_DIR) -> Guest:
-    """Return the cached guest for ``disk_size``, building it first if needed."""
+def build_guest(disk_size: str = DEFAULT_DISK_SIZE, filler: int = 0,
+                cache_dir: Path = CACHE_DIR) -> Guest:
+    """Return the cached guest for ``disk_size``, building it first if needed.
+    ``filler`` bytes of random data go into ``/filler.bin``, which no check reads."""
     kernel_pkg = _kernel_package()
-    key = _key(disk_size, kernel_pkg)
+    key = _key(disk_size, filler, kernel_pkg)
     out = cache_dir / key
     manifest = out / "manifest.json"
     if not manifest.exists():
@@ -249,7 +256,7 @@ def build_guest(disk_size: str = DEFAULT_DISK_SIZE, cache_dir: Path = CACHE_DIR)
             vmlinuz, modules = _extract_kernel(kernel_pkg[0], work)
             shutil.copy2(vmlinuz, stage / "vmlinuz")
             _make_initrd(modules, stage / "initrd.gz", work)
-            files = _make_disk(stage / "disk.img", disk_size, work)
+            files = _make_disk(stage / "disk.img", disk_size, filler, work)
             (stage / "manifest.json").write_text(json.dumps(
                 {"files": files, "kernel": kernel_pkg, "disk_size": disk_size}, indent=1))
             try:
@@ -265,8 +272,10 @@ def build_guest(disk_size: str = DEFAULT_DISK_SIZE, cache_dir: Path = CACHE_DIR)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--disk-size", default=DEFAULT_DISK_SIZE)
+    parser.add_argument("--filler", type=int, default=0,
+                        help="bytes of random data in /filler.bin")
     args = parser.parse_args(argv)
-    guest = build_guest(args.disk_size)
+    guest = build_guest(args.disk_size, args.filler)
     print(json.dumps({"kernel": str(guest.kernel), "initrd": str(guest.initrd),
                       "disk": str(guest.disk), "files": guest.files}, indent=1))
     return 0

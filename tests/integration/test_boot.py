@@ -84,7 +84,8 @@ def test_vm_failure_is_reported_and_clone_resumes(tmp_path: Path, guest: Guest) 
     r = boot(src, clone, guest, "false\n", "--via", "file", "--rate", "1M")
     assert r.returncode == 0  # QEMU powered off normally; the guest said why
     assert "LC-RESULT: fail 1" in r.stdout
-    r = boot(src, clone, guest, verify_script() + GUEST_WRITES, "--via", "file")
+    r = boot(src, clone, guest, verify_script() + GUEST_WRITES, "--via", "file",
+             "--", "-name", "lctest")  # extra QEMU arguments pass through
     assert RESULT_OK in r.stdout, r.stdout + r.stderr
     check_finished_clone(src, clone, guest)
 

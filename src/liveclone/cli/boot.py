@@ -16,6 +16,7 @@ from liveclone.cli.options import rate_option, region_size_option, stop_on_signa
 from liveclone.errors import UsageError
 from liveclone.session import CloneSession
 from liveclone.units import format_size
+from liveclone.vm import VM, VMConfig, choose_accel
 
 
 @click.command("boot", context_settings={"ignore_unknown_options": False})
@@ -50,8 +51,6 @@ def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, 
     exits, the copy stops and the map is committed; `liveclone clone SOURCE CLONE`
     finishes it. Exits with QEMU's status.
     """
-    from liveclone.vm import VM, VMConfig, choose_accel
-
     if (initrd or append) and not kernel:
         raise UsageError("--initrd and --append need --kernel")
     if via == "auto":
@@ -79,11 +78,8 @@ def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, 
     sys.exit(status)
 
 
-def _wait_vm(vm: object, stop: threading.Event) -> int:
+def _wait_vm(vm: VM, stop: threading.Event) -> int:
     """Wait for QEMU; on SIGINT/SIGTERM ask it to quit, once, and keep waiting."""
-    from liveclone.vm import VM
-
-    assert isinstance(vm, VM)
     asked = False
     while True:
         status = vm.wait(0.2)
