@@ -65,11 +65,12 @@ def image_info(path: str) -> list[dict[str, Any]]:
             from None
     if r.returncode != 0:
         err = _last_line(r.stderr)
-        if "backing" in err.lower():
+        backing = _missing_backing(path)
+        if backing is not None:
             raise SourceError(
-                f"the backing file of image {path} cannot be opened ({err}). Put the "
-                "backing file where the image expects it, or fix the reference with "
-                "`qemu-img rebase -u -b NEW_BACKING -F FORMAT IMAGE`"
+                f"the backing file {backing!r} of image {path} cannot be opened ({err}). "
+                "Put the backing file where the image expects it, or point the image at "
+                "it with `qemu-img rebase -u -b BACKING -F FORMAT IMAGE`"
             )
         if "lock" in err.lower():
             raise SourceError(
@@ -95,6 +96,23 @@ def image_info(path: str) -> list[dict[str, Any]]:
                 "`qemu-img convert -O raw IMAGE OUT.img`"
             )
     return chain
+
+
+def _missing_backing(path: str) -> str | None:
+    """The first backing file of the chain that does not exist, if any. Plain
+    ``qemu-img info`` does not open backing files, so it works on a broken chain."""
+    while True:
+        r = subprocess.run(["qemu-img", "info", "--output=json", path],
+                           capture_output=True, text=True, timeout=INFO_TIMEOUT)
+        if r.returncode != 0:
+            return None
+        info = json.loads(r.stdout)
+        backing = info.get("full-backing-filename") or info.get("backing-filename")
+        if not backing:
+            return None
+        if not os.path.exists(backing):
+            return str(backing)
+        path = backing
 
 
 class ImageSource(NbdSource):

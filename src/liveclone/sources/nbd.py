@@ -10,6 +10,7 @@ identity is the size and a fingerprint of sampled blocks.
 from __future__ import annotations
 
 import errno
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
@@ -114,7 +115,7 @@ class NbdSource(RemoteSource):
         while pos < end:
             at = pos
             try:
-                runs = self.retrier.call(lambda: self._status_once(at, end - at),
+                runs = self.retrier.call(functools.partial(self._status_once, at, end - at),
                                          f"block status of {end - at} bytes at {at}",
                                          before_retry=self._before_retry)
             except SourceError as e:
