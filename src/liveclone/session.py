@@ -134,18 +134,19 @@ class CloneSession:
         }
 
     def write_status(self, running: bool = True) -> None:
+        """Publish the status file. Best effort: a full disk must not stop the clone."""
         path = status_path(self.clone.path)
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.status(running), f)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.status(running), f)
+            os.replace(tmp, path)
+        except OSError:
+            pass
 
     def _publish_loop(self) -> None:
         while not self._stop.wait(STATUS_INTERVAL):
-            try:
-                self.write_status()
-            except OSError:
-                pass  # status is best effort; a full disk must not stop the clone
+            self.write_status()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the copier to finish; True if it has (complete or failed)."""
@@ -162,10 +163,7 @@ class CloneSession:
         try:
             self.clone.close()
         finally:
-            try:
-                self.write_status(running=False)
-            except OSError:
-                pass
+            self.write_status(running=False)
 
     def __enter__(self) -> CloneSession:
         return self.start()

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
+import traceback
 
 import click
 
@@ -21,7 +23,9 @@ class _Group(click.Group):
             click.echo(f"liveclone: error: {e.message}", err=True)
             sys.exit(e.exit_code)
         except OSError as e:
-            # An unexpected system error: name it and where, never a traceback.
+            # An unexpected system error: name it and where; the traceback only on request.
+            if os.environ.get("LIVECLONE_DEBUG"):
+                traceback.print_exc()
             where = f" ({e.filename})" if e.filename else ""
             code = NoSpaceError.exit_code if e.errno in (errno.ENOSPC, errno.EDQUOT) else 1
             click.echo(f"liveclone: error: {e.strerror or e}{where}", err=True)

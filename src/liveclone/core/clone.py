@@ -77,6 +77,9 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
     _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
+_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
     """Copy ``length`` bytes at the same ``offset`` between two local files."""
     while length > 0:
@@ -129,6 +132,7 @@ class Clone:
         self._zero_block = min(ZERO_BLOCK, self.region_size)
         self._zeros = bytes(max(COPY_CHUNK, self.region_size))
         self._local = threading.local()  # per-thread copy buffer
+        self._use_copy_file_range = True  # until the kernel says it cannot
         self._cond = threading.Condition()
         # --- state guarded by _cond ------------------------------------------
         # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
@@ -373,8 +377,16 @@ class Clone:
                         if _is_zero(data[k:nk], self._zeros):
                             break
                         k = nk
-                    if src_fd is not None:
-                        _copy_file_range(src_fd, fd, pos + i, k - i)
+                    if src_fd is not None and self._use_copy_file_range:
+                        try:
+                            _copy_file_range(src_fd, fd, pos + i, k - i)
+                        except OSError as e:
+                            if e.errno not in _NO_COPY_FILE_RANGE:
+                                raise
+                            # Not between these files (e.g. across filesystems on
+                            # this kernel): the bytes are in our buffer anyway.
+                            self._use_copy_file_range = False
+                            self._pwrite(data[i:k], pos + i)
                     else:
                         self._pwrite(data[i:k], pos + i)
                     i = k
