@@ -82,9 +82,11 @@ class Address:
     tls_verify: bool = True
     extra: dict[str, str] = field(default_factory=dict)
 
+    def where(self) -> str:
+        return self.socket_path if self.socket_path else f"{self.host}:{self.port}"
+
     def describe(self) -> str:
-        where = self.socket_path if self.socket_path else f"{self.host}:{self.port}"
-        return f"export {self.export!r} at {where}"
+        return f"export {self.export!r} at {self.where()}"
 
 
 def parse_uri(uri: str) -> Address:
@@ -221,7 +223,8 @@ class Connection:
         except ValueError:
             name = str(reply)
         return NbdHandshakeError(
-            f"{self.address.describe()} refused {what} ({name}{': ' + text if text else ''})",
+            f"the server at {self.address.where()} refused {what} "
+            f"({name}{': ' + text if text else ''})",
             reply)
 
     def _starttls(self) -> None:
