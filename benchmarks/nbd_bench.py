@@ -32,12 +32,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from results_file import write_section  # noqa: E402
+
 from liveclone.nbd import wire  # noqa: E402
 from liveclone.units import format_size, parse_size  # noqa: E402
 
 LIVECLONE = str(Path(sys.executable).parent / "liveclone")
-RESULTS = ROOT / "benchmarks" / "results.md"
-HEADING = "## NBD export"
+HEADING = "NBD export"
 
 TESTS = [  # name, fio arguments
     ("4K randread QD1", ["--rw=randread", "--bs=4k", "--iodepth=1"]),
@@ -220,10 +223,10 @@ def main() -> None:
                 ttfr[(label, kind)] = statistics.median(times)
                 print(f"first read {label} {kind}: {ttfr[(label, kind)] * 1000:.0f} ms",
                       file=sys.stderr)
-        section = report(results, ttfr, size, args.runtime, args.ttfr_runs)
-        print(section)
+        body = report(results, ttfr, size, args.runtime, args.ttfr_runs)
+        print(f"{HEADING}\n\n{body}")
         if args.write_results:
-            write_section(section)
+            write_section(HEADING, body)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -231,7 +234,6 @@ def main() -> None:
 def report(results: dict[tuple[str, str], dict[str, float]],
            ttfr: dict[tuple[str, str], float], size: int, runtime: float, runs: int) -> str:
     lines = [
-        HEADING, "",
         f"`python benchmarks/nbd_bench.py --size {format_size(size).replace(' ', '')} "
         f"--runtime {runtime:g}` — {date.today().isoformat()}, one interleaved run per "
         "cell, fio's nbd engine over a unix socket, warm page cache, on this 2-vCPU "
@@ -265,15 +267,6 @@ def report(results: dict[tuple[str, str], dict[str, float]],
             f"{ttfr[(label, k)] * 1000:.0f} ms"
             for k in ("liveclone (copying)", "qemu-nbd", "nbdkit file")) + " |")
     return "\n".join(lines) + "\n"
-
-
-def write_section(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(HEADING + "\n")
-    if start >= 0:
-        nxt = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + (text[nxt + 1:] if nxt >= 0 else "")
-    RESULTS.write_text(text.rstrip("\n") + "\n\n" + section)
 
 
 if __name__ == "__main__":
