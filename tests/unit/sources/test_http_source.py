@@ -1,0 +1,127 @@
+"""HttpSource against a small in-process range server that fails on demand."""
+
+from __future__ import annotations
+
+import http.server
+import re
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from liveclone.errors import SourceChangedError, SourceError
+from liveclone.sources.http import HttpSource
+from liveclone.sources.retry import RetryPolicy
+
+DATA = bytes(range(256)) * 4096  # 1 MiB
+FAST = RetryPolicy(tries=5, budget=10, first_delay=0.01, max_delay=0.05)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    fail_next = 0  # answer this many requests with 503
+    etag = '"v1"'
+    honour_ranges = True
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Server
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.server.fail_next > 0:
+            self.server.fail_next -= 1
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        m = re.match(r"bytes=(\d+)-(\d+)", self.headers.get("Range", ""))
+        if m and self.server.honour_ranges:
+            a, b = int(m.group(1)), min(int(m.group(2)), len(DATA) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {a}-{b}/{len(DATA)}")
+            body = DATA[a:b + 1]
+        else:
+            self.send_response(200)
+            body = DATA
+        self.send_header("ETag", self.server.etag)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server() -> Iterator[Server]:
+    httpd = Server(("127.0.0.1", 0), Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        yield httpd
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        t.join()
+
+
+def url(server: Server) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}/disk.img"
+
+
+def test_reads_from_threads(server: Server) -> None:
+    with HttpSource(url(server), FAST) as s:
+        assert s.size == len(DATA)
+        results: dict[int, bytes] = {}
+
+        def read(i: int) -> None:
+            results[i] = s.pread(i * 65536 + 3, 65536)
+
+        threads = [threading.Thread(target=read, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for i in range(8):
+            assert results[i] == DATA[i * 65536 + 3:(i + 1) * 65536 + 3]
+        assert s.pread(len(DATA) - 2, 4) == DATA[-2:] + b"\0\0"  # past the end: zeros
+
+
+def test_transient_errors_are_retried_and_reported(server: Server) -> None:
+    with HttpSource(url(server), FAST) as s:
+        server.fail_next = 2
+        assert s.pread(100, 10) == DATA[100:110]
+        st = s.status()
+        assert st["recoveries"] == 1 and st["failures"] == 2
+        assert "503" in st["last_error"] and st["retrying"] == 0
+        server.fail_next = 100
+        with pytest.raises(OSError) as info:
+            s.pread(0, 10)
+        assert info.value.errno == 5 and "failed 5 times" in str(info.value)
+        server.fail_next = 0
+
+
+def test_changed_etag_fails_the_read(server: Server) -> None:
+    with HttpSource(url(server), FAST) as s:
+        ident = s.identity()
+        server.etag = '"v2"'
+        with pytest.raises(OSError) as info:
+            s.pread(0, 10)
+        assert isinstance(info.value.__cause__, SourceChangedError)
+        assert "changed while being cloned" in str(info.value)
+        with HttpSource(url(server), FAST) as again:
+            assert again.identity_mismatch(ident) == "etag was '\"v1\"', now '\"v2\"'"
+
+
+def test_no_ranges(server: Server) -> None:
+    server.honour_ranges = False
+    with pytest.raises(SourceError, match="does not support range requests"):
+        HttpSource(url(server), FAST)
+
+
+def test_credentials_are_not_shown(server: Server) -> None:
+    u = url(server).replace("http://", "http://user:secret@") + "?sig=abc"
+    with HttpSource(u, FAST) as s:
+        assert "secret" not in s.identity()["path"] and "sig" not in s.identity()["path"]
+        assert s.pread(0, 4) == DATA[:4]
