@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import sys
 import traceback
@@ -13,8 +14,30 @@ from liveclone import __version__
 from liveclone.errors import LivecloneError, NoSpaceError
 
 
+# Subcommand → module in liveclone.cli defining ``command``. Imported only when the
+# command runs, so start-up (and `serve`'s time to first read) stays short.
+COMMANDS = {
+    "clone": "clone",
+    "status": "status",
+    "serve": "serve",
+    "mount": "mount",
+    "boot": "boot",
+}
+
+
 class _Group(click.Group):
-    """Turns LivecloneError into its message and exit code, never a traceback."""
+    """Loads subcommands lazily; turns LivecloneError into its message and exit code,
+    never a traceback."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f"liveclone.cli.{COMMANDS[name]}")
+        command: click.Command = module.command
+        return command
 
     def invoke(self, ctx: click.Context) -> object:
         try:
@@ -36,16 +59,6 @@ class _Group(click.Group):
 @click.version_option(__version__, prog_name="liveclone")
 def cli() -> None:
     """Clone a disk image and use the clone at once, while it is being copied."""
-
-
-def _register() -> None:
-    from liveclone.cli import boot, clone, mount, serve, status
-
-    for module in (clone, status, mount, boot, serve):
-        cli.add_command(module.command)
-
-
-_register()
 
 
 def main() -> None:

@@ -8,7 +8,12 @@ import threading
 
 import click
 
-from liveclone.cli.options import rate_option, region_size_option, stop_on_signals
+from liveclone.cli.options import (
+    copy_on_read_option,
+    rate_option,
+    region_size_option,
+    stop_on_signals,
+)
 from liveclone.core.copier import Phase
 from liveclone.errors import UsageError
 from liveclone.nbd.protocol import export_name_problem
@@ -47,9 +52,10 @@ def default_export_name(clone_path: str) -> str:
 @click.option("--read-only", is_flag=True, help="Refuse writes (EPERM).")
 @region_size_option
 @rate_option
+@copy_on_read_option
 def command(source: str, clone_path: str, socket_path: str | None, listen: str | None,
             export_name: str | None, read_only: bool, region_size: int | None,
-            rate: int | None) -> None:
+            rate: int | None, copy_on_read: bool | None) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
     Prints the NBD URI on stdout as soon as clients can connect. Reads of regions
@@ -68,7 +74,10 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
     if why:
         raise UsageError(f"invalid --export-name {name!r}: {why}")
     with stop_on_signals() as stop:
-        session = CloneSession(source, clone_path, region_size, rate).start()
+        # Started (copier and all) by _serve once clients can connect: the first
+        # read must not wait behind the copier's start.
+        session = CloneSession(source, clone_path, region_size, rate,
+                               copy_on_read=copy_on_read)
         try:
             asyncio.run(_serve(session, stop, socket_path, tcp, name, read_only))
         finally:
@@ -88,6 +97,7 @@ async def _serve(session: CloneSession, stop: threading.Event, socket_path: str 
             where = socket_path if socket_path is not None else f"{tcp}"
             raise UsageError(f"cannot listen on {where}: {e.strerror or e}") from None
         print(uris[0], flush=True)  # the one line on stdout; scripts wait for it
+        session.start()
         clone = session.clone
         click.echo(f"liveclone: serving {clone.path} ({format_size(clone.size)}) at {uris[0]}",
                    err=True)

@@ -43,6 +43,8 @@ FALLOC_FL_ZERO_RANGE = 0x10
 
 # Largest single read from the source when filling; big enough for disk speed.
 COPY_CHUNK = 8 << 20
+# Writes are issued in slices this big, so a failure midway keeps the progress.
+WRITE_SLICE = 1 << 20
 # Zero detection granularity cap: an all-zero block this big becomes a hole.
 ZERO_BLOCK = 64 << 10
 # Invariant 6: commit at least this often while bits are pending.
@@ -276,6 +278,11 @@ class Clone:
         with self._cond:
             return self._committed.to_bytes()
 
+    def find_absent(self, start: int) -> int | None:
+        """The first absent region at or after ``start``, or None."""
+        with self._cond:
+            return self._map.find_absent(start)
+
     def present_runs(self, first: int, end: int) -> list[tuple[int, int, bool]]:
         with self._cond:
             return list(self._map.runs(first, end))
@@ -310,12 +317,14 @@ class Clone:
         self._owned.extend(taken)
         return taken
 
-    def _release(self, runs: list[tuple[int, int]], made_present: bool) -> None:
-        """Give runs back; with ``made_present`` their bits are set (pending commit)."""
+    def _release(self, runs: list[tuple[int, int]], present: list[tuple[int, int]]) -> None:
+        """Give owned ``runs`` back; the regions of ``present`` (within them) had their
+        clone bytes written, so their bits are set, pending commit."""
         with self._cond:
             for run in runs:
                 self._owned.remove(run)
-                if made_present:
+            for run in present:
+                if run[1] > run[0]:
                     self._map.set(*run)
                     self._pending.append(run)
             self._cond.notify_all()
@@ -331,16 +340,18 @@ class Clone:
             raise OSError(errno.EIO, "the clone's source is not available")
         return self.source
 
-    def _copy_from_source(self, start: int, end: int) -> int:
+    def _copy_from_source(self, start: int, end: int, progress: list[int] | None = None) -> int:
         """Copy source bytes ``[start, end)`` into the clone file; zero runs and source
         holes become holes (punched, never trusted). Return the data bytes read.
-        The caller owns every region touched.
+        The caller owns every region touched. ``progress[0]``, if given, is kept at
+        the offset below which every byte is written, so a failed copy keeps what it did.
 
         A local source is read into a reused buffer and its non-zero runs are moved
         with ``copy_file_range``, which shares blocks (reflink) where the filesystem
         can; other sources are read with ``pread`` and written with ``pwrite``."""
         source = self._need_source()
         fd, zb, src_fd = self._fd, self._zero_block, source.fileno()
+        slice_len = max(WRITE_SLICE, self.region_size)
         read = 0
         hole_start: int | None = None  # a zero run waiting to be punched
 
@@ -349,6 +360,10 @@ class Clone:
             if hole_start is not None and upto > hole_start:
                 punch_hole(fd, hole_start, upto - hole_start)
             hole_start = None
+
+        def done_upto(offset: int) -> None:
+            if progress is not None:
+                progress[0] = offset if hole_start is None else hole_start
 
         for ext in source.extents(start, end - start):
             if not ext.data:
@@ -377,24 +392,33 @@ class Clone:
                         if _is_zero(data[k:nk], self._zeros):
                             break
                         k = nk
-                    if src_fd is not None and self._use_copy_file_range:
-                        try:
-                            _copy_file_range(src_fd, fd, pos + i, k - i)
-                        except OSError as e:
-                            if e.errno not in _NO_COPY_FILE_RANGE:
-                                raise
-                            # Not between these files (e.g. across filesystems on
-                            # this kernel): the bytes are in our buffer anyway.
-                            self._use_copy_file_range = False
-                            self._pwrite(data[i:k], pos + i)
-                    else:
-                        self._pwrite(data[i:k], pos + i)
+                    # In slices, so progress is known if the disk fills up midway.
+                    for a in range(i, k, slice_len):
+                        b = min(k, a + slice_len)
+                        self._write_from_source(src_fd, data[a:b], pos + a)
+                        done_upto(pos + b)
                     i = k
                 pos += n
         flush_hole(end)
+        done_upto(end)
         with self._cond:
             self.stats.bytes_from_source += read
         return read
+
+    def _write_from_source(self, src_fd: int | None, data: memoryview, offset: int) -> None:
+        """Put source bytes at ``offset`` in the clone: ``copy_file_range`` between
+        local files (a reflink where the filesystem can), else ``pwrite``."""
+        if src_fd is not None and self._use_copy_file_range:
+            try:
+                _copy_file_range(src_fd, self._fd, offset, len(data))
+                return
+            except OSError as e:
+                if e.errno not in _NO_COPY_FILE_RANGE:
+                    raise
+                # Not between these files (e.g. across filesystems on this
+                # kernel): the bytes are in our buffer anyway.
+                self._use_copy_file_range = False
+        self._pwrite(data, offset)
 
     def _read_source(self, source: Source, src_fd: int | None, offset: int,
                      length: int) -> memoryview:
@@ -428,17 +452,25 @@ class Clone:
                 b - a for a, b, present in self._map.runs(first, end) if present)
             runs = self._take(first, end, wait)
             taken = sum(b - a for a, b in runs)
-        ok = False
         read = 0
+        done: list[tuple[int, int]] = []  # runs whose bytes are all in the clone
         try:
             for a, b in runs:
                 start, _ = self.geometry.bounds(a)
                 _, stop = self.geometry.bounds(b - 1)
-                read += self._copy_from_source(start, stop)
-            ok = True
+                progress = [start]
+                try:
+                    read += self._copy_from_source(start, stop, progress)
+                except BaseException:
+                    # Keep the whole regions copied before the failure (a full disk
+                    # mid-batch must not throw away what was written).
+                    whole = b - a if progress[0] >= stop else \
+                        (progress[0] - start) >> self.geometry.shift
+                    done.append((a, a + whole))
+                    raise
+                done.append((a, b))
         finally:
-            self._release(runs, made_present=ok)
-        if ok:
+            self._release(runs, done)
             with self._cond:
                 self.stats.bytes_copied += read
         return taken, read
@@ -672,7 +704,8 @@ class _Ownership:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.clone._release(self.runs, self.made_present and exc[0] is None)
+        ok = self.made_present and exc[0] is None
+        self.clone._release(self.runs, self.runs if ok else [])
 
 
 class _GuestOp:

@@ -7,15 +7,14 @@ Each region is *absent* (its authoritative bytes are the source's) or *present*
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 1 << 30
 DEFAULT_REGION_SIZE = 64 << 10
 
-_NOT_FULL = re.compile(rb"[^\xff]")
-_NOT_EMPTY = re.compile(rb"[^\x00]")
+# Bytes scanned per step when looking for the next present/absent region.
+_WINDOW = 64 << 10
 
 
 def check_region_size(region_size: int) -> None:
@@ -84,7 +83,7 @@ class RegionMap:
             # Bits past ``count`` in the last byte are kept clear.
             if count & 7:
                 self._bits[-1] &= (1 << (count & 7)) - 1
-        self.present_count = sum(b.bit_count() for b in self._bits)
+        self.present_count = int.from_bytes(self._bits, "little").bit_count()
 
     def __contains__(self, region: int) -> bool:
         return bool(self._bits[region >> 3] >> (region & 7) & 1)
@@ -124,17 +123,24 @@ class RegionMap:
     def _find(self, start: int, stop: int, want_set: bool) -> int | None:
         stop = min(stop, self.count)
         r = start
-        # Finish the partial first byte bit by bit, then let the regex skip whole bytes.
+        # Finish the partial first byte bit by bit, then skip whole bytes in C.
         while r < stop and r & 7:
             if (r in self) == want_set:
                 return r
             r += 1
         if r >= stop:
             return None
-        m = (_NOT_EMPTY if want_set else _NOT_FULL).search(self._bits, r >> 3, (stop + 7) >> 3)
-        if m is None:
+        skip = b"\x00" if want_set else b"\xff"  # a byte with no region we want
+        pos, end_byte = r >> 3, (stop + 7) >> 3
+        while pos < end_byte:
+            window = self._bits[pos:min(pos + _WINDOW, end_byte)]
+            rest = len(window.lstrip(skip))
+            if rest:
+                r = (pos + len(window) - rest) << 3
+                break
+            pos += len(window)
+        else:
             return None
-        r = m.start() << 3
         while r < stop:
             if (r in self) == want_set:
                 return r

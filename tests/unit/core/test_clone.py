@@ -193,3 +193,31 @@ def test_concurrent_guest_writes_and_copier(tmp_path: Path) -> None:
     cp.stop()
     c.close()
     assert (tmp_path / "clone.img").read_bytes() == bytes(model)
+
+
+def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
+                                                    monkeypatch) -> None:
+    """A disk that fills up mid-batch: regions written before the failure stay present
+    (and correct); the rest stay absent."""
+    import errno
+
+    import liveclone.core.clone as clone_mod
+
+    src, data = source_image
+    real = os.pwrite
+    budget = [5 * RS]
+
+    def pwrite(fd: int, buf, offset: int) -> int:
+        if offset >= budget[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, buf, offset)
+
+    with _clone(tmp_path, src) as c:
+        c._use_copy_file_range = False
+        monkeypatch.setattr(clone_mod.os, "pwrite", pwrite)
+        with pytest.raises(OSError):
+            c.fill(0, 16)
+        monkeypatch.undo()
+        present = [r for r in range(16) if c.is_present(r)]
+        assert present and present == list(range(len(present))) and len(present) <= 5
+        assert bytes(c.read(0, 16 * RS)) == data[:16 * RS]

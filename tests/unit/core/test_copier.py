@@ -80,10 +80,10 @@ def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_ima
     with _clone(tmp_path, src) as c:
         real = c._copy_from_source
 
-        def failing(start: int, end: int) -> int:
+        def failing(start: int, end: int, progress: list[int] | None = None) -> int:
             if start <= 5 * RS < end:
                 raise OSError(errno.EIO, "injected source failure")
-            return real(start, end)
+            return real(start, end, progress)
 
         monkeypatch.setattr(c, "_copy_from_source", failing)
         cp = Copier(c, batch_bytes=RS).start()
