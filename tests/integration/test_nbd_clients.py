@@ -232,7 +232,7 @@ def test_fio_random_writes_verify(setup: Setup) -> None:
         res = run(["fio", "--name=v", "--ioengine=nbd", f"--uri={s.uri}", "--rw=randwrite",
                    "--bs=4k", "--size=8M", "--offset_increment=16M", "--numjobs=4",
                    "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--group_reporting",
-                   "--output-format=json"])
+                   "--output-format=json"], cwd=setup.tmp)  # fio drops verify state in cwd
         job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
         assert job["error"] == 0
         assert job["write"]["io_bytes"] == 4 * (8 << 20)

@@ -13,7 +13,6 @@ import click
 from liveclone import __version__
 from liveclone.errors import LivecloneError, NoSpaceError
 
-
 # Subcommand → module in liveclone.cli defining ``command``. Imported only when the
 # command runs, so start-up (and `serve`'s time to first read) stays short.
 COMMANDS = {
