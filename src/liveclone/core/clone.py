@@ -50,6 +50,10 @@ ZERO_BLOCK = 64 << 10
 # Invariant 6: commit at least this often while bits are pending.
 COMMIT_INTERVAL = 1.0
 
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0x8)
+# Largest write ``write_nowait`` takes on an event loop.
+NOWAIT_WRITE_MAX = 64 << 10
+
 # Block status flags, as NBD's base:allocation defines them.
 STATE_HOLE = 1
 STATE_ZERO = 2
@@ -508,6 +512,50 @@ class Clone:
             if absent_seen and hook is not None:
                 hook(*self._span(offset, length))
             return buf
+
+    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+        """The read, served without blocking, or None if it would block.
+
+        For event-loop frontends: it succeeds only when every region touched is
+        present and the bytes are in the page cache (``RWF_NOWAIT``); otherwise the
+        caller runs ``read`` in a worker thread. Present regions never change back,
+        so no lock is needed past the map check."""
+        if not self._map.complete:
+            first, end = self._span(offset, length)
+            with self._cond:
+                if self._map.find_absent(first, end) is not None:
+                    return None
+        buf = bytearray(length)
+        try:
+            got = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no NOWAIT here
+            return None
+        if got < length:
+            return None
+        with self._cond:
+            self.stats.guest_reads += 1
+            self.stats.guest_bytes_read += length
+        return buf
+
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
+        """Do a small write at once if every region it touches is present, and
+        return True; return False (nothing done) if the caller must use ``write``.
+
+        A present region needs no ownership and no fill (it never goes back to
+        absent), so this is one ``pwrite`` into the page cache. For event-loop
+        frontends, for small writes only: a large one could wait on writeback."""
+        if len(data) > NOWAIT_WRITE_MAX:
+            return False
+        if not self._map.complete:
+            first, end = self._span(offset, len(data))
+            with self._cond:
+                if self._map.find_absent(first, end) is not None:
+                    return False
+        self._pwrite(data, offset)
+        with self._cond:
+            self.stats.guest_writes += 1
+            self.stats.guest_bytes_written += len(data)
+        return True
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         span = self.geometry.span(offset, length)

@@ -289,8 +289,16 @@ class _Connection(asyncio.Protocol):
         clone, run, cmd = self.clone, self.server.run, c.cmd
         fua = bool(c.flags & wire.CMD_FLAG_FUA)
         if cmd == Cmd.READ:
+            # Present, cached data is answered at once; anything else in the pool.
+            data = clone.read_nowait(c.offset, c.length)
+            if data is not None:
+                self._answer_now(c.cookie, cmd, data)
+                return
             fut = run(clone.read, c.offset, c.length)
         elif cmd == Cmd.WRITE:
+            if not fua and clone.write_nowait(c.offset, c.data):
+                self._answer_now(c.cookie, cmd, None)
+                return
             fut = run(clone.write, c.offset, c.data, fua)
         elif cmd == Cmd.FLUSH:
             fut = run(clone.flush)
@@ -306,6 +314,12 @@ class _Connection(asyncio.Protocol):
         else:  # validate_request lets nothing else through
             raise AssertionError(f"unexpected command {cmd}")
         fut.add_done_callback(partial(self._finish, c.cookie, cmd))
+
+    def _answer_now(self, cookie: int, cmd: int, result: Any) -> None:
+        """Answer a request served without the pool, through the same path."""
+        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        done.set_result(result)
+        self._finish(cookie, cmd, done)
 
     def _finish(self, cookie: int, cmd: int, fut: asyncio.Future[Any]) -> None:
         exc = fut.exception()

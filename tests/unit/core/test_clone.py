@@ -221,3 +221,25 @@ def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
         present = [r for r in range(16) if c.is_present(r)]
         assert present and present == list(range(len(present))) and len(present) <= 5
         assert bytes(c.read(0, 16 * RS)) == data[:16 * RS]
+
+
+def test_read_nowait_only_for_present_cached_data(tmp_path: Path, source_image) -> None:
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        assert c.read_nowait(0, 4096) is None  # absent: would need the source
+        c.write(0, b"p" * RS)
+        got = c.read_nowait(100, 200)
+        assert got is not None and bytes(got) == b"p" * 200  # just written: cached
+        assert c.read_nowait(RS - 10, 20) is None  # spills into an absent region
+
+
+def test_write_nowait_only_for_present_regions(tmp_path: Path, source_image) -> None:
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        assert not c.write_nowait(10, b"x")  # absent: needs a fill first
+        assert not c.is_present(0)
+        c.write(0, b"p" * RS)
+        assert c.write_nowait(10, b"xyz")
+        assert bytes(c.read(8, 6)) == b"ppxyzp"
+        assert not c.write_nowait(RS - 1, b"ab")  # spills into an absent region
+        assert bytes(c.read(RS - 1, 2)) == b"p" + data[RS:RS + 1]
