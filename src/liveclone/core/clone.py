@@ -516,25 +516,38 @@ class Clone:
     def read_nowait(self, offset: int, length: int) -> bytearray | None:
         """The read, served without blocking, or None if it would block.
 
-        For event-loop frontends: it succeeds only when every region touched is
-        present and the bytes are in the page cache (``RWF_NOWAIT``); otherwise the
-        caller runs ``read`` in a worker thread. Present regions never change back,
-        so no lock is needed past the map check."""
-        if not self._map.complete:
-            first, end = self._span(offset, length)
-            with self._cond:
-                if self._map.find_absent(first, end) is not None:
-                    return None
+        For event-loop frontends: it succeeds when every byte is in the page cache
+        (``RWF_NOWAIT``), from the clone file for present regions and from a local
+        source's file for absent ones; otherwise the caller runs ``read`` in a
+        worker thread. With copy-on-read, absent regions always take that path."""
         buf = bytearray(length)
-        try:
-            got = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
-        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no NOWAIT here
-            return None
-        if got < length:
-            return None
+        view = memoryview(buf)
+        src_fd = -1
+        if self._map.complete:  # present regions never change back: no lock needed
+            runs: list[tuple[int, int, bool]] = [(offset, offset + length, True)]
+        else:
+            runs = list(self._byte_runs(offset, length))
+            if any(not present for _, _, present in runs):
+                local = self.source.fileno() if self.source is not None else None
+                if local is None or self.copy_on_read:
+                    return None
+                src_fd = local
+        for start, stop, present in runs:
+            fd = self._fd if present else src_fd
+            try:
+                got = os.preadv(fd, [view[start - offset:stop - offset]], start, _RWF_NOWAIT)
+            except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no NOWAIT here
+                return None
+            if got < stop - start:
+                return None
+        absent = sum(stop - start for start, stop, present in runs if not present)
         with self._cond:
             self.stats.guest_reads += 1
             self.stats.guest_bytes_read += length
+            self.stats.bytes_from_source += absent
+        hook = self.on_absent_read
+        if absent and hook is not None:
+            hook(*self._span(offset, length))
         return buf
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
