@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import json
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+from tests.conftest import LIVECLONE
 
 
 def free_port() -> int:
@@ -140,3 +144,29 @@ def moto_server(env: dict[str, str] | None = None) -> Iterator[str]:
         yield f"http://127.0.0.1:{port}"
     finally:
         stop(proc)
+
+
+def wait_status(clone: Path, pred: Callable[[dict[str, Any]], bool],
+                proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+    """Poll CLONE.lcstatus until ``pred(status)`` holds; the clone must still run."""
+    path = Path(str(clone) + ".lcstatus")
+    while True:
+        assert proc.poll() is None, "the clone finished before the test could act"
+        try:
+            st: dict[str, Any] = json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            st = {}
+        if st and pred(st):
+            return st
+        time.sleep(0.05)
+
+
+def clone_partly(source: str, clone: Path, rate: str = "4M") -> None:
+    """Run ``liveclone clone`` slowly and stop it once some regions are present."""
+    proc = subprocess.Popen([LIVECLONE, "clone", source, str(clone), "--rate", rate],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_status(clone, lambda s: s["regions_present"] > 0, proc)
+    finally:
+        proc.terminate()
+        proc.wait()

@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LIVECLONE, make_image
-from tests.integration.servers import Nginx, free_port, no_range_server
+from tests.integration.servers import (
+    Nginx,
+    clone_partly,
+    free_port,
+    no_range_server,
+    stop,
+    wait_status,
+)
 
 SIZE = 32 << 20
 
@@ -34,20 +41,6 @@ def served(tmp_path: Path) -> Iterator[tuple[Nginx, bytes]]:
         yield server, data
     finally:
         server.stop()
-
-
-def wait_status(clone: Path, pred: object, proc: subprocess.Popen[bytes]) -> dict[str, object]:
-    """Poll CLONE.lcstatus until ``pred(status)`` holds (the clone must still run)."""
-    path = Path(str(clone) + ".lcstatus")
-    while True:
-        assert proc.poll() is None, "clone finished before the test could act"
-        try:
-            st = json.loads(path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            st = None
-        if st is not None and pred(st):  # type: ignore[operator]
-            return st  # type: ignore[no-any-return]
-        time.sleep(0.05)
 
 
 def test_clone_over_http(tmp_path: Path, served: tuple[Nginx, bytes]) -> None:
@@ -83,9 +76,7 @@ def test_server_stopped_mid_copy_then_restarted(tmp_path: Path,
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert clone.read_bytes() == data
 
 
@@ -93,16 +84,7 @@ def test_resume_unchanged_and_changed(tmp_path: Path, served: tuple[Nginx, bytes
     server, data = served
     clone = tmp_path / "c.img"
 
-    def partial() -> None:
-        proc = subprocess.Popen([LIVECLONE, "clone", server.url("disk.img"), str(clone),
-                                 "--rate", "8M"], stderr=subprocess.DEVNULL)
-        try:
-            wait_status(clone, lambda s: 0 < s["regions_present"], proc)
-        finally:
-            proc.terminate()
-            proc.wait()
-
-    partial()
+    clone_partly(server.url("disk.img"), clone)
     # Unchanged source: the identity recorded matches a fresh open, and it resumes.
     r = run("clone", server.url("disk.img"), str(clone))
     assert r.returncode == 0, r.stderr
@@ -111,7 +93,7 @@ def test_resume_unchanged_and_changed(tmp_path: Path, served: tuple[Nginx, bytes
     clone.unlink()
     for suffix in (".lcmap", ".lcjournal", ".lcstatus"):
         Path(str(clone) + suffix).unlink(missing_ok=True)
-    partial()
+    clone_partly(server.url("disk.img"), clone)
     before = clone.read_bytes()
     src = tmp_path / "www" / "disk.img"
     with open(src, "r+b") as f:

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from liveclone.errors import SourceError
 from liveclone.sources import image as image_module
 from liveclone.sources import open_source
 from tests.conftest import LIVECLONE, allocated, make_image
+from tests.integration.servers import clone_partly, stop, wait_status
 
 SIZE = 32 << 20
 
@@ -115,13 +115,7 @@ def test_changed_image_is_refused_on_resume(tmp_path: Path, raw: tuple[Path, byt
     src, _ = raw
     image = convert(src, tmp_path / "src.vmdk", "vmdk", [])
     clone = tmp_path / "clone.img"
-    proc = subprocess.Popen([LIVECLONE, "clone", str(image), str(clone), "--rate", "4M"],
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_present(clone, proc)
-    finally:
-        proc.terminate()
-        proc.wait()
+    clone_partly(str(image), clone)
     before = clone.read_bytes()
     subprocess.run(["qemu-io", "-f", "vmdk", "-c", f"write -P 3 {SIZE - 65536} 4096",
                     str(image)], check=True, capture_output=True)
@@ -129,18 +123,6 @@ def test_changed_image_is_refused_on_resume(tmp_path: Path, raw: tuple[Path, byt
     assert r.returncode == 4, r.stderr
     assert "changed since" in r.stderr
     assert clone.read_bytes() == before
-
-
-def wait_present(clone: Path, proc: subprocess.Popen[bytes]) -> None:
-    status = Path(str(clone) + ".lcstatus")
-    while True:
-        assert proc.poll() is None
-        try:
-            if json.loads(status.read_text())["regions_present"] > 0:
-                return
-        except (FileNotFoundError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.05)
 
 
 def children(pid: int) -> list[int]:
@@ -157,16 +139,14 @@ def test_qemu_nbd_killed_mid_copy_is_restarted(tmp_path: Path,
     proc = subprocess.Popen([LIVECLONE, "clone", str(image), str(clone), "--rate", "8M"],
                             stderr=subprocess.PIPE)
     try:
-        wait_present(clone, proc)
+        wait_status(clone, lambda s: s["regions_present"] > 0, proc)
         (child,) = children(proc.pid)
         assert "qemu-nbd" in Path(f"/proc/{child}/cmdline").read_text()
         os.kill(child, signal.SIGKILL)
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err.decode()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop(proc)
     assert_same(clone, image, "qcow2", data)
     st = json.loads(run("status", "--json", str(clone)).stdout)
     assert st["source_status"]["qemu_nbd_restarts"] >= 1 or st["phase"] == "complete"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LIVECLONE, allocated, make_image
-from tests.integration.servers import free_port, stop, wait_listening
+from tests.integration.servers import clone_partly, free_port, stop, wait_listening
 
 SIZE = 32 << 20
 
@@ -82,21 +82,7 @@ def test_clone_from_qemu_nbd_tcp_qcow2(tmp_path: Path, raw: tuple[Path, bytes]) 
 def test_resume_checks_the_fingerprint(tmp_path: Path, raw: tuple[Path, bytes],
                                        nbdkit_unix: str) -> None:
     clone = tmp_path / "c.img"
-    proc = subprocess.Popen([LIVECLONE, "clone", nbdkit_unix, str(clone), "--rate", "4M"],
-                            stderr=subprocess.DEVNULL)
-    status = Path(str(clone) + ".lcstatus")
-    try:
-        while True:
-            assert proc.poll() is None
-            try:
-                if json.loads(status.read_text())["regions_present"] > 0:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError):
-                pass
-            time.sleep(0.05)
-    finally:
-        proc.terminate()
-        proc.wait()
+    clone_partly(nbdkit_unix, clone)
     with open(raw[0], "r+b") as f:  # the export now serves different bytes
         f.seek(SIZE - 4096)
         f.write(os.urandom(4096))

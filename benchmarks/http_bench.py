@@ -1,0 +1,141 @@
+"""Cloning over HTTP from nginx on loopback: liveclone vs curl + local clone vs qemu-img.
+
+One image of random data (no holes: the worst case, every byte crosses HTTP) is
+served by a real nginx on 127.0.0.1. Interleaved, each run with a cold page cache:
+
+* ``liveclone``: ``liveclone clone http://... CLONE`` (usable from the first second);
+* ``curl + clone``: ``curl -o`` the image, then ``liveclone clone`` the local copy
+  (the image is usable only at the end); curl alone is also shown;
+* ``qemu-img``: ``qemu-img convert -O raw`` from the same URL (qemu's curl driver).
+
+The medians and ratios go to the "HTTP source" section of benchmarks/results.md.
+Not a test: it asserts only that every copy is byte-identical.
+
+    python benchmarks/http_bench.py [--size 4G] [--runs 1] [--dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from clone_bench import drop_caches, make_random  # noqa: E402
+from results_file import write_section  # noqa: E402
+from tests.integration.servers import Nginx  # noqa: E402
+
+from liveclone.units import format_size, parse_size  # noqa: E402
+
+LIVECLONE = str(Path(sys.executable).parent / "liveclone")
+
+
+def remove_clone(path: Path) -> None:
+    for suffix in ("", ".lcmap", ".lcjournal", ".lcstatus", ".lcstatus.tmp"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+
+
+def timed(fn: Callable[[], None]) -> float:
+    drop_caches()
+    t0 = time.monotonic()
+    fn()
+    return time.monotonic() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="4G", help="image size (default 4G)")
+    ap.add_argument("--runs", type=int, default=1, help="interleaved runs (median shown)")
+    ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "http"),
+                    help="scratch directory (needs about 3x the image size)")
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    work = Path(args.dir)
+    www = work / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    image = www / "disk.img"
+    print(f"making a {format_size(size)} image of random data...", file=sys.stderr)
+    make_random(image, size)
+    server = Nginx(www, work / "nginx").start()
+    url = server.url("disk.img")
+    qemu_spec = json.dumps({"file.driver": "http", "file.url": url})
+    out = work / "out.img"
+    local = work / "local.img"
+    times: dict[str, list[float]] = {k: [] for k in
+                                     ("liveclone", "curl", "curl + clone", "qemu-img")}
+
+    def check() -> None:
+        if not filecmp.cmp(out, image, shallow=False):
+            raise SystemExit(f"{out} differs from the image")
+
+    try:
+        for run in range(args.runs):
+            remove_clone(out)
+            t = timed(lambda: subprocess.run([LIVECLONE, "clone", url, str(out)], check=True))
+            times["liveclone"].append(t)
+            rate = json.loads(Path(str(out) + ".lcstatus").read_text())
+            check()
+
+            remove_clone(out)
+            local.unlink(missing_ok=True)
+            t_curl = timed(lambda: subprocess.run(["curl", "-sSf", "-o", str(local), url],
+                                                  check=True))
+            t0 = time.monotonic()
+            subprocess.run([LIVECLONE, "clone", str(local), str(out)], check=True)
+            times["curl"].append(t_curl)
+            times["curl + clone"].append(t_curl + time.monotonic() - t0)
+            check()
+            local.unlink()
+
+            remove_clone(out)
+            times["qemu-img"].append(timed(lambda: subprocess.run(
+                ["qemu-img", "convert", "-O", "raw", f"json:{qemu_spec}", str(out)],
+                check=True)))
+            check()
+            print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
+                  + f" (liveclone source retries: {rate.get('source_status')})",
+                  file=sys.stderr)
+    finally:
+        server.stop()
+        remove_clone(out)
+        local.unlink(missing_ok=True)
+    shutil.rmtree(work / "nginx", ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in times.items()}
+    lc = med["liveclone"]
+    gbps = {k: size / v / 1e9 for k, v in med.items()}
+    today = time.strftime("%Y-%m-%d")
+    body = f"""
+`python benchmarks/http_bench.py --size {args.size} --runs {args.runs}` — median of \
+{args.runs} interleaved cold-cache run(s), {today}, nginx 1.22 on 127.0.0.1 serving \
+{format_size(size)} of random data (no holes: every byte crosses HTTP), on this 2-vCPU \
+machine (shared: expect ±50% noise). `curl + clone`: download with `curl -o`, then \
+`liveclone clone` the local file; the image is usable only at the end, while a \
+liveclone clone is usable from its first second. `qemu-img`: `qemu-img convert -O raw` \
+from the URL (qemu's curl driver). Ratio = peer time / liveclone time (>1: liveclone \
+is faster).
+
+| method | time | rate | ratio (peer / liveclone) |
+|---|---|---|---|
+| liveclone clone http://… | {lc:.2f} s | {gbps['liveclone']:.2f} GB/s | 1.00× |
+| curl -o only | {med['curl']:.2f} s | {gbps['curl']:.2f} GB/s | {med['curl'] / lc:.2f}× |
+| curl -o + liveclone clone local | {med['curl + clone']:.2f} s | \
+{gbps['curl + clone']:.2f} GB/s | {med['curl + clone'] / lc:.2f}× |
+| qemu-img convert from URL | {med['qemu-img']:.2f} s | {gbps['qemu-img']:.2f} GB/s | \
+{med['qemu-img'] / lc:.2f}× |
+"""
+    write_section("HTTP source", body)
+    print(body)
+
+
+if __name__ == "__main__":
+    main()
