@@ -16,6 +16,8 @@ check busybox busybox-static
 check nginx nginx-light
 check cpio cpio
 check curl curl
+check openssl openssl
+check ps procps
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then

@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,30 @@ def test_corrupt_image(tmp_path: Path, raw: tuple[Path, bytes]) -> None:
 def test_raw_stays_a_local_file(raw: tuple[Path, bytes]) -> None:
     with open_source(str(raw[0])) as s:
         assert s.fileno() is not None and s.identity()["kind"] == "file"
+
+
+def test_killed_liveclone_leaves_no_qemu_nbd(tmp_path: Path, raw: tuple[Path, bytes]) -> None:
+    image = convert(raw[0], tmp_path / "src.qcow2", "qcow2", [])
+    clone = tmp_path / "clone.img"
+    proc = subprocess.Popen([LIVECLONE, "clone", str(image), str(clone), "--rate", "2M"],
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_status(clone, lambda s: s["regions_present"] > 0, proc)
+        (child,) = children(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert wait_gone(child), "qemu-nbd outlived the liveclone that started it"
+
+
+def wait_gone(pid: int, timeout: float = 30) -> bool:
+    """True once ``pid`` has exited (gone, or a zombie waiting for init)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False

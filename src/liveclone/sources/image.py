@@ -17,11 +17,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from liveclone.errors import SourceError
@@ -129,13 +132,17 @@ class ImageSource(NbdSource):
         self._log = os.path.join(self._dir, "qemu-nbd.log")
         self._child: subprocess.Popen[bytes] | None = None
         self._child_lock = threading.Lock()
+        # The parent-death signal fires when the *thread* that forked exits, so
+        # every qemu-nbd is started from this one thread, which lives until close.
+        self._spawner = ThreadPoolExecutor(1, thread_name_prefix="qemu-nbd-spawner")
         self.restarts = 0
         try:
-            self._start_child()
+            self._spawner.submit(self._start_child).result()
             super().__init__(Address(socket_path=self._sock), path, policy,
                              pool_size=SHARED, what=f"{self.format} image")
         except BaseException:
             self._stop_child()
+            self._spawner.shutdown()
             shutil.rmtree(self._dir, ignore_errors=True)
             raise
 
@@ -149,9 +156,12 @@ class ImageSource(NbdSource):
                 f"--format={self.format}", f"--socket={self._sock}", "--cache=writeback",
                 "--aio=threads", self.path]
         with open(self._log, "wb") as log:
+            # Its own session, so a Ctrl-C reaches liveclone, which commits and then
+            # stops it; and a death signal, so a killed liveclone leaves no qemu-nbd.
             self._child = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                            stdout=subprocess.DEVNULL, stderr=log,
-                                           start_new_session=True)
+                                           start_new_session=True,
+                                           preexec_fn=_die_with_parent())
         deadline = time.monotonic() + START_TIMEOUT
         while not _accepts(self._sock):
             if self._child.poll() is not None:
@@ -191,7 +201,7 @@ class ImageSource(NbdSource):
             self.restarts += 1
             self.pool.reset()
             try:
-                self._start_child()
+                self._spawner.submit(self._start_child).result()
             except SourceError as e:
                 raise TransientError(f"restarting qemu-nbd: {e.message}") from None
 
@@ -225,7 +235,23 @@ class ImageSource(NbdSource):
             super().close()
         finally:
             self._stop_child()
+            self._spawner.shutdown()
             shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec function asking Linux to SIGTERM the child when its parent dies.
+    libc is looked up before the fork: the child only makes the one call."""
+    import ctypes
+    import ctypes.util
+
+    prctl = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True).prctl
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
 
 
 def _accepts(path: str) -> bool:
