@@ -55,6 +55,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="4G", help="image size (default 4G)")
     ap.add_argument("--runs", type=int, default=1, help="interleaved runs (median shown)")
+    ap.add_argument("--qemu-timeout", type=float, default=600,
+                    help="give up on one qemu-img convert after this many seconds")
     ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "http"),
                     help="scratch directory (needs about 3x the image size)")
     args = ap.parse_args()
@@ -97,10 +99,14 @@ def main() -> None:
             local.unlink()
 
             remove_clone(out)
-            times["qemu-img"].append(timed(lambda: subprocess.run(
-                ["qemu-img", "convert", "-O", "raw", f"json:{qemu_spec}", str(out)],
-                check=True)))
-            check()
+            try:
+                times["qemu-img"].append(timed(lambda: subprocess.run(
+                    ["qemu-img", "convert", "-O", "raw", f"json:{qemu_spec}", str(out)],
+                    check=True, timeout=args.qemu_timeout)))
+                check()
+            except subprocess.TimeoutExpired:
+                # qemu's curl driver sometimes stalls for good; say so rather than wait.
+                times["qemu-img"].append(float("inf"))
             print(f"run {run + 1}: " + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items())
                   + f" (liveclone source retries: {rate.get('source_status')})",
                   file=sys.stderr)
@@ -133,6 +139,10 @@ is faster).
 | qemu-img convert from URL | {med['qemu-img']:.2f} s | {gbps['qemu-img']:.2f} GB/s | \
 {med['qemu-img'] / lc:.2f}× |
 """
+    if any(t == float("inf") for t in times["qemu-img"]):
+        body += (f"\nqemu-img stalled (no progress) in "
+                 f"{sum(t == float('inf') for t in times['qemu-img'])} of {args.runs} runs "
+                 f"and was stopped after {args.qemu_timeout:.0f} s; those count as inf.\n")
     write_section("HTTP source", body)
     print(body)
 
