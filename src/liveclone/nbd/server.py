@@ -69,6 +69,10 @@ class Storage(Protocol):
     region_size: int
 
     def read(self, offset: int, length: int) -> bytearray: ...
+    # Served on the event loop when they can be done without blocking; None/False
+    # sends the request to the pool instead.
+    def read_nowait(self, offset: int, length: int) -> bytearray | None: ...
+    def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool: ...
     def write(self, offset: int, data: bytes | bytearray | memoryview,
               fua: bool = False) -> None: ...
     def write_zeroes(self, offset: int, length: int, fua: bool = False,
@@ -296,6 +300,7 @@ class _Connection(asyncio.Protocol):
                 return
             fut = run(clone.read, c.offset, c.length)
         elif cmd == Cmd.WRITE:
+            assert c.data is not None  # validate_request: every WRITE carries its payload
             if not fua and clone.write_nowait(c.offset, c.data):
                 self._answer_now(c.cookie, cmd, None)
                 return
