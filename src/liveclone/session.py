@@ -75,13 +75,16 @@ class CloneSession:
 
     def __init__(self, source_spec: str | None, clone_path: str,
                  region_size: int | None = None, rate: float | None = None,
-                 copy: bool = True, copy_on_read: bool | None = None) -> None:
+                 copy: bool = True, copy_on_read: bool | None = None,
+                 persistent: bool = True) -> None:
+        """``persistent``: a long-running service keeps retrying regions whose source
+        reads fail; a one-shot copy (``liveclone clone``) reports them and stops."""
         self.clone = open_clone(source_spec, clone_path, region_size)
         source = self.clone.source
         if copy_on_read is None:  # default: on for remote sources, whose reads are dear
             copy_on_read = source is not None and source.fileno() is None
         self.clone.copy_on_read = copy_on_read
-        self.copier = Copier(self.clone, rate=rate)
+        self.copier = Copier(self.clone, rate=rate, persistent=persistent)
         self.started = time.time()
         self._copy = copy
         self._stop = threading.Event()
@@ -99,6 +102,10 @@ class CloneSession:
     def status(self, running: bool = True) -> dict[str, Any]:
         clone, copier = self.clone, self.copier
         stats = clone.stats
+        source_status = clone.source.status() if clone.source is not None else {}
+        last_error = clone.last_error
+        if source_status.get("retrying"):  # an outage in progress shows at once
+            last_error = f"source retrying: {source_status.get('last_error')}"
         phase = copier.phase
         if not running and phase == Phase.COPYING:
             phase = Phase.PAUSED
@@ -125,10 +132,9 @@ class CloneSession:
             },
             "commits": stats.commits,
             "source": clone.header.source,
-            "source_status": clone.source.status() if clone.source is not None
-            and hasattr(clone.source, "status") else {},
+            "source_status": source_status,
             "copy_on_read": clone.copy_on_read,
-            "last_error": clone.last_error,
+            "last_error": last_error,
             "updated": time.time(),
             **self.extra_status,
         }

@@ -37,7 +37,7 @@ def command(source: str, clone_path: str, region_size: int | None, rate: int | N
     if progress is None:
         progress = sys.stderr.isatty()
     with stop_on_signals() as stop:
-        session = CloneSession(source, clone_path, region_size, rate).start()
+        session = CloneSession(source, clone_path, region_size, rate, persistent=False).start()
         try:
             if progress:
                 _with_progress(session, stop)

@@ -32,6 +32,8 @@ READAHEAD_MAX = 64 << 20
 # Source errors: tries per batch before it is set aside, and the back-off cap.
 RETRIES = 5
 BACKOFF_MAX = 5.0
+# Persistent copiers try set-aside regions again after this long.
+SET_ASIDE_RETRY = 30.0
 
 
 class Phase:
@@ -63,8 +65,13 @@ class Copier:
     """Fills a clone in the background with a few worker threads."""
 
     def __init__(self, clone: Clone, rate: float | None = None,
-                 workers: int = DEFAULT_WORKERS, batch_bytes: int = DEFAULT_BATCH) -> None:
+                 workers: int = DEFAULT_WORKERS, batch_bytes: int = DEFAULT_BATCH,
+                 persistent: bool = False) -> None:
         self.clone = clone
+        # persistent: when only failing regions are left, report phase "failed" but
+        # try them again every SET_ASIDE_RETRY seconds (for long-running services,
+        # so the copy resumes by itself when the source comes back).
+        self.persistent = persistent
         if rate:
             # A batch is at most a quarter second of the rate, so the limit holds
             # from the first batch on.
@@ -239,10 +246,7 @@ class Copier:
                     if self.clone.complete:
                         break
                     if self._only_set_aside_left():
-                        runs = ", ".join(f"{a}-{b - 1}" for a, b in self._set_aside)
-                        raise OSError(errno.EIO, f"regions {runs} could not be read from the "
-                                      f"source ({self.clone.last_error}); everything else "
-                                      "is copied. Fix the source and run again to retry them.")
+                        self._give_up_or_wait()
                     # Regions owned by other callers: they finish soon.
                     self._stop.wait(0.01)
                     continue
@@ -256,6 +260,25 @@ class Copier:
         finally:
             if self.clone.complete or self.error is not None:
                 self._done.set()
+
+    def _give_up_or_wait(self) -> None:
+        """Only regions that keep failing are left: fail, or (persistent) report it
+        and try them again later."""
+        with self._lock:
+            runs = ", ".join(f"{a}-{b - 1}" for a, b in self._set_aside)
+        err = OSError(errno.EIO, f"regions {runs} could not be read from the source "
+                      f"({self.clone.last_error}); everything else is copied. Fix the "
+                      "source and run again to retry them.")
+        if not self.persistent:
+            raise err
+        with self._lock:
+            self.error = err
+        self.clone.last_error = f"{err.strerror} (trying again every {SET_ASIDE_RETRY:.0f} s)"
+        self._stop.wait(SET_ASIDE_RETRY)
+        with self._lock:
+            self._set_aside.clear()
+            self._failures.clear()
+            self.error = None
 
     def _yield_to_guest(self) -> None:
         """Let guest requests in flight go first, for a few milliseconds at most."""

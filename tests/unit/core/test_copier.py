@@ -95,3 +95,35 @@ def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_ima
         # The failing region is set aside; everything else is copied.
         assert not c.is_present(5)
         assert c.regions_present == c.regions_total - 1
+
+
+def test_persistent_copier_tries_failing_regions_again(tmp_path: Path, source_image,
+                                                       monkeypatch) -> None:
+    """A service's copier reports the failing region, then copies it once the source
+    works again."""
+    import errno
+
+    import liveclone.core.copier as copier_mod
+
+    src, data = source_image
+    monkeypatch.setattr(copier_mod, "BACKOFF_MAX", 0.01)
+    monkeypatch.setattr(copier_mod, "SET_ASIDE_RETRY", 0.2)
+    broken = [True]
+    with _clone(tmp_path, src) as c:
+        real = c._copy_from_source
+
+        def flaky(start: int, end: int, progress: list[int] | None = None) -> int:
+            if broken[0] and start <= 5 * RS < end:
+                raise OSError(errno.EIO, "source unreachable")
+            return real(start, end, progress)
+
+        monkeypatch.setattr(c, "_copy_from_source", flaky)
+        cp = Copier(c, batch_bytes=RS, persistent=True).start()
+        while cp.phase != Phase.FAILED:
+            assert not cp.wait(0.01)
+        assert "source unreachable" in (c.last_error or "")
+        broken[0] = False  # the source comes back
+        assert cp.wait(60)
+        cp.stop()
+        assert cp.phase == Phase.COMPLETE
+    assert (tmp_path / "c.img").read_bytes() == data
