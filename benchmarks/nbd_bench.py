@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_file import write_section  # noqa: E402
 
 from liveclone.nbd import wire  # noqa: E402
+from liveclone.process import stop_process  # noqa: E402
 from liveclone.units import format_size, parse_size  # noqa: E402
 
 LIVECLONE = str(Path(sys.executable).parent / "liveclone")
@@ -80,13 +81,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 60) 
 
 
 def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    stop_process(proc, 30)
 
 
 def spawn(kind: str, image: Path, clone: Path, sock: Path) -> subprocess.Popen[bytes]:

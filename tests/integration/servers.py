@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from liveclone.process import stop_process
 from tests.conftest import LIVECLONE
 
 
@@ -40,14 +41,7 @@ def wait_listening(port: int, proc: subprocess.Popen[bytes] | None = None,
         time.sleep(0.02)
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+stop = stop_process
 
 
 class Nginx:

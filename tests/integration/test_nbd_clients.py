@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from liveclone.nbd import wire
+from liveclone.process import stop_process
 from tests.conftest import LIVECLONE, make_image
 
 SIZE = 64 << 20
@@ -61,13 +62,7 @@ def serve(source: Path | str, clone: Path, *args: str) -> Iterator[Served]:
                                  + Path(str(clone) + ".serve.log").read_text())
         yield Served(line.strip(), proc, clone, sock)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 20)
         if proc.stdout is not None:
             proc.stdout.close()
         err.close()

@@ -29,6 +29,7 @@ from typing import Any
 
 from liveclone.errors import SourceError
 from liveclone.nbd.client import Address
+from liveclone.process import stop_process
 from liveclone.sources.base import Source
 from liveclone.sources.nbd import NbdSource
 from liveclone.sources.retry import RetryPolicy, TransientError
@@ -185,13 +186,7 @@ class ImageSource(NbdSource):
         child, self._child = self._child, None
         if child is None:
             return
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        stop_process(child)
 
     def _before_retry(self) -> None:
         """Restart qemu-nbd if it died; the pool then makes fresh connections."""
