@@ -26,7 +26,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/clone_bench.py
+	$(PY) benchmarks/nbd_bench.py --write-results
+	$(PY) benchmarks/boot_bench.py
+	$(PY) benchmarks/http_bench.py
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/work .pytest_cache .mypy_cache
