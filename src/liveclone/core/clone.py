@@ -153,6 +153,7 @@ class Clone:
         # Only the owner writes an owned region's clone bytes or sets its bit.
         self._owned: list[tuple[int, int]] = []
         self.guest_inflight = 0  # guest requests now running, for the copier to yield
+        self.last_guest_io = 0.0  # time.monotonic() of the last guest request
         self.stats = CloneStats()
         self.last_error: str | None = None
         # --- end of state guarded by _cond -----------------------------------
@@ -545,6 +546,7 @@ class Clone:
             self.stats.guest_reads += 1
             self.stats.guest_bytes_read += length
             self.stats.bytes_from_source += absent
+            self.last_guest_io = time.monotonic()
         hook = self.on_absent_read
         if absent and hook is not None:
             hook(*self._span(offset, length))
@@ -568,6 +570,7 @@ class Clone:
         with self._cond:
             self.stats.guest_writes += 1
             self.stats.guest_bytes_written += len(data)
+            self.last_guest_io = time.monotonic()
         return True
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
@@ -782,6 +785,7 @@ class _GuestOp:
     def __exit__(self, *exc: object) -> None:
         with self.clone._cond:
             self.clone.guest_inflight -= 1
+            self.clone.last_guest_io = time.monotonic()
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

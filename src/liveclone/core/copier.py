@@ -32,6 +32,8 @@ READAHEAD_MAX = 64 << 20
 # Source errors: tries per batch before it is set aside, and the back-off cap.
 RETRIES = 5
 BACKOFF_MAX = 5.0
+# The guest counts as busy this long after its last request.
+GUEST_QUIET = 0.1
 # Persistent copiers try set-aside regions again after this long.
 SET_ASIDE_RETRY = 30.0
 
@@ -90,7 +92,8 @@ class Copier:
         self.started = time.monotonic()
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, bytes_copied)
         # --- end ---------------------------------------------------------------
-        self._last_touch = (-1, 0)  # (end region of the last guest read, its readahead)
+        self._last_touch = (-1, 0)
+        self._last_batch_seconds = 0.0  # how long the last batch took, to rest as long  # (end region of the last guest read, its readahead)
         clone.on_absent_read = self._guest_touched
         self._stop = threading.Event()
         self._running = threading.Event()
@@ -101,8 +104,8 @@ class Copier:
     # -- control -------------------------------------------------------------------
 
     def start(self) -> Copier:
-        self._threads = [threading.Thread(target=self._work, name=f"copier-{i}", daemon=True)
-                         for i in range(self.workers)]
+        self._threads = [threading.Thread(target=self._work, args=(i,), name=f"copier-{i}",
+                                          daemon=True) for i in range(self.workers)]
         for t in self._threads:
             t.start()
         return self
@@ -234,13 +237,14 @@ class Copier:
                         for a, b in self._set_aside)
         return aside == self.clone.regions_total - self.clone.regions_present
 
-    def _work(self) -> None:
+    def _work(self, index: int) -> None:
         try:
             while not self._stop.is_set():
                 self._running.wait()
                 if self._stop.is_set():
                     break
-                self._yield_to_guest()
+                if not self._yield_to_guest(index):
+                    continue
                 batch = self._next_batch()
                 if batch is None:
                     if self.clone.complete:
@@ -280,14 +284,22 @@ class Copier:
             self._failures.clear()
             self.error = None
 
-    def _yield_to_guest(self) -> None:
-        """Let guest requests in flight go first, for a few milliseconds at most."""
-        for _ in range(5):
-            if self.clone.guest_inflight == 0:
-                return
-            time.sleep(0.001)
+    def _yield_to_guest(self, index: int) -> bool:
+        """Give way to a busy guest; False means skip this turn.
+
+        While the guest did I/O in the last GUEST_QUIET seconds, one worker copies,
+        and it rests as long as its last batch took: the guest keeps about half of
+        what the copier would use (CPU, disk, GIL) until it goes quiet again."""
+        if time.monotonic() - self.clone.last_guest_io > GUEST_QUIET:
+            return True
+        if index > 0:
+            self._stop.wait(GUEST_QUIET)
+            return False
+        self._stop.wait(min(self._last_batch_seconds, GUEST_QUIET))
+        return True
 
     def _copy(self, first: int, end: int) -> None:
+        started = time.monotonic()
         try:
             taken, nbytes = self.clone.fill(first, end)
         except OSError as e:
@@ -295,6 +307,7 @@ class Copier:
                 raise self._no_space() from None
             self._retry_later(first, end, e)
             return
+        self._last_batch_seconds = time.monotonic() - started
         with self._lock:
             self._failures.pop(first, None)
         if not taken:

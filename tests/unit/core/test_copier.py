@@ -127,3 +127,16 @@ def test_persistent_copier_tries_failing_regions_again(tmp_path: Path, source_im
         cp.stop()
         assert cp.phase == Phase.COMPLETE
     assert (tmp_path / "c.img").read_bytes() == data
+
+
+def test_a_busy_guest_slows_the_copier_but_never_starves_it(tmp_path: Path,
+                                                            source_image) -> None:
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        cp = Copier(c, batch_bytes=4 * RS)
+        c.last_guest_io = float("inf")  # a guest that never goes quiet
+        cp.start()
+        assert cp.wait(60)
+        cp.stop()
+        assert cp.phase == Phase.COMPLETE
+    assert (tmp_path / "c.img").read_bytes() == data
