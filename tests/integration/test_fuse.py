@@ -158,18 +158,59 @@ def test_several_readers_and_o_direct(tmp_path: Path, mounts: list[Mount]) -> No
     subprocess.run(["cmp", str(tmp_path / "direct.out"), str(src)], check=True)
 
 
-def test_fallocate_is_refused_and_changes_nothing(tmp_path: Path, mounts: list[Mount]) -> None:
-    """pyfuse3 3.5 has no fallocate handler: the kernel answers EOPNOTSUPP."""
+def fallocate(path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["fallocate", *args, str(path)], capture_output=True, text=True)
+
+
+def test_fallocate_punch_hole_and_zero_range_while_copying(tmp_path: Path,
+                                                          mounts: list[Mount]) -> None:
+    """util-linux fallocate on the mounted file: punch-hole and zero-range read back as
+    zeros, on present and not yet copied regions, whole and partial (64 KiB regions);
+    preallocation is a no-op; growing the file is refused."""
     src, clone = tmp_path / "src.img", tmp_path / "disk.img"
-    make_source(src)
-    m = Mount(src, clone, tmp_path / "mnt", "--rate", "2M")
+    model = make_source(src)
+    m = Mount(src, clone, tmp_path / "mnt", "--rate", "1M")
     mounts.append(m)
-    for mode in ("--punch-hole", "--zero-range"):
-        r = subprocess.run(["fallocate", mode, "-o", "65536", "-l", "131072", str(m.file)],
-                           capture_output=True, text=True)
-        assert r.returncode != 0
-        assert "unsupported" in r.stderr or "not supported" in r.stderr
-    subprocess.run(["cmp", str(m.file), str(src)], check=True)
+    R = 65536
+    ops = [
+        ("--punch-hole", 1000, 5000),                    # partial, copied first
+        ("--punch-hole", SIZE - 3 * MiB + 12345, 200000),  # absent: partial edges + whole
+        ("--zero-range", SIZE - 5 * MiB + 777, 100000),  # absent, partial edges
+        ("--zero-range", SIZE - 8 * MiB, 4 * R),         # absent, whole regions
+        ("--punch-hole", SIZE - 6 * MiB + 100, 300),     # absent, inside one region
+        ("--zero-range", 3 * R - 10, 20),                # across a region edge
+        ("--punch-hole", SIZE - 100, 4096),              # past the end: clipped
+    ]
+    for mode, off, n in ops:
+        r = fallocate(m.file, mode, "-o", str(off), "-l", str(n))
+        assert r.returncode == 0, (mode, off, n, r.stderr)
+        end = min(off + n, SIZE)
+        model[off:end] = bytes(end - off)
+    status = subprocess.run([*LIVECLONE, "status", str(clone)], capture_output=True, text=True)
+    assert "copying" in status.stdout  # the ops above did meet absent regions
+    # Preallocation inside the file is a no-op; growing the file is refused.
+    assert fallocate(m.file, "-o", "0", "-l", str(4 * R)).returncode == 0
+    assert fallocate(m.file, "--keep-size", "-o", str(SIZE - R), "-l", str(4 * R)).returncode == 0
+    for args in (["-o", str(SIZE - 10), "-l", "100"],
+                 ["--zero-range", "-o", str(SIZE - 10), "-l", "100"]):
+        r = fallocate(m.file, *args)
+        assert r.returncode != 0 and "not permitted" in r.stderr, (args, r.stderr)
+    assert m.file.stat().st_size == SIZE
+    assert m.file.read_bytes() == model
+    with open(m.file, "rb", buffering=0) as f:  # past the page cache as well
+        fd = os.open(m.file, os.O_RDONLY | os.O_DIRECT)
+        try:
+            buf = mmap.mmap(-1, 1 << 20)
+            for off in range(0, SIZE, 1 << 20):
+                assert os.preadv(fd, [buf], off) == 1 << 20
+                assert buf[:] == model[off:off + (1 << 20)], off
+        finally:
+            os.close(fd)
+        f.seek(SIZE - 3 * MiB)
+        assert f.read(MiB) == model[SIZE - 3 * MiB:SIZE - 2 * MiB]
+    assert m.stop() == 128 + signal.SIGTERM
+    finish(src, clone)
+    assert clone.read_bytes() == model
 
 
 def test_read_only_mount_refuses_writes(tmp_path: Path, mounts: list[Mount]) -> None:

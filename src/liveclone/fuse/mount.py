@@ -1,253 +1,323 @@
 """A FUSE mount where a clone appears as one regular file, served by its ``Clone``.
 
 The filesystem holds a root directory with a single file, ``<clone file name>``,
-whose bytes are the clone's (source ⊕ writes, DESIGN invariant 3). Reads,
-writes and fsync go to the same thread-safe ``Clone`` the copier fills; each
-call runs in a worker thread (``trio.to_thread.run_sync``) so the trio loop
-that pyfuse3 drives keeps taking requests while one waits on the source.
+whose bytes are the clone's (source ⊕ writes, DESIGN invariant 3). It is built on
+mfusepy, ctypes bindings to libfuse3's high-level API: ``fuse_main_real`` runs
+libfuse's multithreaded loop in a background thread, and each libfuse worker
+thread calls straight into the thread-safe ``Clone``, so one request waiting on
+the source does not hold up the others. Nothing is kept in module globals:
+one process may serve several mounts.
 
-Page cache. Files are opened with ``keep_cache`` and without ``direct_io``, so
-the kernel page cache serves repeated reads. That is safe because the file's
-content never changes behind the kernel's back: the copier only moves bytes
-from the source into the clone file, which leaves the visible content as it
-was, and every write comes through this mount, where the kernel updates its
-cache itself. A process that also writes the clone by another route (an NBD
-export in the same process) must call :meth:`MountHandle.invalidate` after
-such writes. ``O_DIRECT`` opens bypass the cache in the kernel, as usual.
+Page cache. By default files are opened with ``keep_cache`` and without
+``direct_io``, so the kernel page cache serves repeated reads. That is safe while
+every write comes through this mount, where the kernel updates its cache itself;
+the copier only moves bytes from the source into the clone file, which leaves the
+visible content as it was. A process that also writes the clone by another route
+(an NBD export in the same process) either mounts with ``direct_io=True``, which
+opens every file with ``direct_io`` so no page of it is cached, or calls
+:meth:`MountHandle.invalidate` after such writes. ``O_DIRECT`` opens bypass the
+cache in the kernel, as usual.
 
 Writes are write-through (no FUSE writeback cache): a ``write()`` returns once
-the clone has it, like a disk with a volatile cache; ``fsync``/``fdatasync``
-are the FLUSH that commits data then map (invariant 6).
+the clone has it, like a disk with a volatile cache; ``fsync``/``fdatasync`` are
+the FLUSH that commits data then map (invariant 6).
 
-fallocate: pyfuse3 (3.5) does not expose FUSE's fallocate operation, so
-``fallocate --punch-hole`` / ``--zero-range`` on the file fail with EOPNOTSUPP
-and leave the data alone. Discards reach the clone through NBD instead.
+fallocate (keep-size semantics, the file's size never changes):
 
-pyfuse3 keeps its session in module globals, so one process can hold one mount
-at a time; :func:`start_mount` refuses a second.
+* ``FALLOC_FL_PUNCH_HOLE`` → ``clone.write_zeroes(..., no_hole=False)``: whole
+  regions become present holes with nothing copied, like ``clone.trim``, but the
+  range must read back as zeros afterwards (fallocate(2)), and ``trim`` leaves a
+  partly covered absent region alone (it is advisory); ``write_zeroes`` fills
+  such a region from the source first and then zeroes the covered part.
+* ``FALLOC_FL_ZERO_RANGE`` → ``clone.write_zeroes(..., no_hole=True)``: zeros
+  with the space kept allocated in the clone file, as fallocate(2) promises. On a
+  clone file system without ZERO_RANGE (tmpfs) this fails with its EOPNOTSUPP.
+* mode 0 or ``FALLOC_FL_KEEP_SIZE`` alone (preallocate) succeeds without doing
+  anything: the clone file already has its full size.
+* A range past the end is clipped with ``FALLOC_FL_KEEP_SIZE``; without it, a
+  range that would grow the file is refused with EPERM (as is truncation), and
+  any other mode bit with EOPNOTSUPP.
+
+Signals and unmounting. ``fuse_main_real`` installs libfuse's own handlers for
+SIGHUP, SIGINT and SIGTERM only where the disposition is still ``SIG_DFL``, and
+restores them when its loop ends. The commands install Python handlers for SIGINT
+and SIGTERM first (``cli.options.stop_on_signals``), so those reach the command,
+which then calls :meth:`MountHandle.stop`; a SIGHUP (left at ``SIG_DFL`` by
+Python) ends the mount cleanly through libfuse instead of killing the process.
+:meth:`MountHandle.stop` unmounts with ``fusermount3 -u``, which ends the loop;
+if that fails because a program still has the file open, it sets libfuse's exit
+flag and sends one harmless request (``statfs``) to wake a worker, after which
+libfuse detaches the mount lazily and closes the connection, so the programs
+still holding the file get ENOTCONN, as with a crashed server.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
+import functools
 import logging
 import os
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import pyfuse3
-import trio
+import mfusepy
 
 from liveclone.core.clone import Clone
 from liveclone.errors import UsageError
 
-ROOT_INODE = pyfuse3.ROOT_INODE
-FILE_INODE = ROOT_INODE + 1
-
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-_active_lock = threading.Lock()
-_active: MountHandle | None = None
+# fallocate(2) mode bits (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+_libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+# struct fuse_context starts with ``struct fuse *fuse``; that is all we read of it.
+_libfuse.fuse_get_context.restype = ctypes.POINTER(ctypes.c_void_p)
+_libfuse.fuse_get_context.argtypes = []
+_libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
+_libfuse.fuse_exit.restype = None
+_libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_libfuse.fuse_invalidate_path.restype = ctypes.c_int
 
 
-class CloneFS(pyfuse3.Operations):
-    """One directory, one file: the clone."""
+def _fail(code: int) -> mfusepy.FuseOSError:
+    return mfusepy.FuseOSError(code)
 
-    supports_dot_lookup = False
-    enable_writeback_cache = False
 
-    def __init__(self, clone: Clone, name: str, read_only: bool) -> None:
-        super().__init__()
+def _errno_only(fn: Callable[..., T]) -> Callable[..., T]:
+    """Whatever a callback raises becomes an errno for the kernel: an OSError keeps
+    its errno, anything else is logged and answered with EIO. mfusepy would turn
+    a stray exception into EINVAL, and a BaseException would end the loop."""
+    @functools.wraps(fn)
+    def guarded(self: CloneFS, *args: Any) -> T:
+        try:
+            return fn(self, *args)
+        except mfusepy.FuseOSError:
+            raise  # a refusal we chose (ENOENT, EPERM, ...), not a failure
+        except OSError as e:
+            self.last_error = f"{fn.__name__}: {e}"
+            raise _fail(e.errno or errno.EIO) from None
+        except Exception as e:
+            self.last_error = f"{fn.__name__}: {e!r}"
+            log.exception("FUSE %s failed", fn.__name__)
+            raise _fail(errno.EIO) from None
+    return guarded
+
+
+class CloneFS(mfusepy.Operations):  # type: ignore[misc]
+    """One directory, one file: the clone. Callbacks run in libfuse worker threads."""
+
+    use_ns = True  # times in nanoseconds (mfusepy warns otherwise)
+    # read/write/fsync/fallocate/release need no path: libfuse skips building it.
+    flag_nopath = True
+    flag_nullpath_ok = True
+
+    def __init__(self, clone: Clone, name: str, read_only: bool, direct_io: bool) -> None:
         self.clone = clone
-        self.name = name.encode()
+        self.name = name
+        self.file_path = "/" + name
         self.read_only = read_only
+        self.direct_io = direct_io
         self.started = time.time_ns()
         self._mtime = self.started
         self.reads = 0
         self.writes = 0
         self.last_error: str | None = None
+        self.fuse_ptr: int | None = None  # libfuse's ``struct fuse *``, set by init
+        self.ready = threading.Event()
 
-    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking clone call in a worker thread. Every failure becomes a
-        FUSEError: any other exception would end pyfuse3's main loop and leave the
-        kernel's request unanswered."""
-        try:
-            return await trio.to_thread.run_sync(fn, *args)
-        except OSError as e:
-            self.last_error = f"{getattr(fn, '__name__', fn)}: {e}"
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
-        except Exception as e:
-            self.last_error = f"{getattr(fn, '__name__', fn)}: {e!r}"
-            log.exception("clone call failed")
-            raise pyfuse3.FUSEError(errno.EIO) from None
+    # -- lifecycle ------------------------------------------------------------------
 
-    # -- metadata -----------------------------------------------------------------
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        # Runs in a libfuse thread during FUSE_INIT, inside a request context.
+        self.fuse_ptr = _libfuse.fuse_get_context().contents.value
+        if config is not None:
+            # The size never changes; let the kernel keep attributes a while.
+            config.attr_timeout = 60.0
+            config.entry_timeout = 60.0
+        self.ready.set()
 
-    def _attr(self, inode: int) -> pyfuse3.EntryAttributes:
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = inode
-        a.st_uid = os.getuid()
-        a.st_gid = os.getgid()
-        a.st_atime_ns = a.st_ctime_ns = self.started
-        a.st_mtime_ns = self._mtime
-        a.st_blksize = 4096
-        if inode == ROOT_INODE:
-            a.st_mode = stat.S_IFDIR | 0o755
-            a.st_nlink = 2
-            a.st_size = 0
-        elif inode == FILE_INODE:
-            a.st_mode = stat.S_IFREG | (0o444 if self.read_only else 0o644)
-            a.st_nlink = 1
-            a.st_size = self.clone.size
-            a.st_blocks = (self.clone.size + 511) // 512
-        else:
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        # The size never changes; let the kernel keep attributes a while.
-        a.attr_timeout = 60.0
-        a.entry_timeout = 60.0
-        return a
+    # -- metadata -------------------------------------------------------------------
 
-    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        return self._attr(inode)
+    def _attr(self, path: str | None) -> dict[str, int]:
+        common = {"st_uid": os.getuid(), "st_gid": os.getgid(), "st_blksize": 4096,
+                  "st_atime": self.started, "st_ctime": self.started,
+                  "st_mtime": self._mtime}
+        if path == "/":
+            return {**common, "st_ino": 1, "st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
+        if path is None or path == self.file_path:
+            size = self.clone.size
+            return {**common, "st_ino": 2, "st_nlink": 1, "st_size": size,
+                    "st_mode": stat.S_IFREG | (0o444 if self.read_only else 0o644),
+                    "st_blocks": (size + 511) // 512}
+        raise _fail(errno.ENOENT)
 
-    async def lookup(self, parent_inode: int, name: bytes,
-                     ctx: Any = None) -> pyfuse3.EntryAttributes:
-        if parent_inode == ROOT_INODE and name == self.name:
-            return self._attr(FILE_INODE)
-        if parent_inode == ROOT_INODE and name in (b".", b".."):
-            return self._attr(ROOT_INODE)
-        raise pyfuse3.FUSEError(errno.ENOENT)
+    @_errno_only
+    def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
+        return self._attr(path)
 
-    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
-                      fields: pyfuse3.SetattrFields, fh: int | None,
-                      ctx: Any) -> pyfuse3.EntryAttributes:
-        if fields.update_size and (inode != FILE_INODE or attr.st_size != self.clone.size):
+    @_errno_only
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        if path == "/" or length != self.clone.size:
             # A disk image has a fixed size; O_TRUNC and ftruncate cannot change it.
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if fields.update_mode or fields.update_uid or fields.update_gid:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        if fields.update_mtime:
-            self._mtime = attr.st_mtime_ns
-        return self._attr(inode)
+            raise _fail(errno.EPERM)
+        return 0
 
-    async def opendir(self, inode: int, ctx: Any) -> int:
-        if inode != ROOT_INODE:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return ROOT_INODE
+    def chmod(self, path: str | None, mode: int) -> int:
+        raise _fail(errno.EPERM)
 
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        if start_id == 0:
-            pyfuse3.readdir_reply(token, self.name, self._attr(FILE_INODE), 1)
+    def chown(self, path: str | None, uid: int, gid: int) -> int:
+        raise _fail(errno.EPERM)
 
-    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
-        s.f_bsize = s.f_frsize = 4096
-        s.f_blocks = (self.clone.size + 4095) // 4096
-        s.f_bfree = s.f_bavail = 0
-        s.f_files = 2
-        s.f_ffree = s.f_favail = 0
-        s.f_namemax = 255
-        return s
+    @_errno_only
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
+        self._mtime = times[1] if times is not None else time.time_ns()
+        return 0
 
-    # -- data ----------------------------------------------------------------------
+    @_errno_only
+    def opendir(self, path: str) -> int:
+        if path != "/":
+            raise _fail(errno.ENOTDIR)
+        return 0
 
-    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        if inode != FILE_INODE:
-            raise pyfuse3.FUSEError(errno.EISDIR)
+    @_errno_only
+    def readdir(self, path: str | None, fh: Any) -> list[str]:
+        return [".", "..", self.name]
+
+    @_errno_only
+    def statfs(self, path: str) -> dict[str, int]:
+        return {"f_bsize": 4096, "f_frsize": 4096,
+                "f_blocks": (self.clone.size + 4095) // 4096,
+                "f_bfree": 0, "f_bavail": 0, "f_files": 2, "f_ffree": 0,
+                "f_favail": 0, "f_namemax": 255}
+
+    # -- data -----------------------------------------------------------------------
+
+    @_errno_only
+    def open(self, path: str, fi: Any) -> int:
+        if path == "/":
+            raise _fail(errno.EISDIR)
+        if path != self.file_path:
+            raise _fail(errno.ENOENT)
+        flags = fi.flags
         if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
-            raise pyfuse3.FUSEError(errno.EROFS)
+            raise _fail(errno.EROFS)
         if flags & os.O_TRUNC and self.clone.size:
-            raise pyfuse3.FUSEError(errno.EPERM)
-        return pyfuse3.FileInfo(fh=FILE_INODE, keep_cache=True, direct_io=False)
+            raise _fail(errno.EPERM)
+        fi.fh = 2
+        fi.direct_io = int(self.direct_io)
+        fi.keep_cache = int(not self.direct_io)
+        return 0
 
-    async def read(self, fh: int, off: int,  # type: ignore[override]
-                   size: int) -> bytes | bytearray:
-        end = min(off + size, self.clone.size)
-        if end <= off:
+    @_errno_only
+    def read(self, path: str | None, size: int, offset: int, fi: Any) -> Any:
+        end = min(offset + size, self.clone.size)
+        if end <= offset:
             return b""
         self.reads += 1
-        return await self._call(self.clone.read, off, end - off)  # pyfuse3 takes any buffer
+        buf = self.clone.read(offset, end - offset)
+        # mfusepy memmoves the result into libfuse's buffer; a ctypes view of the
+        # bytearray saves copying it to bytes first.
+        return (ctypes.c_char * len(buf)).from_buffer(buf)
 
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    @_errno_only
+    def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
         if self.read_only:
-            raise pyfuse3.FUSEError(errno.EROFS)
-        if not buf:
+            raise _fail(errno.EROFS)
+        if not data:
             return 0
-        if off >= self.clone.size:
-            raise pyfuse3.FUSEError(errno.ENOSPC)
-        n = min(len(buf), self.clone.size - off)
+        if offset >= self.clone.size:
+            raise _fail(errno.ENOSPC)
+        n = min(len(data), self.clone.size - offset)
         self.writes += 1
-        await self._call(self.clone.write, off, memoryview(buf)[:n])
+        self.clone.write(offset, memoryview(data)[:n])
         self._mtime = time.time_ns()
         return n
 
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    @_errno_only
+    def fallocate(self, path: str | None, mode: int, offset: int, length: int,
+                  fi: Any) -> int:
+        """The mapping is in the module docstring."""
+        if self.read_only:
+            raise _fail(errno.EROFS)
+        if offset < 0 or length <= 0:
+            raise _fail(errno.EINVAL)
+        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            raise _fail(errno.EOPNOTSUPP)
+        size = self.clone.size
+        if offset + length > size and not mode & FALLOC_FL_KEEP_SIZE:
+            raise _fail(errno.EPERM)  # would grow the file: a disk has a fixed size
+        length = min(offset + length, size) - offset
+        if length <= 0 or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            return 0  # nothing in the file, or preallocation: it is all allocated
+        self.clone.write_zeroes(offset, length, no_hole=bool(mode & FALLOC_FL_ZERO_RANGE))
+        self._mtime = time.time_ns()
+        return 0
+
+    @_errno_only
+    def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
         if not self.read_only:
-            await self._call(self.clone.flush)
+            self.clone.flush()
+        return 0
 
-    async def flush(self, fh: int) -> None:
-        pass  # close(): nothing to do; durability is fsync's job
+    def flush(self, path: str | None, fi: Any) -> int:
+        return 0  # close(): nothing to do; durability is fsync's job
 
-    async def release(self, fh: int) -> None:
-        pass
+    def release(self, path: str | None, fi: Any) -> int:
+        return 0
 
 
 class MountHandle:
-    """A mount running its FUSE loop in a background thread. ``stop()`` unmounts."""
+    """A mount running libfuse's loop in a background thread. ``stop()`` unmounts."""
 
     def __init__(self, clone: Clone, mountpoint: str, read_only: bool,
-                 name: str | None, allow_other: bool) -> None:
+                 name: str | None, allow_other: bool, direct_io: bool) -> None:
         self.clone = clone
         self.mountpoint = os.path.abspath(mountpoint)
         self.name = name or os.path.basename(clone.path)
         self.path = os.path.join(self.mountpoint, self.name)
-        self.fs = CloneFS(clone, self.name, read_only)
-        self._options = {"fsname=liveclone", "subtype=liveclone",
-                         "default_permissions"}
-        if read_only:
-            self._options.add("ro")
-        if allow_other:
-            self._options.add("allow_other")
-        self._ready = threading.Event()
+        self.fs = CloneFS(clone, self.name, read_only, direct_io)
+        self._options: dict[str, Any] = {
+            "fsname": "liveclone", "subtype": "liveclone", "default_permissions": True,
+            "ro": read_only, "allow_other": allow_other,
+            # libfuse 3.14.0 prints "Ignoring invalid max threads value" for its own
+            # default (UINT_MAX) unless it is given a value.
+            "max_idle_threads": 16,
+        }
         self._done = threading.Event()
         self._error: BaseException | None = None
-        self._token: trio.lowlevel.TrioToken | None = None
-        self._thread = threading.Thread(target=self._run, name="fuse", daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"fuse {self.mountpoint}")
 
     def _run(self) -> None:
-        global _active
-        mounted = False
         try:
-            pyfuse3.init(self.fs, self.mountpoint, self._options)
-            mounted = True
-            trio.run(self._main)
+            # Blocks until the loop ends; libfuse mounts, serves and unmounts.
+            mfusepy.FUSE(self.fs, self.mountpoint, raw_fi=True, foreground=True,
+                         nothreads=False, **self._options)
         except BaseException as e:  # reported by start() or stop()
             self._error = e
         finally:
-            try:
-                if mounted:
-                    pyfuse3.close(unmount=True)
-            finally:
-                with _active_lock:
-                    _active = None
-                self._done.set()
-                self._ready.set()
-
-    async def _main(self) -> None:
-        self._token = trio.lowlevel.current_trio_token()
-        self._ready.set()
-        await pyfuse3.main()
+            self._done.set()
+            self.fs.ready.set()
 
     def start(self) -> MountHandle:
         self._thread.start()
-        self._ready.wait()
-        if self._error is not None:
+        self.fs.ready.wait()
+        if self._done.is_set():
             self._thread.join()
-            raise UsageError(f"cannot mount FUSE on {self.mountpoint}: {self._error}")
+            err = self._error
+            why = (f"libfuse failed ({err}; its message is above)"
+                   if err is None or isinstance(err, RuntimeError) else err)
+            raise UsageError(f"cannot mount FUSE on {self.mountpoint}: {why}")
         return self
 
     @property
@@ -260,28 +330,47 @@ class MountHandle:
 
     def invalidate(self) -> None:
         """Drop the kernel's cached pages of the file, after writes by another route."""
-        if self.running:
-            pyfuse3.invalidate_inode(FILE_INODE, attr_only=False)
+        ptr = self.fs.fuse_ptr
+        if self.running and ptr is not None:
+            # -ENOENT when the kernel holds no node for the file: nothing is cached.
+            _libfuse.fuse_invalidate_path(ptr, self.fs.file_path.encode())
 
     def stop(self) -> None:
-        """Leave the FUSE loop and unmount. Blocks until done; safe to call twice."""
-        token = self._token
-        if not self._done.is_set() and token is not None:
-            try:
-                trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
-            except trio.RunFinishedError:
-                pass
+        """Unmount and end the loop. Blocks until done; safe to call twice."""
+        if not self._done.is_set():
+            r = subprocess.run(["fusermount3", "-u", self.mountpoint],
+                               capture_output=True, text=True)
+            if r.returncode != 0 and not self._done.wait(0.1):
+                # Busy (a program has the file open): leave the loop from inside.
+                log.info("fusermount3 -u %s: %s; ending the FUSE loop instead",
+                         self.mountpoint, r.stderr.strip())
+                self._exit_loop()
         self._thread.join()
         err, self._error = self._error, None
-        if err is not None and not isinstance(err, trio.Cancelled):
+        if err is not None:
             raise err
+
+    def _exit_loop(self) -> None:
+        """Set libfuse's exit flag, then send one request so that a worker wakes,
+        answers it and sees the flag. libfuse then unmounts (lazily) by itself."""
+        ptr = self.fs.fuse_ptr
+        if ptr is None:
+            return
+        _libfuse.fuse_exit(ptr)
+        try:
+            os.statvfs(self.mountpoint)
+        except OSError:
+            pass  # the loop ended on its own meanwhile
 
 
 def start_mount(clone: Clone, mountpoint: str, read_only: bool = False,
-                name: str | None = None, allow_other: bool = False) -> MountHandle:
+                name: str | None = None, allow_other: bool = False,
+                direct_io: bool = False) -> MountHandle:
     """Mount ``clone`` as ``mountpoint/<name>`` (default: the clone file's name) and
-    serve it from a background thread. Returns once the mount is usable."""
-    global _active
+    serve it from a background thread. Returns once the mount is usable.
+
+    ``direct_io=True`` keeps the file out of the kernel page cache, for a process
+    that also changes the clone by another route (an NBD export) while mounted."""
     try:
         st = os.stat(mountpoint)
     except OSError as e:
@@ -295,15 +384,4 @@ def start_mount(clone: Clone, mountpoint: str, read_only: bool = False,
         raise UsageError(f"{mountpoint} is already a mount point: stop the process serving "
                          "it, or if that process died, run "
                          f"`fusermount3 -u -z {mountpoint}`")
-    with _active_lock:
-        if _active is not None:
-            raise UsageError("this process already serves a FUSE mount (pyfuse3 allows one)")
-        handle = MountHandle(clone, mountpoint, read_only, name, allow_other)
-        _active = handle
-    try:
-        return handle.start()
-    except BaseException:
-        with _active_lock:
-            if _active is handle:
-                _active = None
-        raise
+    return MountHandle(clone, mountpoint, read_only, name, allow_other, direct_io).start()
