@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import mmap
 import os
 import random
@@ -251,3 +253,85 @@ def test_in_process_mount_with_other_work(tmp_path: Path) -> None:
         session.close()
     finish(src, clone)
     assert clone.read_bytes() == expected
+
+
+def test_two_mounts_in_one_process_direct_io_errors_and_busy_stop(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    """Two clones mounted by one process at once. The direct_io mount sees writes made
+    behind the kernel's back; a Python exception in a callback becomes EIO and the
+    mount keeps serving; stop() ends a mount whose file is still open."""
+    sessions, handles = [], []
+    models = []
+    try:
+        for i in range(2):
+            src, clone = tmp_path / f"src{i}.img", tmp_path / f"disk{i}.img"
+            models.append(make_source(src, 2 * MiB, seed=20 + i))
+            (tmp_path / f"mnt{i}").mkdir()
+            sessions.append(CloneSession(str(src), str(clone), rate=1 << 20).start())
+        handles.append(start_mount(sessions[0].clone, str(tmp_path / "mnt0")))
+        handles.append(start_mount(sessions[1].clone, str(tmp_path / "mnt1"), direct_io=True))
+        for h, model in zip(handles, models, strict=True):
+            with open(h.path, "rb") as f:
+                assert f.read() == model
+        # A write that does not pass through the mount: direct_io shows it at once.
+        sessions[1].clone.write(4096, b"\x5a" * 100)
+        models[1][4096:4196] = b"\x5a" * 100
+        with open(handles[1].path, "rb") as f:
+            assert f.read() == models[1]
+        # A bug in a callback: EIO for that request, and the loop lives on.
+        clone1 = sessions[1].clone
+
+        def broken(offset: int, length: int) -> bytearray:
+            raise ValueError("injected")
+
+        clone1.read = broken  # type: ignore[method-assign]
+        with open(handles[1].path, "rb") as f, pytest.raises(OSError) as exc:
+            f.read(4096)
+        assert exc.value.errno == errno.EIO
+        del clone1.read
+        assert handles[1].fs.last_error is not None and "injected" in handles[1].fs.last_error
+        with open(handles[1].path, "rb") as f:
+            assert f.read() == models[1]
+        # Stop the first mount while its file is open here: stop() still returns.
+        busy = open(handles[0].path, "rb")
+        try:
+            handles[0].stop()
+            assert not os.path.ismount(tmp_path / "mnt0")
+        finally:
+            with contextlib.suppress(OSError):  # ENOTCONN: the server is gone
+                busy.close()
+        with open(handles[1].path, "rb") as f:  # the other mount is unaffected
+            assert f.read() == models[1]
+        handles[1].stop()
+        assert not os.path.ismount(tmp_path / "mnt1")
+    finally:
+        for h in handles:
+            with contextlib.suppress(Exception):
+                h.stop()
+        for i in range(2):
+            subprocess.run(["fusermount3", "-u", "-z", str(tmp_path / f"mnt{i}")],
+                           capture_output=True)
+        for s in sessions:
+            s.close()
+    err = capfd.readouterr().err
+    assert "fuse:" not in err, err  # libfuse complained about something
+
+
+def test_sigint_unmounts_and_commits(tmp_path: Path, mounts: list[Mount]) -> None:
+    """Ctrl-C reaches the command's own handler (libfuse leaves it alone)."""
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    model = make_source(src)
+    m = Mount(src, clone, tmp_path / "mnt", "--rate", "1M")
+    mounts.append(m)
+    fd = os.open(m.file, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"\x77" * 3000, SIZE - MiB + 5)  # an absent region: filled first
+    finally:
+        os.close(fd)
+    model[SIZE - MiB + 5:SIZE - MiB + 3005] = b"\x77" * 3000
+    m.proc.send_signal(signal.SIGINT)
+    assert m.proc.wait(60) == 128 + signal.SIGINT
+    assert m.proc.stderr is not None and "the map is committed" in m.proc.stderr.read()
+    assert not os.path.ismount(m.mnt)
+    finish(src, clone)
+    assert clone.read_bytes() == model

@@ -87,6 +87,39 @@ _libfuse.fuse_exit.argtypes = [ctypes.c_void_p]
 _libfuse.fuse_exit.restype = None
 _libfuse.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _libfuse.fuse_invalidate_path.restype = ctypes.c_int
+_libc = ctypes.CDLL(None)
+_libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p]
+
+# libfuse's messages go to this module's logger instead of straight to stderr. What
+# it says while mounting is kept instead (``_said.message`` of the mounting thread,
+# until ``_said.mounted`` is set), so that a failed mount can quote it.
+_said = threading.local()
+
+
+def _libfuse_log(level: int, fmt: bytes, args: int) -> None:
+    """A ``fuse_log_func_t``: ``args`` is the ``va_list`` (a pointer on x86-64 and
+    arm64), which only ``vsnprintf`` can read."""
+    buf = ctypes.create_string_buffer(1024)
+    _libc.vsnprintf(buf, len(buf), fmt, args)
+    msg = buf.value.decode(errors="replace").strip()
+    if "fuse_remove_signal_handlers: unknown session" in msg:
+        # fuse_main_real keeps one signal session per process: with several mounts,
+        # any but the last started says this when it ends. Nothing is wrong.
+        log.debug("libfuse: %s", msg)
+        return
+    mounted = getattr(_said, "mounted", None)
+    if mounted is not None and not mounted.is_set():
+        _said.message = msg
+        log.debug("libfuse: %s", msg)
+        return
+    log.log(logging.ERROR if level <= 3 else logging.WARNING if level == 4
+            else logging.INFO if level < 7 else logging.DEBUG, "libfuse: %s", msg)
+
+
+# Kept in a module global: libfuse holds the pointer for the life of the process.
+_LOG_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p,
+                                 ctypes.c_void_p)(_libfuse_log)
+_libfuse.fuse_set_log_func(_LOG_CALLBACK)
 
 
 def _fail(code: int) -> mfusepy.FuseOSError:
@@ -295,16 +328,20 @@ class MountHandle:
         }
         self._done = threading.Event()
         self._error: BaseException | None = None
+        self._libfuse_said: str | None = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"fuse {self.mountpoint}")
 
     def _run(self) -> None:
+        _said.message = None
+        _said.mounted = self.fs.ready
         try:
             # Blocks until the loop ends; libfuse mounts, serves and unmounts.
             mfusepy.FUSE(self.fs, self.mountpoint, raw_fi=True, foreground=True,
                          nothreads=False, **self._options)
         except BaseException as e:  # reported by start() or stop()
             self._error = e
+            self._libfuse_said = _said.message
         finally:
             self._done.set()
             self.fs.ready.set()
@@ -315,7 +352,7 @@ class MountHandle:
         if self._done.is_set():
             self._thread.join()
             err = self._error
-            why = (f"libfuse failed ({err}; its message is above)"
+            why = (self._libfuse_said or f"libfuse failed ({err})"
                    if err is None or isinstance(err, RuntimeError) else err)
             raise UsageError(f"cannot mount FUSE on {self.mountpoint}: {why}")
         return self
