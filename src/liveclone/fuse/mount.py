@@ -42,8 +42,9 @@ Signals and unmounting. ``fuse_main_real`` installs libfuse's own handlers for
 SIGHUP, SIGINT and SIGTERM only where the disposition is still ``SIG_DFL``, and
 restores them when its loop ends. The commands install Python handlers for SIGINT
 and SIGTERM first (``cli.options.stop_on_signals``), so those reach the command,
-which then calls :meth:`MountHandle.stop`; a SIGHUP (left at ``SIG_DFL`` by
-Python) ends the mount cleanly through libfuse instead of killing the process.
+which then calls :meth:`MountHandle.stop`. A SIGHUP (left at ``SIG_DFL`` by
+Python) only sets libfuse's exit flag instead of killing the process: the loop
+ends, cleanly, at the next request to the mount (libfuse's own behaviour).
 :meth:`MountHandle.stop` unmounts with ``fusermount3 -u``, which ends the loop;
 if that fails because a program still has the file open, it sets libfuse's exit
 flag and sends one harmless request (``statfs``) to wake a worker, after which
@@ -339,6 +340,15 @@ class MountHandle:
             # Blocks until the loop ends; libfuse mounts, serves and unmounts.
             mfusepy.FUSE(self.fs, self.mountpoint, raw_fi=True, foreground=True,
                          nothreads=False, **self._options)
+        except RuntimeError as e:
+            # fuse_main_real's non-zero status. Once mounted it only says how the loop
+            # ended (8: by a signal, e.g. SIGHUP through libfuse's handler): the mount
+            # is gone either way, which is a normal end.
+            if self.fs.fuse_ptr is None:
+                self._error = e
+                self._libfuse_said = _said.message
+            else:
+                log.info("FUSE loop on %s ended with status %s", self.mountpoint, e)
         except BaseException as e:  # reported by start() or stop()
             self._error = e
             self._libfuse_said = _said.message
