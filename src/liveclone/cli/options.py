@@ -58,8 +58,8 @@ def copy_on_read_option(f: F) -> F:
 
 @contextmanager
 def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM, while the block runs; the number is kept
-    in ``event.signum`` so the command can exit with 128+signum."""
+    """An event set by SIGINT, SIGTERM or SIGHUP while the block runs; the number is
+    kept in ``event.signum`` so the command can exit with 128+signum."""
     stop = threading.Event()
     old = {}
 
@@ -67,7 +67,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
         stop.signum = signum  # type: ignore[attr-defined]
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         old[sig] = signal.signal(sig, handler)
     try:
         yield stop

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from functools import partial
 
 import click
 
@@ -50,12 +51,15 @@ def default_export_name(clone_path: str) -> str:
 @click.option("--export-name", default=None,
               help="The export's name (default: CLONE's file name; '' also opens it).")
 @click.option("--read-only", is_flag=True, help="Refuse writes (EPERM).")
+@click.option("--mount", "mountpoint", type=click.Path(file_okay=False), default=None,
+              help="Also show the clone as the file MOUNTPOINT/<CLONE name> (FUSE), in "
+                   "this process: NBD clients and file users share one clone.")
 @region_size_option
 @rate_option
 @copy_on_read_option
 def command(source: str, clone_path: str, socket_path: str | None, listen: str | None,
-            export_name: str | None, read_only: bool, region_size: int | None,
-            rate: int | None, copy_on_read: bool | None) -> None:
+            export_name: str | None, read_only: bool, mountpoint: str | None,
+            region_size: int | None, rate: int | None, copy_on_read: bool | None) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
     Prints the NBD URI on stdout as soon as clients can connect. Reads of regions
@@ -79,7 +83,7 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
         session = CloneSession(source, clone_path, region_size, rate,
                                copy_on_read=copy_on_read)
         try:
-            asyncio.run(_serve(session, stop, socket_path, tcp, name, read_only))
+            asyncio.run(_serve(session, stop, socket_path, tcp, name, read_only, mountpoint))
         finally:
             session.close()
     clone = session.clone
@@ -88,14 +92,25 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
 
 
 async def _serve(session: CloneSession, stop: threading.Event, socket_path: str | None,
-                 tcp: tuple[str, int] | None, name: str, read_only: bool) -> None:
+                 tcp: tuple[str, int] | None, name: str, read_only: bool,
+                 mountpoint: str | None) -> None:
     server = NBDServer(session.clone, export_name=name, read_only=read_only)
+    mount = None
     try:
         try:
             uris = await server.start(unix_path=socket_path, tcp=tcp)
         except OSError as e:
             where = socket_path if socket_path is not None else f"{tcp}"
             raise UsageError(f"cannot listen on {where}: {e.strerror or e}") from None
+        if mountpoint is not None:
+            from liveclone.fuse.mount import start_mount
+
+            # direct_io: NBD writes change the clone behind the kernel's back, so the
+            # mount must not keep pages in the page cache.
+            mount = await asyncio.get_running_loop().run_in_executor(
+                None, partial(start_mount, session.clone, mountpoint, read_only=read_only,
+                              direct_io=True))
+            click.echo(f"liveclone: the clone is also the file {mount.path}", err=True)
         print(uris[0], flush=True)  # the one line on stdout; scripts wait for it
         session.start()
         clone = session.clone
@@ -122,4 +137,6 @@ async def _serve(session: CloneSession, stop: threading.Event, socket_path: str 
                 reported = -2
             await asyncio.sleep(STATUS_EVERY)
     finally:
+        if mount is not None:
+            await asyncio.get_running_loop().run_in_executor(None, mount.stop)
         await server.stop()

@@ -92,8 +92,8 @@ class Copier:
         self.started = time.monotonic()
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, bytes_copied)
         # --- end ---------------------------------------------------------------
-        self._last_touch = (-1, 0)
-        self._last_batch_seconds = 0.0  # how long the last batch took, to rest as long  # (end region of the last guest read, its readahead)
+        self._last_touch = (-1, 0)  # (end region of the last guest read, its readahead)
+        self._last_batch_seconds = 0.0  # how long the last batch took, to rest as long
         clone.on_absent_read = self._guest_touched
         self._stop = threading.Event()
         self._running = threading.Event()
