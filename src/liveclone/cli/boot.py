@@ -12,7 +12,12 @@ from contextlib import ExitStack, contextmanager
 
 import click
 
-from liveclone.cli.options import rate_option, region_size_option, stop_on_signals
+from liveclone.cli.options import (
+    copy_on_read_option,
+    rate_option,
+    region_size_option,
+    stop_on_signals,
+)
 from liveclone.errors import UsageError
 from liveclone.session import CloneSession
 from liveclone.units import format_size
@@ -40,10 +45,11 @@ from liveclone.vm import VM, VMConfig, choose_accel
               help="With --via file: mount here (default: a temporary directory).")
 @region_size_option
 @rate_option
+@copy_on_read_option
 def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, memory: str,
             cpus: int, kernel: str | None, initrd: str | None, append: str | None,
             accel: str, mountpoint: str | None, region_size: int | None,
-            rate: int | None) -> None:
+            rate: int | None, copy_on_read: bool | None) -> None:
     """Boot a VM from CLONE (created from SOURCE, or resumed) at once.
 
     The clone is the VM's first virtio disk before its data is copied; the copy
@@ -58,7 +64,8 @@ def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, 
     chosen = choose_accel(accel, kernel)
     interactive = sys.stdin.isatty()
     with stop_on_signals() as stop, ExitStack() as stack:
-        session = CloneSession(source, clone_path, region_size, rate)
+        session = CloneSession(source, clone_path, region_size, rate,
+                               copy_on_read=copy_on_read)
         stack.callback(session.close)
         session.start()
         if via == "file":

@@ -6,7 +6,12 @@ import sys
 
 import click
 
-from liveclone.cli.options import rate_option, region_size_option, stop_on_signals
+from liveclone.cli.options import (
+    copy_on_read_option,
+    rate_option,
+    region_size_option,
+    stop_on_signals,
+)
 from liveclone.session import CloneSession
 
 
@@ -16,12 +21,14 @@ from liveclone.session import CloneSession
 @click.argument("mountpoint", type=click.Path(file_okay=False))
 @region_size_option
 @rate_option
+@copy_on_read_option
 @click.option("--read-only", is_flag=True, help="Refuse writes to the mounted file.")
 @click.option("--allow-other", is_flag=True,
               help="Let other users open the file (needs user_allow_other in /etc/fuse.conf "
                    "unless run as root).")
 def command(source: str, clone_path: str, mountpoint: str, region_size: int | None,
-            rate: int | None, read_only: bool, allow_other: bool) -> None:
+            rate: int | None, copy_on_read: bool | None, read_only: bool,
+            allow_other: bool) -> None:
     """Mount CLONE (created from SOURCE, or resumed) as the file MOUNTPOINT/<CLONE's name>.
 
     Reads of regions not copied yet come from SOURCE, writes go to CLONE, and the
@@ -32,7 +39,8 @@ def command(source: str, clone_path: str, mountpoint: str, region_size: int | No
     from liveclone.fuse import start_mount
 
     with stop_on_signals() as stop:
-        session = CloneSession(source, clone_path, region_size, rate).start()
+        session = CloneSession(source, clone_path, region_size, rate,
+                               copy_on_read=copy_on_read).start()
         try:
             handle = start_mount(session.clone, mountpoint, read_only=read_only,
                                  allow_other=allow_other)

@@ -489,12 +489,15 @@ class Clone:
         """Source ⊕ acknowledged writes (invariant 3): present runs from the clone,
         absent runs from the source, split where they meet."""
         with self._guest():
+            absent_seen = False
             if self.copy_on_read:
                 first, end = self._span(offset, length)
-                self.fill(first, end, wait=True)
+                with self._cond:
+                    absent_seen = self._map.find_absent(first, end) is not None
+                if absent_seen:
+                    self.fill(first, end, wait=True)
             buf = bytearray(length)
             view = memoryview(buf)
-            absent_seen = False
             for start, stop, present in self._byte_runs(offset, length):
                 part = view[start - offset:stop - offset]
                 absent_seen = absent_seen or not present

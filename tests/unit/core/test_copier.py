@@ -37,6 +37,11 @@ def test_guest_reads_are_copied_first_with_growing_readahead(tmp_path: Path,
         first, end = cp._next_batch()
         assert first == 101 and end > 102
         assert cp._next_batch() == (2, 4)  # then the sweep goes on
+        c.copy_on_read = True  # the reads fill their regions, and still steer the copier
+        c.read(50 * RS, RS)
+        c.read(51 * RS, RS)  # sequential: readahead past what was read
+        assert c.is_present(50) and c.is_present(51)
+        assert cp._next_batch()[0] == 52
 
 
 def test_copy_on_read_reads_the_source_once(tmp_path: Path, source_image) -> None:
