@@ -25,7 +25,7 @@ from liveclone.units import format_size
 DEFAULT_BATCH = 8 << 20
 # A batch that starts in a source hole may cover this much of it.
 HOLE_BATCH = 1 << 30
-DEFAULT_WORKERS = 4
+DEFAULT_WORKERS = 2  # more parallel streams made big copies slower on a virtio disk
 # Guest-driven order: readahead after a guest read of absent data, doubled while
 # the guest reads sequentially, up to this much.
 READAHEAD_MAX = 64 << 20
