@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import abc
 import errno
+import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from liveclone.errors import SourceError
+from liveclone.errors import SourceError, UsageError
 from liveclone.sources.base import Source
 
 T = TypeVar("T")
@@ -33,13 +34,28 @@ class TransientError(Exception):
     """A failure that may go away if the same request is tried again later."""
 
 
+def _env_budget(default: float) -> float:
+    raw = os.environ.get("LIVECLONE_RETRY_BUDGET")
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"LIVECLONE_RETRY_BUDGET={raw!r} is not a number of seconds") from None
+    if value <= 0:
+        raise UsageError("LIVECLONE_RETRY_BUDGET must be a positive number of seconds")
+    return value
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How hard one request tries: at most ``tries`` attempts within ``budget`` seconds,
     pausing ``first_delay`` and then twice as long each time, never above ``max_delay``."""
 
     tries: int = 8
-    budget: float = 30.0
+    # Seconds one request may spend retrying; LIVECLONE_RETRY_BUDGET overrides it
+    # (how long a guest read that needs a dead source waits before EIO).
+    budget: float = field(default_factory=lambda: _env_budget(30.0))
     first_delay: float = 0.1
     max_delay: float = 4.0
 
