@@ -24,7 +24,6 @@ from hypothesis.stateful import (
     RuleBasedStateMachine,
     initialize,
     invariant,
-    precondition,
     rule,
 )
 
@@ -127,6 +126,7 @@ class CloneModel(RuleBasedStateMachine):
 
     @rule()
     def flush(self) -> None:
+        """A FLUSH, or the periodic commit (same mechanism): present bits committed."""
         self.clone.flush()
         self.committed = set(self.present)
 
@@ -140,13 +140,6 @@ class CloneModel(RuleBasedStateMachine):
         self.present = set(self.committed)
         self.clone = Clone.open(str(self.dir / "c.img"), LocalFileSource(str(self.src_path)),
                                 autocommit=False)
-
-    @precondition(lambda self: hasattr(self, "clone"))
-    @rule()
-    def periodic_commit_race(self) -> None:
-        """The background committer may run at any time: it commits present bits."""
-        self.clone.flush()
-        self.committed = set(self.present)
 
     # -- invariants ------------------------------------------------------------------
 
