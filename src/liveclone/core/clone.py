@@ -36,6 +36,7 @@ from liveclone.errors import (
     TargetError,
 )
 from liveclone.sources.base import Source
+from liveclone.sources.local import fd_extents
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -675,8 +676,8 @@ class Clone:
 
         for start, stop, present in self._byte_runs(offset, length):
             if present:
-                for s, e, data in _fd_extents(self._fd, start, stop):
-                    add(e - s, 0 if data else STATE_HOLE | STATE_ZERO)
+                for ext in fd_extents(self._fd, start, stop):
+                    add(ext.length, 0 if ext.data else STATE_HOLE | STATE_ZERO)
             elif self.source is not None:
                 for ext in self.source.extents(start, stop - start):
                     add(ext.length, 0 if ext.data else STATE_HOLE | STATE_ZERO)
@@ -799,23 +800,3 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         else:
             out.append((a, b))
     return out
-
-
-def _fd_extents(fd: int, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
-    """Data/hole runs of an open file within ``[start, stop)``."""
-    pos = start
-    while pos < stop:
-        try:
-            data_at = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:
-                yield pos, stop, False
-                return
-            raise
-        if data_at > pos:
-            yield pos, min(data_at, stop), False
-            pos = min(data_at, stop)
-            continue
-        hole_at = os.lseek(fd, pos, os.SEEK_HOLE)
-        yield pos, min(hole_at, stop), True
-        pos = min(hole_at, stop)

@@ -58,29 +58,7 @@ class LocalFileSource(Source):
         return data
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        end = offset + length
-        pos = offset
-        while pos < end:
-            try:
-                data_at = os.lseek(self._fd, pos, os.SEEK_DATA)
-            except OSError as e:
-                if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
-                    yield Extent(pos, end - pos, False)
-                    return
-                if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
-                    yield Extent(pos, end - pos, True)
-                    return
-                raise
-            if data_at > pos:
-                hole_end = min(data_at, end)
-                yield Extent(pos, hole_end - pos, False)
-                pos = hole_end
-                if pos >= end:
-                    return
-            hole_at = os.lseek(self._fd, pos, os.SEEK_HOLE)
-            data_end = min(hole_at, end)
-            yield Extent(pos, data_end - pos, True)
-            pos = data_end
+        return fd_extents(self._fd, offset, offset + length)
 
     def fileno(self) -> int:
         return self._fd
@@ -103,3 +81,28 @@ class LocalFileSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+
+
+def fd_extents(fd: int, start: int, stop: int) -> Iterator[Extent]:
+    """Data and hole runs of an open file within ``[start, stop)``, in order, from
+    SEEK_DATA/SEEK_HOLE (everything is data where the filesystem cannot tell)."""
+    pos = start
+    while pos < stop:
+        try:
+            data_at = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after pos: the rest is a hole
+                yield Extent(pos, stop - pos, False)
+                return
+            if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no SEEK_DATA here
+                yield Extent(pos, stop - pos, True)
+                return
+            raise
+        if data_at > pos:
+            hole_end = min(data_at, stop)
+            yield Extent(pos, hole_end - pos, False)
+            pos = hole_end
+            continue
+        data_end = min(os.lseek(fd, pos, os.SEEK_HOLE), stop)
+        yield Extent(pos, data_end - pos, True)
+        pos = data_end
