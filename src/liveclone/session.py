@@ -43,19 +43,25 @@ def open_clone(source_spec: str | None, clone_path: str,
     if os.path.lexists(clone_path) and not MapStore.exists(clone_path):
         return Clone.open(clone_path, None)  # raises NotACloneError with the fix
     if MapStore.exists(clone_path):
-        header, rmap = MapStore.read(clone_path)
-        if region_size is not None and region_size != header.region_size:
-            raise UsageError(
-                f"the clone {clone_path} was made with region size {header.region_size}; "
-                f"drop --region-size or give {header.region_size}"
-            )
+        clone_path = os.path.abspath(clone_path)
+        store, rmap = MapStore.load(clone_path)  # read once, handed to the clone
         source: Source | None = None
-        if not rmap.complete or (source_spec and os.path.exists(source_spec)):
-            if source_spec is None:
-                raise UsageError(f"the clone {clone_path} is not complete: give its SOURCE")
-            source = open_source(source_spec)
         try:
-            return Clone.open(clone_path, source)
+            header = store.header
+            if region_size is not None and region_size != header.region_size:
+                raise UsageError(
+                    f"the clone {clone_path} was made with region size {header.region_size}; "
+                    f"drop --region-size or give {header.region_size}"
+                )
+            if not rmap.complete or (source_spec and os.path.exists(source_spec)):
+                if source_spec is None:
+                    raise UsageError(f"the clone {clone_path} is not complete: give its SOURCE")
+                source = open_source(source_spec)
+        except BaseException:
+            store.close()
+            raise
+        try:
+            return Clone.from_store(clone_path, store, rmap, source)
         except BaseException:
             if source is not None:
                 source.close()

@@ -22,7 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from liveclone.core.metadata import COMPACT_RECORDS, MapHeader, MapStore
@@ -112,7 +112,8 @@ def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None
         offset, length = offset + n, length - n
 
 
-def _is_zero(view: memoryview, zeros: bytes) -> bool:
+def _is_zero(view: memoryview, zeros: memoryview) -> bool:
+    """``zeros`` is a view of at least ``len(view)`` zero bytes (slicing it copies nothing)."""
     return view == zeros[: len(view)]
 
 
@@ -129,7 +130,6 @@ class CloneStats:
     guest_bytes_written: int = 0
     commits: int = 0
     last_commit: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Clone:
@@ -153,7 +153,7 @@ class Clone:
         self._fd = fd
         self._store = store
         self._zero_block = min(ZERO_BLOCK, self.region_size)
-        self._zeros = bytes(max(COPY_CHUNK, self.region_size))
+        self._zeros = memoryview(bytes(self._zero_block))  # compared against, never written
         self._local = threading.local()  # per-thread copy buffer
         self._use_copy_file_range = True  # until the kernel says it cannot
         self._cond = threading.Condition()
@@ -216,6 +216,13 @@ class Clone:
                 )
             raise NotACloneError(f"{path} is not a liveclone clone: it does not exist")
         store, rmap = MapStore.load(path)
+        return cls.from_store(path, store, rmap, source, autocommit)
+
+    @classmethod
+    def from_store(cls, path: str, store: MapStore, rmap: RegionMap, source: Source | None,
+                   autocommit: bool = True) -> Clone:
+        """Open the clone whose map ``MapStore.load`` just gave; the store is closed if
+        this fails. ``source`` may be None only if the clone is complete."""
         try:
             header = store.header
             if not rmap.complete:
@@ -516,23 +523,18 @@ class Clone:
                     self.fill(first, end, wait=True)
             buf = bytearray(length)
             view = memoryview(buf)
+            from_source = 0
             for start, stop, present in self._byte_runs(offset, length):
                 part = view[start - offset:stop - offset]
                 absent_seen = absent_seen or not present
                 if present:
                     got = os.preadv(self._fd, [part], start)
                     if got < len(part):
-                        part[got:] = self._zeros[: len(part) - got]
+                        part[got:] = bytes(len(part) - got)
                 else:
                     part[:] = self._need_source().pread(start, stop - start)
-                    with self._cond:
-                        self.stats.bytes_from_source += stop - start
-            with self._cond:
-                self.stats.guest_reads += 1
-                self.stats.guest_bytes_read += length
-            hook = self.on_absent_read
-            if absent_seen and hook is not None:
-                hook(*self._span(offset, length))
+                    from_source += stop - start
+            self._count_read(offset, length, from_source, absent_seen)
             return buf
 
     def read_nowait(self, offset: int, length: int) -> bytearray | None:
@@ -563,14 +565,7 @@ class Clone:
             if got < stop - start:
                 return None
         absent = sum(stop - start for start, stop, present in runs if not present)
-        with self._cond:
-            self.stats.guest_reads += 1
-            self.stats.guest_bytes_read += length
-            self.stats.bytes_from_source += absent
-            self.last_guest_io = time.monotonic()
-        hook = self.on_absent_read
-        if absent and hook is not None:
-            hook(*self._span(offset, length))
+        self._count_read(offset, length, absent, absent > 0)
         return buf
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
@@ -588,11 +583,26 @@ class Clone:
                 if self._map.find_absent(first, end) is not None:
                     return False
         self._pwrite(data, offset)
+        self._count_write(len(data))
+        return True
+
+    def _count_read(self, offset: int, length: int, from_source: int,
+                    touched_absent: bool) -> None:
+        """Account a guest read, and steer the copier to what it touched."""
+        with self._cond:
+            self.stats.guest_reads += 1
+            self.stats.guest_bytes_read += length
+            self.stats.bytes_from_source += from_source
+            self.last_guest_io = time.monotonic()
+        hook = self.on_absent_read
+        if touched_absent and hook is not None:
+            hook(*self._span(offset, length))
+
+    def _count_write(self, length: int) -> None:
         with self._cond:
             self.stats.guest_writes += 1
-            self.stats.guest_bytes_written += len(data)
+            self.stats.guest_bytes_written += length
             self.last_guest_io = time.monotonic()
-        return True
 
     def _span(self, offset: int, length: int) -> tuple[int, int]:
         span = self.geometry.span(offset, length)
@@ -623,9 +633,7 @@ class Clone:
                         self._copy_from_source(max(offset + length, rs), re_)
             apply()
             own.made_present = True
-            with self._cond:
-                self.stats.guest_writes += 1
-                self.stats.guest_bytes_written += length
+            self._count_write(length)
         if fua:
             self.flush()
 

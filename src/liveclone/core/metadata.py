@@ -324,9 +324,10 @@ class MapStore:
             seq, pos, records = rseq, pos + REC_SIZE, records + 1
         # Past the end of the log only zeros (reserved space) or one torn commit may lie.
         # A valid record after a bad one means damage in the middle of the log.
-        for later in range(pos + REC_SIZE, len(raw) - REC_SIZE + 1, REC_SIZE):
-            if _decode_record(raw, later) is not None:
-                raise _corrupt(path, f"journal record at byte {pos} is damaged")
+        if raw[pos:].strip(b"\0"):  # usually all reserved zeros: nothing to scan
+            for later in range(pos + REC_SIZE, len(raw) - REC_SIZE + 1, REC_SIZE):
+                if _decode_record(raw, later) is not None:
+                    raise _corrupt(path, f"journal record at byte {pos} is damaged")
         return jgen, pos, seq, records
 
     # -- writing ----------------------------------------------------------------
