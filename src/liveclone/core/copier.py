@@ -14,6 +14,7 @@ from the lowest absent region, until every region is present.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 from collections import deque
@@ -141,7 +142,7 @@ class Copier:
         grows while the guest reads sequentially."""
         with self._lock:
             last_end, ahead = self._last_touch
-            if first <= last_end <= end or first == last_end:
+            if first <= last_end <= end:  # continues (or overlaps) the last read
                 ahead = min(max(ahead * 2, self.batch_regions),
                             max(1, READAHEAD_MAX // self.clone.region_size))
             else:
@@ -331,8 +332,6 @@ class Copier:
         self.prioritize(first, end)
 
     def _no_space(self) -> NoSpaceError:
-        import os
-
         clone = self.clone
         remaining = (clone.regions_total - clone.regions_present) * clone.region_size
         st = os.statvfs(os.path.dirname(clone.path))
