@@ -18,6 +18,8 @@ check cpio cpio
 check curl curl
 check openssl openssl
 check ps procps
+check mkfs.xfs xfsprogs
+check losetup mount
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then

@@ -5,14 +5,6 @@ from __future__ import annotations
 import sys
 
 import click
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
 from liveclone.cli.options import rate_option, region_size_option, stop_on_signals
 from liveclone.core.copier import Phase
@@ -61,6 +53,17 @@ def command(source: str, clone_path: str, region_size: int | None, rate: int | N
 
 
 def _with_progress(session: CloneSession, stop: object) -> None:
+    # Imported here: rich takes tens of milliseconds to import, and only a terminal
+    # needs it.
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
     clone = session.clone
     columns = (TextColumn("[bold]cloning"), BarColumn(), DownloadColumn(binary_units=True),
                TransferSpeedColumn(), TimeRemainingColumn())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import threading
 import time
@@ -36,17 +37,17 @@ from liveclone.errors import (
     TargetError,
 )
 from liveclone.sources.base import Source
-from liveclone.sources.local import fd_extents
+from liveclone.sources.local import fd_extents, open_direct
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
-_SYNC_FILE_RANGE_WRITE = 2
 
-# Largest single read from the source when filling; big enough for disk speed.
-COPY_CHUNK = 8 << 20
-# Writes are issued in slices this big, so a failure midway keeps the progress.
-WRITE_SLICE = 1 << 20
+# Largest single read (and write) when filling. Direct I/O on a virtio disk: 32 MiB
+# copied 4 GiB in 3.9-5.1 s, 8 MiB in 5.6-7.0 s (3-6 workers, interleaved runs).
+COPY_CHUNK = 32 << 20
+# Offsets and lengths of direct I/O are multiples of this (any device's logical block).
+DIRECT_ALIGN = 4096
 # Zero detection granularity cap: an all-zero block this big becomes a hole.
 ZERO_BLOCK = 64 << 10
 # Invariant 6: commit at least this often while bits are pending.
@@ -71,8 +72,6 @@ def _load_libc() -> None:
 
         libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        libc.sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
-                                         ctypes.c_uint]
         _libc = libc
 
 
@@ -88,28 +87,56 @@ def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """Ask the kernel to start writing a range back now (``sync_file_range`` with
-    SYNC_FILE_RANGE_WRITE): a hint that spreads writeback out, so the periodic
-    fdatasync finds little left. Not a durability step; failures are ignored."""
-    _load_libc()
-    _libc.sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+def drop_cached(fd: int, offset: int, length: int) -> None:
+    """Drop the page cache of a range the copier just wrote (``POSIX_FADV_DONTNEED``).
+
+    After a direct write this removes any page that a neighbour's readahead loaded
+    while the range was still a hole, so buffered reads see the new bytes; after a
+    buffered write it starts writeback early, so the periodic fdatasync finds little
+    left. Called while the range is still owned, before its bits are set."""
+    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
 
 
 def punch_hole(fd: int, offset: int, length: int) -> None:
     _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
 
 
-_NO_COPY_FILE_RANGE = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+# The filesystem cannot share blocks between these two files.
+_NO_SHARING = (errno.EXDEV, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY,
+               errno.EPERM)
+_FICLONERANGE = 0x4020940D  # _IOW(0x94, 13, struct file_clone_range)
 
 
-def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
-    """Copy ``length`` bytes at the same ``offset`` between two local files."""
+def _clone_range(src_fd: int, dst_fd: int, offset: int, length: int) -> None:
+    """Share ``length`` bytes at ``offset`` of the source with the clone (a reflink;
+    XFS, btrfs). Raises OSError where the filesystem cannot."""
+    import struct
+
+    fcntl.ioctl(dst_fd, _FICLONERANGE, struct.pack("=qQQQ", src_fd, offset, length, offset))
+
+
+def _copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int,
+                     progress: list[int] | None = None) -> None:
+    """Copy ``length`` bytes at the same ``offset`` between two local files;
+    ``progress[0]``, if given, follows the bytes copied."""
     while length > 0:
         n = os.copy_file_range(src_fd, dst_fd, length, offset, offset)
         if n == 0:
             raise OSError(errno.EIO, f"source ended early at offset {offset}")
         offset, length = offset + n, length - n
+        if progress is not None:
+            progress[0] = offset
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int,
+                progress: list[int] | None = None) -> None:
+    """Write all of ``data``; ``progress[0]``, if given, follows the bytes written."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+        if progress is not None:
+            progress[0] = offset
 
 
 def _is_zero(view: memoryview, zeros: memoryview) -> bool:
@@ -155,7 +182,11 @@ class Clone:
         self._zero_block = min(ZERO_BLOCK, self.region_size)
         self._zeros = memoryview(bytes(self._zero_block))  # compared against, never written
         self._local = threading.local()  # per-thread copy buffer
-        self._use_copy_file_range = True  # until the kernel says it cannot
+        # Fills write source bytes with direct I/O where the filesystem allows it:
+        # measured 2-3x faster than the page cache's writeback on a virtio disk.
+        self._dfd = open_direct(fd, os.O_RDWR)
+        # Source and clone share blocks (reflink): None until the first fill tries.
+        self._share_blocks: bool | None = None
         self._cond = threading.Condition()
         # --- state guarded by _cond ------------------------------------------
         # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
@@ -375,12 +406,13 @@ class Clone:
         The caller owns every region touched. ``progress[0]``, if given, is kept at
         the offset below which every byte is written, so a failed copy keeps what it did.
 
-        A local source is read into a reused buffer and its non-zero runs are moved
-        with ``copy_file_range``, which shares blocks (reflink) where the filesystem
-        can; other sources are read with ``pread`` and written with ``pwrite``."""
+        A local source is read into a reused page-aligned buffer, with direct I/O
+        where both files allow it. Non-zero runs are shared with the source where the
+        filesystem can (reflink), else written from that buffer, with direct I/O again
+        where the read was direct: the copy then never waits on page-cache writeback.
+        Other sources are read with ``pread``."""
         source = self._need_source()
-        fd, zb, src_fd = self._fd, self._zero_block, source.fileno()
-        slice_len = max(WRITE_SLICE, self.region_size)
+        fd, zb = self._fd, self._zero_block
         read = 0
         hole_start: int | None = None  # a zero run waiting to be punched
 
@@ -390,10 +422,6 @@ class Clone:
                 punch_hole(fd, hole_start, upto - hole_start)
             hole_start = None
 
-        def done_upto(offset: int) -> None:
-            if progress is not None:
-                progress[0] = offset if hole_start is None else hole_start
-
         for ext in source.extents(start, end - start):
             if not ext.data:
                 if hole_start is None:
@@ -402,7 +430,7 @@ class Clone:
             pos, ext_end = ext.offset, ext.offset + ext.length
             while pos < ext_end:
                 n = min(COPY_CHUNK, ext_end - pos)
-                data = self._read_source(source, src_fd, pos, n)
+                data, direct = self._read_source(source, pos, n)
                 read += n
                 # Walk zero-detection blocks aligned to the clone, not to pos.
                 i = 0
@@ -421,52 +449,64 @@ class Clone:
                         if _is_zero(data[k:nk], self._zeros):
                             break
                         k = nk
-                    # In slices, so progress is known if the disk fills up midway.
-                    for a in range(i, k, slice_len):
-                        b = min(k, a + slice_len)
-                        self._write_from_source(src_fd, data[a:b], pos + a)
-                        done_upto(pos + b)
+                    self._write_from_source(source, data[i:k], pos + i, direct, progress)
                     i = k
                 pos += n
         flush_hole(end)
-        done_upto(end)
+        if progress is not None:
+            progress[0] = end
         with self._cond:
             self.stats.bytes_from_source += read
         return read
 
-    def _write_from_source(self, src_fd: int | None, data: memoryview, offset: int) -> None:
-        """Put source bytes at ``offset`` in the clone: ``copy_file_range`` between
-        local files (a reflink where the filesystem can), else ``pwrite``."""
-        if src_fd is not None and self._use_copy_file_range:
+    def _write_from_source(self, source: Source, data: memoryview, offset: int,
+                           direct: bool, progress: list[int] | None) -> None:
+        """Put source bytes at ``offset`` in the clone. ``direct``: ``data`` starts on
+        a DIRECT_ALIGN boundary of an aligned buffer, so its whole blocks may go with
+        direct I/O (a short tail goes through the page cache). ``progress[0]`` follows
+        every byte written, so a disk that fills up midway keeps what was done."""
+        src_fd = source.fileno()
+        if src_fd is not None and self._share_blocks is not False:
             try:
-                _copy_file_range(src_fd, self._fd, offset, len(data))
+                if self._share_blocks:  # the kernel shares blocks, or copies unaligned tails
+                    _copy_file_range(src_fd, self._fd, offset, len(data), progress)
+                else:  # the first try: does this filesystem share blocks at all?
+                    _clone_range(src_fd, self._fd, offset, len(data))
+                    self._share_blocks = True
+                    if progress is not None:
+                        progress[0] = offset + len(data)
                 return
             except OSError as e:
-                if e.errno not in _NO_COPY_FILE_RANGE:
+                if self._share_blocks or e.errno not in _NO_SHARING:
                     raise
-                # Not between these files (e.g. across filesystems on this
-                # kernel): the bytes are in our buffer anyway.
-                self._use_copy_file_range = False
-        self._pwrite(data, offset)
+                self._share_blocks = False
+        if direct and self._dfd is not None and offset % DIRECT_ALIGN == 0:
+            whole = len(data) - len(data) % DIRECT_ALIGN
+            if whole:
+                _pwrite_all(self._dfd, data[:whole], offset, progress)
+                data, offset = data[whole:], offset + whole
+        if data:
+            _pwrite_all(self._fd, data, offset, progress)
 
-    def _read_source(self, source: Source, src_fd: int | None, offset: int,
-                     length: int) -> memoryview:
+    def _read_source(self, source: Source, offset: int, length: int) -> tuple[memoryview, bool]:
+        """Source bytes ``[offset, offset+length)`` and whether they were read with
+        direct I/O into the aligned per-thread buffer."""
+        src_fd = source.fileno()
         if src_fd is None:
-            return memoryview(source.pread(offset, length))
+            return memoryview(source.pread(offset, length)), False
         buf = getattr(self._local, "buf", None)
-        if buf is None:
-            buf = self._local.buf = bytearray(COPY_CHUNK)
-        view = memoryview(buf)[:length]
-        got = os.preadv(src_fd, [view], offset)
+        if buf is None:  # anonymous mmap: page-aligned, as direct I/O needs
+            buf = self._local.buf = memoryview(mmap.mmap(-1, COPY_CHUNK))
+        dfd = source.direct_fileno()
+        direct = dfd is not None and offset % DIRECT_ALIGN == 0
+        if dfd is not None and direct:
+            # Whole blocks; the last may run past the end of the file, which is short.
+            got = os.preadv(dfd, [buf[:-(-length // DIRECT_ALIGN) * DIRECT_ALIGN]], offset)
+        else:
+            got = os.preadv(src_fd, [buf[:length]], offset)
         if got < length:
             raise OSError(errno.EIO, f"source {source.spec} ended early at offset {offset + got}")
-        return view
-
-    def _pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(self._fd, view, offset)
-            view, offset = view[n:], offset + n
+        return buf[:length], direct
 
     def fill(self, first: int, end: int, wait: bool = False) -> tuple[int, int]:
         """Copy absent regions of ``[first, end)`` from the source and make them present.
@@ -498,7 +538,7 @@ class Clone:
                     done.append((a, a + whole))
                     raise
                 done.append((a, b))
-                start_writeback(self._fd, start, stop - start)
+                drop_cached(self._fd, start, stop - start)
         finally:
             self._release(runs, done)
             with self._cond:
@@ -582,7 +622,7 @@ class Clone:
             with self._cond:
                 if self._map.find_absent(first, end) is not None:
                     return False
-        self._pwrite(data, offset)
+        _pwrite_all(self._fd, data, offset)
         self._count_write(len(data))
         return True
 
@@ -638,7 +678,7 @@ class Clone:
             self.flush()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
-        self._modify(offset, len(data), fua, lambda: self._pwrite(data, offset))
+        self._modify(offset, len(data), fua, lambda: _pwrite_all(self._fd, data, offset))
 
     def write_zeroes(self, offset: int, length: int, fua: bool = False,
                      no_hole: bool = False) -> None:
@@ -763,18 +803,20 @@ class Clone:
         try:
             self.flush()
         finally:
-            self._store.close()
-            os.close(self._fd)
-            if self.source is not None:
-                self.source.close()
+            self._release_files()
 
     def abandon(self) -> None:
         """Close without committing anything, as ``kill -9`` would: for crash tests."""
         self._closed.set()
         if self._committer.is_alive():
             self._committer.join()
+        self._release_files()
+
+    def _release_files(self) -> None:
         self._store.close()
-        os.close(self._fd)
+        for fd in (self._fd, self._dfd):
+            if fd is not None:
+                os.close(fd)
         if self.source is not None:
             self.source.close()
 

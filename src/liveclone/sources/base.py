@@ -55,6 +55,10 @@ class Source(abc.ABC):
         """A local file descriptor for ``copy_file_range``, or None when not a local file."""
         return None
 
+    def direct_fileno(self) -> int | None:
+        """The same local file opened with O_DIRECT, or None (not local, or no direct I/O)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
         """Release what the source holds (file descriptors, child processes)."""
 

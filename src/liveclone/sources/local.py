@@ -42,6 +42,8 @@ class LocalFileSource(Source):
         # The copier reads front to back: a larger kernel readahead (measured: the
         # 4 GiB copy went from about 0.8x to about 1.05x of cp + sync).
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        # Fills read around the page cache where they can (see Clone's fills).
+        self._dfd = open_direct(self._fd, os.O_RDONLY)
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._fingerprint: str | None = None
 
@@ -63,6 +65,9 @@ class LocalFileSource(Source):
     def fileno(self) -> int:
         return self._fd
 
+    def direct_fileno(self) -> int | None:
+        return self._dfd
+
     def identity(self) -> dict[str, Any]:
         st = os.fstat(self._fd)
         if self._fingerprint is None:
@@ -81,6 +86,9 @@ class LocalFileSource(Source):
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
 
 
 def fd_extents(fd: int, start: int, stop: int) -> Iterator[Extent]:
@@ -106,3 +114,14 @@ def fd_extents(fd: int, start: int, stop: int) -> Iterator[Extent]:
         data_end = min(os.lseek(fd, pos, os.SEEK_HOLE), stop)
         yield Extent(pos, data_end - pos, True)
         pos = data_end
+
+
+def open_direct(fd: int, flags: int) -> int | None:
+    """The file open at ``fd`` opened again with O_DIRECT (same inode, its own file
+    offset and flags), or None where the filesystem refuses direct I/O."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", flags | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno in (errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
+            return None
+        raise
