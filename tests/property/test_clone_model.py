@@ -118,10 +118,11 @@ class CloneModel(RuleBasedStateMachine):
                 self.model[s:e] = bytes(e - s)
             # partial, absent: advisory, nothing changes
 
-    @rule(r=st.integers(0, NREG), k=st.integers(1, 4))
-    def copier_step(self, r: int, k: int) -> None:
+    @rule(r=st.integers(0, NREG), k=st.integers(1, 4), bulk=st.booleans())
+    def copier_step(self, r: int, k: int, bulk: bool) -> None:
+        """A copier batch (direct I/O), or a guest-driven fill (page cache)."""
         end = min(r + k, NREG + 1)
-        self.clone.fill(r, end)
+        self.clone.fill(r, end, bulk=bulk)
         self.present |= set(range(r, end))
 
     @rule()

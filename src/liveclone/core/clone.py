@@ -400,17 +400,20 @@ class Clone:
             raise OSError(errno.EIO, "the clone's source is not available")
         return self.source
 
-    def _copy_from_source(self, start: int, end: int, progress: list[int] | None = None) -> int:
+    def _copy_from_source(self, start: int, end: int, progress: list[int] | None = None,
+                          bulk: bool = False) -> int:
         """Copy source bytes ``[start, end)`` into the clone file; zero runs and source
         holes become holes (punched, never trusted). Return the data bytes read.
         The caller owns every region touched. ``progress[0]``, if given, is kept at
         the offset below which every byte is written, so a failed copy keeps what it did.
 
-        A local source is read into a reused page-aligned buffer, with direct I/O
-        where both files allow it. Non-zero runs are shared with the source where the
-        filesystem can (reflink), else written from that buffer, with direct I/O again
-        where the read was direct: the copy then never waits on page-cache writeback.
-        Other sources are read with ``pread``."""
+        A local source is read into a reused page-aligned buffer. Non-zero runs are
+        shared with the source where the filesystem can (reflink), else written from
+        that buffer. ``bulk`` (the copier's batches): both the read and the write use
+        direct I/O where the files allow it, so the copy never waits on page-cache
+        writeback. Guest-driven fills are small and latency-bound: they go through the
+        page cache, where the source's readahead and the guest's next read find
+        them. Other sources are read with ``pread``."""
         source = self._need_source()
         fd, zb = self._fd, self._zero_block
         read = 0
@@ -430,7 +433,7 @@ class Clone:
             pos, ext_end = ext.offset, ext.offset + ext.length
             while pos < ext_end:
                 n = min(COPY_CHUNK, ext_end - pos)
-                data, direct = self._read_source(source, pos, n)
+                data, direct = self._read_source(source, pos, n, bulk)
                 read += n
                 # Walk zero-detection blocks aligned to the clone, not to pos.
                 i = 0
@@ -488,16 +491,17 @@ class Clone:
         if data:
             _pwrite_all(self._fd, data, offset, progress)
 
-    def _read_source(self, source: Source, offset: int, length: int) -> tuple[memoryview, bool]:
+    def _read_source(self, source: Source, offset: int, length: int,
+                     bulk: bool) -> tuple[memoryview, bool]:
         """Source bytes ``[offset, offset+length)`` and whether they were read with
-        direct I/O into the aligned per-thread buffer."""
+        direct I/O (only ``bulk``) into the aligned per-thread buffer."""
         src_fd = source.fileno()
         if src_fd is None:
             return memoryview(source.pread(offset, length)), False
         buf = getattr(self._local, "buf", None)
         if buf is None:  # anonymous mmap: page-aligned, as direct I/O needs
             buf = self._local.buf = memoryview(mmap.mmap(-1, COPY_CHUNK))
-        dfd = source.direct_fileno()
+        dfd = source.direct_fileno() if bulk else None
         direct = dfd is not None and offset % DIRECT_ALIGN == 0
         if dfd is not None and direct:
             # Whole blocks; the last may run past the end of the file, which is short.
@@ -508,12 +512,14 @@ class Clone:
             raise OSError(errno.EIO, f"source {source.spec} ended early at offset {offset + got}")
         return buf[:length], direct
 
-    def fill(self, first: int, end: int, wait: bool = False) -> tuple[int, int]:
+    def fill(self, first: int, end: int, wait: bool = False,
+             bulk: bool = False) -> tuple[int, int]:
         """Copy absent regions of ``[first, end)`` from the source and make them present.
 
         This is the copier's write and CACHE's: regions that are present are "done"
         without being written (invariant 4); regions owned by another caller are
-        skipped unless ``wait``. Return ``(regions filled, source bytes read)``.
+        skipped unless ``wait``. ``bulk``: a copier batch, moved with direct I/O.
+        Return ``(regions filled, source bytes read)``.
         """
         with self._cond:
             # Present regions are "done" without writing (the seed's skipped write).
@@ -529,7 +535,7 @@ class Clone:
                 _, stop = self.geometry.bounds(b - 1)
                 progress = [start]
                 try:
-                    read += self._copy_from_source(start, stop, progress)
+                    read += self._copy_from_source(start, stop, progress, bulk)
                 except BaseException:
                     # Keep the whole regions copied before the failure (a full disk
                     # mid-batch must not throw away what was written).

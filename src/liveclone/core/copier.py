@@ -314,7 +314,7 @@ class Copier:
     def _copy(self, first: int, end: int) -> None:
         started = time.monotonic()
         try:
-            taken, nbytes = self.clone.fill(first, end)
+            taken, nbytes = self.clone.fill(first, end, bulk=True)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._no_space() from None

@@ -195,8 +195,9 @@ def test_concurrent_guest_writes_and_copier(tmp_path: Path) -> None:
     assert (tmp_path / "clone.img").read_bytes() == bytes(model)
 
 
+@pytest.mark.parametrize("bulk", [True, False], ids=["direct", "buffered"])
 def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
-                                                    monkeypatch) -> None:
+                                                    monkeypatch, bulk: bool) -> None:
     """A disk that fills up mid-batch: regions written before the failure stay present
     (and correct); the rest stay absent."""
     import errno
@@ -216,7 +217,7 @@ def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
         c._share_blocks = False  # write, even on a filesystem that can share blocks
         monkeypatch.setattr(clone_mod.os, "pwrite", pwrite)
         with pytest.raises(OSError):
-            c.fill(0, 16)
+            c.fill(0, 16, bulk=bulk)
         monkeypatch.undo()
         present = [r for r in range(16) if c.is_present(r)]
         assert present == list(range(5))
@@ -260,7 +261,7 @@ def test_fills_use_direct_io_and_buffered_reads_stay_coherent(tmp_path: Path,
         c.write(0, b"g" * RS)
         stale = os.pread(c._fd, 4 * RS, RS)  # regions 1-4 are holes: zeros get cached
         assert stale == bytes(4 * RS)
-        c.fill(1, 5)
+        c.fill(1, 5, bulk=True)
         assert bytes(c.read(RS, 4 * RS)) == data[RS:5 * RS]
         assert os.pread(c._fd, 4 * RS, RS) == data[RS:5 * RS]
 

@@ -85,10 +85,11 @@ def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_ima
     with _clone(tmp_path, src) as c:
         real = c._copy_from_source
 
-        def failing(start: int, end: int, progress: list[int] | None = None) -> int:
+        def failing(start: int, end: int, progress: list[int] | None = None,
+                    bulk: bool = False) -> int:
             if start <= 5 * RS < end:
                 raise OSError(errno.EIO, "injected source failure")
-            return real(start, end, progress)
+            return real(start, end, progress, bulk)
 
         monkeypatch.setattr(c, "_copy_from_source", failing)
         cp = Copier(c, batch_bytes=RS).start()
@@ -117,10 +118,11 @@ def test_persistent_copier_tries_failing_regions_again(tmp_path: Path, source_im
     with _clone(tmp_path, src) as c:
         real = c._copy_from_source
 
-        def flaky(start: int, end: int, progress: list[int] | None = None) -> int:
+        def flaky(start: int, end: int, progress: list[int] | None = None,
+                  bulk: bool = False) -> int:
             if broken[0] and start <= 5 * RS < end:
                 raise OSError(errno.EIO, "source unreachable")
-            return real(start, end, progress)
+            return real(start, end, progress, bulk)
 
         monkeypatch.setattr(c, "_copy_from_source", flaky)
         cp = Copier(c, batch_bytes=RS, persistent=True).start()
