@@ -4,6 +4,12 @@
 create the clone for a source, start the copier, publish progress to the status
 file ``CLONE.lcstatus`` (read by ``liveclone status`` while the owner runs), and
 on ``close`` stop the copier and commit the map.
+
+Pause and resume: ``liveclone pause`` creates ``CLONE.lcpause`` and ``liveclone
+resume`` removes it. The session follows that file whenever it publishes its
+status, so a running process pauses within STATUS_INTERVAL, and one started on a
+paused clone does not copy until it is resumed. Only the background copy stops:
+guests keep reading and writing, and their partial writes still fill regions.
 """
 
 from __future__ import annotations
@@ -22,11 +28,16 @@ from liveclone.errors import UsageError
 from liveclone.sources import Source, open_source
 
 STATUS_SUFFIX = ".lcstatus"
+PAUSE_SUFFIX = ".lcpause"
 STATUS_INTERVAL = 0.5
 
 
 def status_path(clone_path: str) -> str:
     return os.path.abspath(clone_path) + STATUS_SUFFIX
+
+
+def pause_path(clone_path: str) -> str:
+    return os.path.abspath(clone_path) + PAUSE_SUFFIX
 
 
 def open_clone(source_spec: str | None, clone_path: str,
@@ -99,6 +110,7 @@ class CloneSession:
         self.extra_status: dict[str, Any] = {}  # frontends add their counters here
 
     def start(self) -> CloneSession:
+        self._follow_pause_file()
         if self._copy and not self.clone.complete:
             self.copier.start()
         self.write_status()  # `status` sees the process as running from now on
@@ -158,7 +170,15 @@ class CloneSession:
 
     def _publish_loop(self) -> None:
         while not self._stop.wait(STATUS_INTERVAL):
+            self._follow_pause_file()
             self.write_status()
+
+    def _follow_pause_file(self) -> None:
+        paused = os.path.exists(pause_path(self.clone.path))
+        if paused and not self.copier.paused:
+            self.copier.pause()
+        elif not paused and self.copier.paused:
+            self.copier.resume()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Wait for the copier to finish; True if it has (complete or failed)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 import click
 
@@ -31,10 +32,11 @@ def command(source: str, clone_path: str, region_size: int | None, rate: int | N
     with stop_on_signals() as stop:
         session = CloneSession(source, clone_path, region_size, rate, persistent=False).start()
         try:
+            step = _waiter(session)
             if progress:
-                _with_progress(session, stop)
+                _with_progress(session, step, stop)
             else:
-                while not session.wait(0.2) and not stop.is_set():
+                while not step() and not stop.is_set():
                     pass
         finally:
             session.close()
@@ -52,7 +54,24 @@ def command(source: str, clone_path: str, region_size: int | None, rate: int | N
                f"{format_size(clone.stats.bytes_copied)} copied)", err=True)
 
 
-def _with_progress(session: CloneSession, stop: object) -> None:
+def _waiter(session: CloneSession) -> Callable[[], bool]:
+    """A step that waits a moment for the copy to end (True when it has), and says
+    when the copy gets paused or resumed by `liveclone pause` / `resume`."""
+    paused = False
+    path = session.clone.path
+
+    def step() -> bool:
+        nonlocal paused
+        if session.copier.paused != paused:
+            paused = not paused
+            click.echo(f"liveclone: the copy is paused; `liveclone resume {path}` continues "
+                       "it" if paused else "liveclone: the copy resumed", err=True)
+        return session.wait(0.2)
+
+    return step
+
+
+def _with_progress(session: CloneSession, step: Callable[[], bool], stop: object) -> None:
     # Imported here: rich takes tens of milliseconds to import, and only a terminal
     # needs it.
     from rich.progress import (
@@ -70,7 +89,7 @@ def _with_progress(session: CloneSession, stop: object) -> None:
     with Progress(*columns, transient=False) as bar:
         task = bar.add_task("clone", total=clone.size)
         while True:
-            done = session.wait(0.2)
+            done = step()
             bar.update(task, completed=min(clone.regions_present * clone.region_size,
                                            clone.size))
             if done or stop.is_set():  # type: ignore[attr-defined]

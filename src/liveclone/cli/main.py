@@ -13,14 +13,16 @@ import click
 from liveclone import __version__
 from liveclone.errors import LivecloneError, NoSpaceError
 
-# Subcommand → module in liveclone.cli defining ``command``. Imported only when the
+# Subcommand → (module in liveclone.cli, its click command). Imported only when the
 # command runs, so start-up (and `serve`'s time to first read) stays short.
 COMMANDS = {
-    "clone": "clone",
-    "status": "status",
-    "serve": "serve",
-    "mount": "mount",
-    "boot": "boot",
+    "clone": ("clone", "command"),
+    "status": ("status", "command"),
+    "pause": ("pause", "pause"),
+    "resume": ("pause", "resume"),
+    "serve": ("serve", "command"),
+    "mount": ("mount", "command"),
+    "boot": ("boot", "command"),
 }
 
 
@@ -34,8 +36,9 @@ class _Group(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module = importlib.import_module(f"liveclone.cli.{COMMANDS[name]}")
-        command: click.Command = module.command
+        module_name, attribute = COMMANDS[name]
+        module = importlib.import_module(f"liveclone.cli.{module_name}")
+        command: click.Command = getattr(module, attribute)
         return command
 
     def invoke(self, ctx: click.Context) -> object:
