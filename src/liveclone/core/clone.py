@@ -185,6 +185,9 @@ class Clone:
         # Fills write source bytes with direct I/O where the filesystem allows it:
         # measured 2-3x faster than the page cache's writeback on a virtio disk.
         self._dfd = open_direct(fd, os.O_RDWR)
+        # Some filesystems open with O_DIRECT and refuse the I/O (EINVAL): the first
+        # refusal turns direct I/O off for this clone.
+        self._direct = True
         # Source and clone share blocks (reflink): None until the first fill tries.
         self._share_blocks: bool | None = None
         self._cond = threading.Condition()
@@ -483,11 +486,16 @@ class Clone:
                 if self._share_blocks or e.errno not in _NO_SHARING:
                     raise
                 self._share_blocks = False
-        if direct and self._dfd is not None and offset % DIRECT_ALIGN == 0:
+        if direct and self._direct and self._dfd is not None and offset % DIRECT_ALIGN == 0:
             whole = len(data) - len(data) % DIRECT_ALIGN
-            if whole:
-                _pwrite_all(self._dfd, data[:whole], offset, progress)
-                data, offset = data[whole:], offset + whole
+            try:
+                if whole:
+                    _pwrite_all(self._dfd, data[:whole], offset, progress)
+                    data, offset = data[whole:], offset + whole
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # refused after all: the page cache from now on
         if data:
             _pwrite_all(self._fd, data, offset, progress)
 
@@ -501,12 +509,18 @@ class Clone:
         buf = getattr(self._local, "buf", None)
         if buf is None:  # anonymous mmap: page-aligned, as direct I/O needs
             buf = self._local.buf = memoryview(mmap.mmap(-1, COPY_CHUNK))
-        dfd = source.direct_fileno() if bulk else None
+        dfd = source.direct_fileno() if bulk and self._direct else None
         direct = dfd is not None and offset % DIRECT_ALIGN == 0
+        got = 0
         if dfd is not None and direct:
-            # Whole blocks; the last may run past the end of the file, which is short.
-            got = os.preadv(dfd, [buf[:-(-length // DIRECT_ALIGN) * DIRECT_ALIGN]], offset)
-        else:
+            try:
+                # Whole blocks; the last may run past the end of the file, which is short.
+                got = os.preadv(dfd, [buf[:-(-length // DIRECT_ALIGN) * DIRECT_ALIGN]], offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = direct = False  # refused after all (alignment, filesystem)
+        if not direct:
             got = os.preadv(src_fd, [buf[:length]], offset)
         if got < length:
             raise OSError(errno.EIO, f"source {source.spec} ended early at offset {offset + got}")

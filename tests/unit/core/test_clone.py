@@ -293,3 +293,30 @@ def test_fills_work_without_direct_io(tmp_path: Path, source_image) -> None:
         Copier(c).start().wait()
         assert c.complete
     assert (tmp_path / "clone.img").read_bytes() == bytes(model)
+
+
+@pytest.mark.parametrize("refuse", ["preadv", "pwrite"])
+def test_direct_io_refused_midway_falls_back(tmp_path: Path, source_image, monkeypatch,
+                                             refuse: str) -> None:
+    """A filesystem that opens files with O_DIRECT but refuses the I/O itself (EINVAL):
+    the copy goes on through the page cache instead of failing."""
+    import errno
+
+    import liveclone.core.clone as clone_mod
+
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        c._share_blocks = False
+        direct_fds = {c._dfd, c.source.direct_fileno()}  # type: ignore[union-attr]
+        real = getattr(os, refuse)
+
+        def refusing(fd: int, *args: object) -> object:
+            if fd in direct_fds:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd, *args)
+
+        monkeypatch.setattr(clone_mod.os, refuse, refusing)
+        Copier(c).start().wait()
+        monkeypatch.undo()
+        assert c.complete and not c._direct
+    assert (tmp_path / "clone.img").read_bytes() == data
