@@ -219,3 +219,22 @@ class TcpProxy:
                 dst.sendall(data)
         with contextlib.suppress(OSError):
             dst.shutdown(socket.SHUT_WR)
+
+
+def make_pki(d: Path) -> Path:
+    """A CA and a server certificate for localhost in ``d``, laid out as nbdkit and
+    qemu want (ca-cert.pem, server-cert.pem, server-key.pem)."""
+    d.mkdir()
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
+        "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=liveclone test CA")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out",
+        "server.csr", "-subj", "/CN=localhost")
+    (d / "ext").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                           "extendedKeyUsage=serverAuth\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
+        "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "ext")
+    return d

@@ -12,7 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LIVECLONE, allocated, make_image
-from tests.integration.servers import clone_partly, free_port, stop, wait_listening
+from tests.integration.servers import (
+    clone_partly,
+    free_port,
+    make_pki,
+    stop,
+    wait_listening,
+)
 
 SIZE = 32 << 20
 
@@ -92,22 +98,7 @@ def test_resume_checks_the_fingerprint(tmp_path: Path, raw: tuple[Path, bytes],
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Path:
-    """A CA and a server certificate for localhost, laid out as nbdkit and qemu want."""
-    d = tmp_path / "pki"
-    d.mkdir()
-
-    def ssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
-
-    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca-key.pem",
-        "-out", "ca-cert.pem", "-days", "2", "-subj", "/CN=liveclone test CA")
-    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server-key.pem", "-out",
-        "server.csr", "-subj", "/CN=localhost")
-    (d / "ext").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n"
-                           "extendedKeyUsage=serverAuth\n")
-    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca-cert.pem", "-CAkey", "ca-key.pem",
-        "-CAcreateserial", "-out", "server-cert.pem", "-days", "2", "-extfile", "ext")
-    return d
+    return make_pki(tmp_path / "pki")
 
 
 def test_nbds_tls(tmp_path: Path, raw: tuple[Path, bytes], pki: Path) -> None:

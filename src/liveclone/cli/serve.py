@@ -6,6 +6,7 @@ import asyncio
 import os
 import threading
 from functools import partial
+from typing import TYPE_CHECKING
 
 import click
 
@@ -18,9 +19,12 @@ from liveclone.cli.options import (
 from liveclone.core.copier import Phase
 from liveclone.errors import UsageError
 from liveclone.nbd.protocol import export_name_problem
-from liveclone.nbd.server import NBDServer
+from liveclone.nbd.server import NBDServer, tls_server_context
 from liveclone.session import CloneSession
 from liveclone.units import format_size
+
+if TYPE_CHECKING:
+    import ssl
 
 SOCKET_SUFFIX = ".sock"
 STATUS_EVERY = 0.2  # seconds between status updates; also how soon a signal stops us
@@ -50,6 +54,9 @@ def default_export_name(clone_path: str) -> str:
                    "prefer a loopback address.")
 @click.option("--export-name", default=None,
               help="The export's name (default: CLONE's file name; '' also opens it).")
+@click.option("--tls-certificates", "tls_dir", type=click.Path(file_okay=False), default=None,
+              help="Require TLS (STARTTLS; clients use nbds://) with DIR/server-cert.pem "
+                   "and DIR/server-key.pem, the layout qemu-nbd and nbdkit use.")
 @click.option("--read-only", is_flag=True, help="Refuse writes (EPERM).")
 @click.option("--mount", "mountpoint", type=click.Path(file_okay=False), default=None,
               help="Also show the clone as the file MOUNTPOINT/<CLONE name> (FUSE), in "
@@ -58,8 +65,9 @@ def default_export_name(clone_path: str) -> str:
 @rate_option
 @copy_on_read_option
 def command(source: str, clone_path: str, socket_path: str | None, listen: str | None,
-            export_name: str | None, read_only: bool, mountpoint: str | None,
-            region_size: int | None, rate: int | None, copy_on_read: bool | None) -> None:
+            export_name: str | None, tls_dir: str | None, read_only: bool,
+            mountpoint: str | None, region_size: int | None, rate: int | None,
+            copy_on_read: bool | None) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
     Prints the NBD URI on stdout as soon as clients can connect. Reads of regions
@@ -77,13 +85,20 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
     why = export_name_problem(name)
     if why:
         raise UsageError(f"invalid --export-name {name!r}: {why}")
+    tls = None
+    if tls_dir is not None:
+        try:
+            tls = tls_server_context(tls_dir)
+        except ValueError as e:
+            raise UsageError(f"--tls-certificates: {e}") from None
     with stop_on_signals() as stop:
         # Started (copier and all) by _serve once clients can connect: the first
         # read must not wait behind the copier's start.
         session = CloneSession(source, clone_path, region_size, rate,
                                copy_on_read=copy_on_read)
         try:
-            asyncio.run(_serve(session, stop, socket_path, tcp, name, read_only, mountpoint))
+            asyncio.run(_serve(session, stop, socket_path, tcp, name, read_only, mountpoint,
+                               tls))
         finally:
             session.close()
     clone = session.clone
@@ -93,8 +108,8 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
 
 async def _serve(session: CloneSession, stop: threading.Event, socket_path: str | None,
                  tcp: tuple[str, int] | None, name: str, read_only: bool,
-                 mountpoint: str | None) -> None:
-    server = NBDServer(session.clone, export_name=name, read_only=read_only)
+                 mountpoint: str | None, tls: ssl.SSLContext | None) -> None:
+    server = NBDServer(session.clone, export_name=name, read_only=read_only, tls=tls)
     mount = None
     try:
         try:

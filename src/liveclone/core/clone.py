@@ -16,6 +16,7 @@ overwrites guest data (invariant 4), and there is one fill per region at a time.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -472,20 +473,24 @@ class Clone:
         direct I/O (a short tail goes through the page cache). ``progress[0]`` follows
         every byte written, so a disk that fills up midway keeps what was done."""
         src_fd = source.fileno()
-        if src_fd is not None and self._share_blocks is not False:
+        share = self._share_blocks  # this call's view: other fillers may change it
+        if src_fd is not None and share is not False:
             try:
-                if self._share_blocks:  # the kernel shares blocks, or copies unaligned tails
+                if share:  # the kernel shares blocks, or copies unaligned pieces
                     _copy_file_range(src_fd, self._fd, offset, len(data), progress)
-                else:  # the first try: does this filesystem share blocks at all?
+                    return
+                if offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0:
+                    # The probe, on whole blocks only: can this filesystem share?
                     _clone_range(src_fd, self._fd, offset, len(data))
                     self._share_blocks = True
                     if progress is not None:
                         progress[0] = offset + len(data)
-                return
+                    return
             except OSError as e:
-                if self._share_blocks or e.errno not in _NO_SHARING:
+                if share or e.errno not in _NO_SHARING:
                     raise
-                self._share_blocks = False
+                if e.errno != errno.EINVAL:  # EINVAL may be this range only: ask again
+                    self._share_blocks = False
         if direct and self._direct and self._dfd is not None and offset % DIRECT_ALIGN == 0:
             whole = len(data) - len(data) % DIRECT_ALIGN
             try:
@@ -833,12 +838,17 @@ class Clone:
         self._release_files()
 
     def _release_files(self) -> None:
-        self._store.close()
-        for fd in (self._fd, self._dfd):
-            if fd is not None:
-                os.close(fd)
-        if self.source is not None:
-            self.source.close()
+        try:
+            self._store.close()
+        finally:
+            try:
+                for fd in (self._fd, self._dfd):
+                    if fd is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
+            finally:
+                if self.source is not None:
+                    self.source.close()
 
     def __enter__(self) -> Clone:
         return self

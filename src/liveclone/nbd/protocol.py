@@ -68,6 +68,7 @@ class RemoteProtocolError(Exception):
 class State(Enum):
     HANDSHAKE = "handshake"  # greeting queued; waiting for the 32-bit client flags
     NEGOTIATING = "negotiating"  # option haggling
+    TLS_HANDSHAKE = "tls handshake"  # STARTTLS acknowledged: the I/O layer upgrades
     TRANSMISSION = "transmission"  # requests and replies
     DRAINING = "draining"  # NBD_CMD_DISC received: answer what is in flight, read nothing
     CLOSED = "closed"  # done (or broken): the I/O layer closes after sending its data
@@ -78,6 +79,8 @@ class Input(Enum):
     OPTION = "option"  # any option answered in place (INFO, LIST, errors...)
     EXPORT_CHOSEN = "export chosen"  # EXPORT_NAME or GO succeeded
     ABORT = "abort"
+    STARTTLS = "starttls"  # the ACK to NBD_OPT_STARTTLS is queued
+    TLS_STARTED = "tls started"  # local: the I/O layer finished the TLS handshake
     REQUEST = "request"
     DISC = "disc"
     REPLY = "reply"  # local: send() of an answer
@@ -91,6 +94,8 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
     (State.NEGOTIATING, Input.OPTION): State.NEGOTIATING,
     (State.NEGOTIATING, Input.EXPORT_CHOSEN): State.TRANSMISSION,
     (State.NEGOTIATING, Input.ABORT): State.CLOSED,
+    (State.NEGOTIATING, Input.STARTTLS): State.TLS_HANDSHAKE,
+    (State.TLS_HANDSHAKE, Input.TLS_STARTED): State.NEGOTIATING,
     (State.TRANSMISSION, Input.REQUEST): State.TRANSMISSION,
     (State.TRANSMISSION, Input.REPLY): State.TRANSMISSION,
     (State.TRANSMISSION, Input.DISC): State.DRAINING,
@@ -99,7 +104,7 @@ TRANSITIONS: dict[tuple[State, Input], State] = {
 }
 for _state in State:
     TRANSITIONS[(_state, Input.PEER_ERROR)] = State.CLOSED
-LOCAL_INPUTS = frozenset({Input.REPLY})
+LOCAL_INPUTS = frozenset({Input.REPLY, Input.TLS_STARTED})
 
 
 # --- exports ------------------------------------------------------------------------
@@ -187,7 +192,13 @@ class Aborted:
     """NBD_OPT_ABORT during the handshake: send the ACK queued, then close."""
 
 
-Event = ExportChosen | Command | Rejected | Disconnect | Aborted
+@dataclass(slots=True)
+class StartTLS:
+    """NBD_OPT_STARTTLS accepted: send the ACK queued, read nothing more in plain
+    text, run the TLS handshake as the server, then call ``tls_started()``."""
+
+
+Event = ExportChosen | Command | Rejected | Disconnect | Aborted | StartTLS
 
 
 # --- replies (into send) --------------------------------------------------------------
@@ -312,9 +323,12 @@ class _InFlight:
 class ServerConnection:
     """One client's NBD session, from greeting to close. Not thread-safe."""
 
-    def __init__(self, exports: Sequence[Export]) -> None:
+    def __init__(self, exports: Sequence[Export], tls: bool = False) -> None:
+        """``tls``: TLS is offered and required (NBD_OPT_STARTTLS before anything else)."""
         if not exports:
             raise ValueError("a server needs at least one export")
+        self.tls = tls
+        self.tls_active = False
         self.exports = {e.name: e for e in exports}
         self.default_export = exports[0]  # what the name "" opens
         self.state = State.HANDSHAKE
@@ -357,6 +371,17 @@ class ServerConnection:
         return len(self._inflight)
 
     # -- bytes in -------------------------------------------------------------------------
+
+    def tls_started(self) -> list[Event]:
+        """The I/O layer finished the TLS handshake; negotiation goes on inside it.
+
+        The I/O layer reads nothing in plain text after StartTLS (it stops reading
+        until its TLS layer is in place), so bytes given to ``receive_data`` in
+        TLS_HANDSHAKE came through TLS (a client may send its next option as soon
+        as the handshake ends): they are held, and parsed now. Returns their events."""
+        self._go(Input.TLS_STARTED)
+        self.tls_active = True
+        return self.receive_data(b"")
 
     def data_to_send(self) -> list[Buffer]:
         out, self._outbox = self._outbox, []
@@ -479,7 +504,14 @@ class ServerConnection:
             self._go(Input.ABORT)
             events.append(Aborted())
             return
+        if option == Opt.STARTTLS:
+            self._opt_starttls(payload, events)
+            return
         self._go(Input.OPTION)
+        if self._tls_missing():
+            self._reply(option, Rep.ERR_TLS_REQD,
+                        "TLS is required: connect with nbds:// (STARTTLS)")
+            return
         handler = self._OPTIONS.get(option)
         if handler is None:
             self._reply(option, Rep.ERR_UNSUP, f"option {option} is not supported")
@@ -488,6 +520,20 @@ class ServerConnection:
             handler(self, option, payload, events)
         except wire.WireError as e:
             self._reply(option, Rep.ERR_INVALID, f"malformed option: {e}")
+
+    def _tls_missing(self) -> bool:
+        return self.tls and not self.tls_active
+
+    def _opt_starttls(self, payload: bytes, events: list[Event]) -> None:
+        if not self.tls or self.tls_active or payload:
+            self._go(Input.OPTION)
+            why = ("TLS is not configured on this server" if not self.tls else
+                   "TLS is already on" if self.tls_active else "STARTTLS takes no data")
+            self._reply(Opt.STARTTLS, Rep.ERR_UNSUP if not self.tls else Rep.ERR_INVALID, why)
+            return
+        self._reply(Opt.STARTTLS, Rep.ACK)
+        self._go(Input.STARTTLS)
+        events.append(StartTLS())
 
     def _reply(self, option: int, rep: int, data: Buffer | str = b"") -> None:
         if isinstance(data, str):
@@ -512,6 +558,9 @@ class ServerConnection:
         events.append(ExportChosen(export, self.structured, self.base_allocation))
 
     def _opt_export_name(self, payload: bytes, events: list[Event]) -> None:
+        if self._tls_missing():
+            # EXPORT_NAME has no error reply: the spec says to drop the connection.
+            raise self._peer_error("TLS is required: the client must use STARTTLS first")
         try:
             name = wire.decode_string(payload)
         except wire.WireError as e:

@@ -45,12 +45,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from liveclone.nbd import protocol as p
 from liveclone.nbd import wire
 from liveclone.nbd.wire import Cmd
+
+if TYPE_CHECKING:  # ssl is imported only when TLS is used: it costs start-up time
+    import ssl
 
 log = logging.getLogger("liveclone.nbd")
 
@@ -93,22 +96,46 @@ class ServerStats:
     dropped: int = 0  # connections closed for breaking the protocol
 
 
-def unix_uri(path: str, name: str) -> str:
-    return f"nbd+unix:///{quote(name, safe='')}?socket={quote(path, safe='/')}"
+def unix_uri(path: str, name: str, tls: bool = False) -> str:
+    scheme = "nbds+unix" if tls else "nbd+unix"
+    return f"{scheme}:///{quote(name, safe='')}?socket={quote(path, safe='/')}"
 
 
-def tcp_uri(host: str, port: int, name: str) -> str:
+def tcp_uri(host: str, port: int, name: str, tls: bool = False) -> str:
     if ":" in host:
         host = f"[{host}]"
-    return f"nbd://{host}:{port}/{quote(name, safe='')}"
+    return f"{'nbds' if tls else 'nbd'}://{host}:{port}/{quote(name, safe='')}"
+
+
+def tls_server_context(directory: str) -> ssl.SSLContext:
+    """A TLS server context from a directory laid out as qemu-nbd and nbdkit expect:
+    ``server-cert.pem`` and ``server-key.pem``. Raises ValueError naming what is wrong."""
+    cert = os.path.join(directory, "server-cert.pem")
+    key = os.path.join(directory, "server-key.pem")
+    for path in (cert, key):
+        if not os.path.isfile(path):
+            raise ValueError(f"{path} is missing: the TLS directory needs server-cert.pem "
+                             "and server-key.pem (the layout qemu-nbd and nbdkit use)")
+    import ssl
+
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ValueError(f"cannot load {cert} with {key}: {e}") from None
+    return ctx
 
 
 class NBDServer:
     """One export of one clone, on any number of listeners."""
 
     def __init__(self, clone: Storage, export_name: str = "", read_only: bool = False,
-                 description: str = "liveclone", io_threads: int = IO_THREADS) -> None:
+                 description: str = "liveclone", io_threads: int = IO_THREADS,
+                 tls: ssl.SSLContext | None = None) -> None:
+        """``tls``: a server context; clients must then STARTTLS before anything else."""
         self.clone = clone
+        self.tls = tls
         self.export = p.Export(export_name, clone.size, read_only=read_only,
                                description=description,
                                preferred_block=min(max(4096, clone.region_size), 1 << 20))
@@ -138,13 +165,13 @@ class NBDServer:
             sock = bind_unix(unix_path)
             self._unix_paths.append(unix_path)
             self._servers.append(await loop.create_unix_server(self._connection, sock=sock))
-            new.append(unix_uri(unix_path, self.export.name))
+            new.append(unix_uri(unix_path, self.export.name, self.tls is not None))
         if tcp is not None:
             server = await loop.create_server(self._connection, tcp[0], tcp[1],
                                               reuse_address=True)
             self._servers.append(server)
             host, port = server.sockets[0].getsockname()[:2]
-            new.append(tcp_uri(host, port, self.export.name))
+            new.append(tcp_uri(host, port, self.export.name, self.tls is not None))
         self.uris.extend(new)
         return new
 
@@ -234,11 +261,12 @@ class _Connection(asyncio.Protocol):
     def __init__(self, server: NBDServer) -> None:
         self.server = server
         self.clone = server.clone
-        self.proto = p.ServerConnection([server.export])
+        self.proto = p.ServerConnection([server.export], tls=server.tls is not None)
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._paused_reading = False  # by us, for too many requests in flight
         self._write_blocked = False  # by the transport's high-water mark
+        self._upgrade: asyncio.Future[None] | None = None  # the STARTTLS handshake
 
     # -- asyncio callbacks -----------------------------------------------------------
 
@@ -265,8 +293,12 @@ class _Connection(asyncio.Protocol):
         self._update_reading()
 
     def data_received(self, data: bytes) -> None:
+        self._handle(lambda: self.proto.receive_data(data))
+
+    def _handle(self, parse: Callable[[], list[p.Event]]) -> None:
+        """Run the protocol on new input and act on its events."""
         try:
-            events = self.proto.receive_data(data)
+            events = parse()
         except p.RemoteProtocolError as e:
             log.warning("dropping NBD client: %s", e)
             self.server.stats.dropped += 1
@@ -280,8 +312,31 @@ class _Connection(asyncio.Protocol):
                 self.server.stats.rejected += 1
                 log.debug("rejected %s: %s", Cmd(ev.cmd).name if ev.cmd in Cmd._value2member_map_
                           else ev.cmd, ev.reason)
+            elif type(ev) is p.StartTLS:
+                self._write(self.proto.data_to_send())  # the ACK goes out in plain text
+                assert self.transport is not None
+                self.transport.pause_reading()  # no byte of the handshake reaches proto
+                self._upgrade = asyncio.ensure_future(self._start_tls())
         self._write(self.proto.data_to_send())
         self._after_change()
+
+    async def _start_tls(self) -> None:
+        import ssl
+
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None and self.server.tls is not None
+        try:
+            transport = await loop.start_tls(self.transport, self, self.server.tls,
+                                             server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as e:
+            log.warning("dropping NBD client: TLS handshake failed: %s", e)
+            self.server.stats.dropped += 1
+            self.close()
+            return
+        if transport is None or self.closed:
+            return
+        self.transport = transport
+        self._handle(self.proto.tls_started)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too

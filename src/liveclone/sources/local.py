@@ -43,7 +43,12 @@ class LocalFileSource(Source):
         # 4 GiB copy went from about 0.8x to about 1.05x of cp + sync).
         os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         # Fills read around the page cache where they can (see Clone's fills).
-        self._dfd = open_direct(self._fd, os.O_RDONLY)
+        try:
+            self._dfd = open_direct(self._fd, os.O_RDONLY)
+        except OSError as e:
+            os.close(self._fd)
+            raise SourceError(f"cannot open source {path!r} again for direct I/O: "
+                              f"{e.strerror}") from None
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
         self._fingerprint: str | None = None
 

@@ -9,8 +9,8 @@ SIZE = 1 << 20
 EXPORT = p.Export("disk", SIZE)
 
 
-def new(*exports: p.Export) -> p.ServerConnection:
-    conn = p.ServerConnection(list(exports) or [EXPORT])
+def new(*exports: p.Export, tls: bool = False) -> p.ServerConnection:
+    conn = p.ServerConnection(list(exports) or [EXPORT], tls=tls)
     assert conn.data_to_send() == [wire.encode_greeting(
         wire.FLAG_FIXED_NEWSTYLE | wire.FLAG_NO_ZEROES)]
     return conn
@@ -33,8 +33,8 @@ def out(conn: p.ServerConnection) -> bytes:
     return b"".join(bytes(x) for x in conn.data_to_send())
 
 
-def negotiating(*exports: p.Export) -> p.ServerConnection:
-    conn = new(*exports)
+def negotiating(*exports: p.Export, tls: bool = False) -> p.ServerConnection:
+    conn = new(*exports, tls=tls)
     assert conn.receive_data(wire.encode_client_flags(
         wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES)) == []
     assert conn.state is p.State.NEGOTIATING
@@ -65,6 +65,15 @@ def draining() -> p.ServerConnection:
     return conn
 
 
+def tls_handshake() -> p.ServerConnection:
+    """TLS required; STARTTLS acknowledged, the I/O layer's handshake not done yet."""
+    conn = negotiating(tls=True)
+    assert conn.receive_data(wire.encode_option(wire.Opt.STARTTLS)) == [p.StartTLS()]
+    assert option_replies(out(conn)) == [(wire.Opt.STARTTLS, wire.Rep.ACK, b"")]
+    assert conn.state is p.State.TLS_HANDSHAKE
+    return conn
+
+
 def closed() -> p.ServerConnection:
     conn = negotiating()
     conn.receive_data(wire.encode_option(wire.Opt.ABORT))
@@ -76,6 +85,7 @@ def closed() -> p.ServerConnection:
 BUILDERS = {
     p.State.HANDSHAKE: new,
     p.State.NEGOTIATING: negotiating,
+    p.State.TLS_HANDSHAKE: tls_handshake,
     p.State.TRANSMISSION: transmitting,
     p.State.DRAINING: draining,
     p.State.CLOSED: closed,

@@ -16,6 +16,7 @@ from tests.unit.nbd.drive import (
     new,
     option_replies,
     out,
+    tls_handshake,
     transmitting,
 )
 
@@ -98,7 +99,10 @@ def test_list_and_unknown_options_and_abort() -> None:
     assert replies[-1][1] == Rep.ACK
     conn.receive_data(wire.encode_option(Opt.LIST, b"x"))
     assert option_replies(out(conn))[0][1] == Rep.ERR_INVALID
-    for opt in (Opt.STARTTLS, Opt.EXTENDED_HEADERS, 999):
+    conn.receive_data(wire.encode_option(Opt.STARTTLS))
+    assert option_replies(out(conn)) == [(Opt.STARTTLS, Rep.ERR_UNSUP,
+                                          b"TLS is not configured on this server")]
+    for opt in (Opt.EXTENDED_HEADERS, 999):
         conn.receive_data(wire.encode_option(opt, b"abc"))
         assert option_replies(out(conn)) == [(opt, Rep.ERR_UNSUP, b"option %d is not "
                                               b"supported" % opt)]
@@ -325,3 +329,29 @@ def test_export_flags_and_names() -> None:
     for bad in ("a/b", "..", "-x", "a\nb", "x" * 300):
         with pytest.raises(ValueError):
             p.Export(bad, 1)
+
+
+def test_tls_required_before_anything_else() -> None:
+    """A server with TLS: every option but STARTTLS and ABORT gets ERR_TLS_REQD,
+    EXPORT_NAME drops the client, and after the handshake negotiation goes on."""
+    conn = negotiating(tls=True)
+    for opt in (Opt.LIST, Opt.GO, Opt.INFO, Opt.STRUCTURED_REPLY):
+        conn.receive_data(wire.encode_option(opt, wire.encode_info_request("", []) if
+                                             opt in (Opt.GO, Opt.INFO) else b""))
+        [(o, rep, _)] = option_replies(out(conn))
+        assert (o, rep) == (opt, Rep.ERR_TLS_REQD) and conn.state is p.State.NEGOTIATING
+    with pytest.raises(p.RemoteProtocolError, match="TLS is required"):
+        conn.receive_data(wire.encode_option(Opt.EXPORT_NAME, b""))
+    conn = tls_handshake()
+    # Bytes that come through TLS before the I/O layer reports the handshake done
+    # are held, then parsed inside TLS.
+    assert conn.receive_data(wire.encode_option(Opt.INFO, wire.encode_info_request(
+        "", []))) == []
+    assert out(conn) == b""
+    assert conn.tls_started() == []
+    assert conn.state is p.State.NEGOTIATING and conn.tls_active
+    assert option_replies(out(conn))[-1][:2] == (Opt.INFO, Rep.ACK)
+    conn.receive_data(wire.encode_option(Opt.STARTTLS))
+    assert option_replies(out(conn))[0][1] == Rep.ERR_INVALID  # already on
+    events = conn.receive_data(wire.encode_option(Opt.GO, wire.encode_info_request("", [])))
+    assert isinstance(events[-1], p.ExportChosen) and conn.state is p.State.TRANSMISSION
