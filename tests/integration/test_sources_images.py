@@ -132,16 +132,29 @@ def children(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def test_qemu_nbd_killed_mid_copy_is_restarted(tmp_path: Path,
-                                               raw: tuple[Path, bytes]) -> None:
-    src, data = raw
-    image = convert(src, tmp_path / "src.qcow2", "qcow2", [])
-    clone = tmp_path / "clone.img"
-    proc = subprocess.Popen([LIVECLONE, "clone", str(image), str(clone), "--rate", "8M"],
-                            stderr=subprocess.PIPE)
+def copying_from_qcow2(src: Path, image: Path, clone: Path, rate: str,
+                       stderr: int) -> tuple[subprocess.Popen[bytes], int]:
+    """A slow ``liveclone clone`` into ``clone`` of ``image``, a qcow2 made from ``src``,
+    once it has copied something; returns the process and its one child, the
+    qemu-nbd it started."""
+    convert(src, image, "qcow2", [])
+    proc = subprocess.Popen([LIVECLONE, "clone", str(image), str(clone), "--rate", rate],
+                            stderr=stderr)
     try:
         wait_status(clone, lambda s: s["regions_present"] > 0, proc)
         (child,) = children(proc.pid)
+    except BaseException:
+        stop(proc)
+        raise
+    return proc, child
+
+
+def test_qemu_nbd_killed_mid_copy_is_restarted(tmp_path: Path,
+                                               raw: tuple[Path, bytes]) -> None:
+    src, data = raw
+    image, clone = tmp_path / "src.qcow2", tmp_path / "clone.img"
+    proc, child = copying_from_qcow2(src, image, clone, "8M", subprocess.PIPE)
+    try:
         assert "qemu-nbd" in Path(f"/proc/{child}/cmdline").read_text()
         os.kill(child, signal.SIGKILL)
         _, err = proc.communicate(timeout=300)
@@ -220,16 +233,10 @@ def test_raw_stays_a_local_file(raw: tuple[Path, bytes]) -> None:
 
 
 def test_killed_liveclone_leaves_no_qemu_nbd(tmp_path: Path, raw: tuple[Path, bytes]) -> None:
-    image = convert(raw[0], tmp_path / "src.qcow2", "qcow2", [])
-    clone = tmp_path / "clone.img"
-    proc = subprocess.Popen([LIVECLONE, "clone", str(image), str(clone), "--rate", "2M"],
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_status(clone, lambda s: s["regions_present"] > 0, proc)
-        (child,) = children(proc.pid)
-    finally:
-        proc.kill()
-        proc.wait()
+    proc, child = copying_from_qcow2(raw[0], tmp_path / "src.qcow2", tmp_path / "clone.img",
+                                     "2M", subprocess.DEVNULL)
+    proc.kill()
+    proc.wait()
     assert wait_gone(child), "qemu-nbd outlived the liveclone that started it"
 
 
