@@ -57,7 +57,7 @@ def read_latency_while_copying(url: str, clone: Path, reads: int = 200) -> dict[
     import random
 
     from liveclone.core.metadata import MapStore
-    from liveclone.nbd.client import Pool, parse_uri
+    from liveclone.nbdwire.client import Pool, parse_uri
     from liveclone.process import stop_process
 
     remove_clone(clone)

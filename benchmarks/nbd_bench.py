@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from results_file import write_section  # noqa: E402
 
-from liveclone.nbd import wire  # noqa: E402
+from liveclone.nbdwire import wire  # noqa: E402
 from liveclone.process import stop_process  # noqa: E402
 from liveclone.units import format_size, parse_size  # noqa: E402
 

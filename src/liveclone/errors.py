@@ -64,3 +64,16 @@ class TargetError(LivecloneError):
     """The clone cannot be created or written: unwritable directory, bad path."""
 
     exit_code = 9
+
+
+class CloneFailedError(LivecloneError):
+    """A sync, journal write or compaction step of the clone failed (invariant 9):
+    the clone went read-only. Committed data is safe; reopen after fixing the cause."""
+
+    exit_code = 10
+
+
+class CloneClosedError(LivecloneError):
+    """A call on a clone that is closing or closed (a bug in the caller)."""
+
+    exit_code = 1

@@ -22,8 +22,7 @@ from typing import Any
 
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier, Phase
-from liveclone.core.metadata import MapStore
-from liveclone.core.regions import DEFAULT_REGION_SIZE, check_region_size
+from liveclone.core.opening import open_clone as core_open_clone
 from liveclone.errors import UsageError
 from liveclone.sources import Source, open_source
 
@@ -42,49 +41,18 @@ def pause_path(clone_path: str) -> str:
 
 def open_clone(source_spec: str | None, clone_path: str,
                region_size: int | None = None) -> Clone:
-    """Resume the clone at ``clone_path`` if its map exists, else create it.
+    """Resume the clone at ``clone_path`` if it exists, else create it from
+    ``source_spec``. A complete clone needs no source: a missing one is not opened."""
 
-    On resume a complete clone needs no source: a missing one is not opened.
-    """
-    if region_size is not None:
-        try:
-            check_region_size(region_size)
-        except ValueError as e:
-            raise UsageError(str(e)) from None
-    if os.path.lexists(clone_path) and not MapStore.exists(clone_path):
-        return Clone.open(clone_path, None)  # raises NotACloneError with the fix
-    if MapStore.exists(clone_path):
-        clone_path = os.path.abspath(clone_path)
-        store, rmap = MapStore.load(clone_path)  # read once, handed to the clone
-        source: Source | None = None
-        try:
-            header = store.header
-            if region_size is not None and region_size != header.region_size:
-                raise UsageError(
-                    f"the clone {clone_path} was made with region size {header.region_size}; "
-                    f"drop --region-size or give {header.region_size}"
-                )
-            if not rmap.complete or (source_spec and os.path.exists(source_spec)):
-                if source_spec is None:
-                    raise UsageError(f"the clone {clone_path} is not complete: give its SOURCE")
-                source = open_source(source_spec)
-        except BaseException:
-            store.close()
-            raise
-        try:
-            return Clone.from_store(clone_path, store, rmap, source)
-        except BaseException:
-            if source is not None:
-                source.close()
-            raise
-    if source_spec is None:
-        raise UsageError(f"{clone_path} is not a clone yet: give a SOURCE to clone")
-    source = open_source(source_spec)
-    try:
-        return Clone.create(source, clone_path, region_size or DEFAULT_REGION_SIZE)
-    except BaseException:
-        source.close()
-        raise
+    def source(needed: bool) -> Source | None:
+        if needed or (source_spec and os.path.exists(source_spec)):
+            if source_spec is None:
+                raise UsageError(f"the clone {clone_path} is not complete (or not made "
+                                 "yet): give its SOURCE")
+            return open_source(source_spec)
+        return None
+
+    return core_open_clone(clone_path, source, region_size=region_size, create=True)
 
 
 class CloneSession:
@@ -121,8 +89,9 @@ class CloneSession:
         clone, copier = self.clone, self.copier
         stats = clone.stats
         source_status = clone.source.status() if clone.source is not None else {}
-        last_error = clone.last_error
-        if source_status.get("retrying"):  # an outage in progress shows at once
+        last_error = clone.failure or clone.last_error
+        # An outage in progress shows at once.
+        if source_status.get("retrying") and clone.failure is None:
             last_error = f"source retrying: {source_status.get('last_error')}"
         phase = copier.phase
         if not running and phase == Phase.COPYING:
@@ -148,7 +117,9 @@ class CloneSession:
                 "bytes_read": stats.guest_bytes_read,
                 "bytes_written": stats.guest_bytes_written,
             },
-            "commits": stats.commits,
+            "commits": clone.commits,
+            "regions_committed": clone.regions_committed,
+            "state": clone.lifecycle.state.value,
             "source": clone.header.source,
             "source_status": source_status,
             "copy_on_read": clone.copy_on_read,

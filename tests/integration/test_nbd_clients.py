@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from liveclone.nbd import wire
+from liveclone.nbdwire import wire
 from liveclone.process import stop_process
 from tests.conftest import LIVECLONE, make_image
 
@@ -240,7 +240,7 @@ def test_fio_random_writes_verify(setup: Setup) -> None:
 
 
 def raw_client(path: Path) -> socket.socket:
-    """A hand-made client (liveclone.nbd.wire) through GO with structured replies,
+    """A hand-made client (liveclone.nbdwire.wire) through GO with structured replies,
     for requests a real client would refuse to send."""
     c = socket.socket(socket.AF_UNIX)
     c.settimeout(10)
@@ -285,7 +285,8 @@ def raw_request_error(c: socket.socket, cmd: int, offset: int, length: int,
 def test_read_only_export(setup: Setup) -> None:
     with setup.serve("--read-only") as s:
         res = run(["qemu-io", "-f", "raw", "-c", "write -P 1 0 4096", s.uri], check=False)
-        assert res.returncode != 0  # qemu refuses to open a read-only export for writing
+        # qemu refuses to open a read-only export for writing
+        assert res.returncode != 0 and "Permission denied" in res.stderr, res.stderr
         info = json.loads(run(["nbdinfo", "--json", s.uri]).stdout)
         assert info["exports"][0]["is_read_only"] is True
         with raw_client(s.socket) as c:  # the server refuses anyway

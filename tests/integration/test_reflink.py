@@ -82,17 +82,18 @@ def test_clone_across_filesystems_copies(xfs: Path, tmp_path: Path) -> None:
 def test_unaligned_guest_fill_first_keeps_sharing(xfs: Path) -> None:
     """A guest's partial write fills unaligned pieces before the copier's first run:
     that must neither fail nor turn block sharing off for the rest of the copy."""
-    from liveclone.core.clone import Clone
     from liveclone.core.copier import Copier
+    from liveclone.core.opening import open_clone
     from liveclone.sources.local import LocalFileSource
 
     src = xfs / "src.img"
     model = bytearray(make_image(src, 16 << 20, seed=9))
-    with Clone.create(LocalFileSource(str(src)), str(xfs / "clone.img")) as c:
+    with open_clone(str(xfs / "clone.img"), LocalFileSource(str(src)), create=True,
+                    exclusive=True) as c:
         for off in (100, (5 << 20) + 7):
             c.write(off, b"g" * 512)
             model[off:off + 512] = b"g" * 512
         Copier(c).start().wait()
-        assert c.complete and c._share_blocks
+        assert c.complete and c._fill._share_blocks
     assert (xfs / "clone.img").read_bytes() == bytes(model)
     assert shared_extents(xfs / "clone.img") > 0

@@ -163,7 +163,9 @@ def test_qemu_nbd_killed_mid_copy_is_restarted(tmp_path: Path,
         stop(proc)
     assert_same(clone, image, "qcow2", data)
     st = json.loads(run("status", "--json", str(clone)).stdout)
-    assert st["source_status"]["qemu_nbd_restarts"] >= 1 or st["phase"] == "complete"
+    assert st["phase"] == "complete"
+    # The copy went on through a new qemu-nbd, not the one killed.
+    assert st["source_status"]["qemu_nbd_restarts"] >= 1, st["source_status"]
 
 
 def test_no_qemu_nbd_left_behind(tmp_path: Path, raw: tuple[Path, bytes]) -> None:

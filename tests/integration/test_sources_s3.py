@@ -67,7 +67,9 @@ def test_clone_from_s3(tmp_path: Path, s3: dict[str, Any]) -> None:
     assert st["source"]["kind"] == "s3" and st["source"]["size"] == SIZE
     assert st["source"]["etag"]
     # Resuming a complete clone with the same, unchanged object is fine.
-    assert run(s3["env"], "clone", f"s3://{BUCKET}/dir/disk.img", str(clone)).returncode == 0
+    r = run(s3["env"], "clone", f"s3://{BUCKET}/dir/disk.img", str(clone))
+    assert r.returncode == 0, r.stderr
+    assert clone.read_bytes() == s3["data"]
 
 
 def test_bad_credentials(tmp_path: Path, s3: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from liveclone.core.clone import Clone
+from liveclone.core.opening import open_clone
 from liveclone.core.regions import RegionMap
 from liveclone.sources.local import LocalFileSource
 
@@ -59,8 +59,9 @@ class CloneModel(RuleBasedStateMachine):
         self.model = bytearray(self.source)
         self.present: set[int] = set()
         self.committed: set[int] = set()
-        self.clone = Clone.create(LocalFileSource(str(src)), str(self.dir / "c.img"), RS,
-                                  autocommit=False)
+        self.clone = open_clone(str(self.dir / "c.img"), LocalFileSource(str(src)),
+                                region_size=RS, create=True, exclusive=True,
+                                autocommit=False)
 
     def teardown(self) -> None:
         if hasattr(self, "clone"):
@@ -139,7 +140,7 @@ class CloneModel(RuleBasedStateMachine):
             a, b = self._bounds(r)
             self.model[a:b] = self.source[a:b]
         self.present = set(self.committed)
-        self.clone = Clone.open(str(self.dir / "c.img"), LocalFileSource(str(self.src_path)),
+        self.clone = open_clone(str(self.dir / "c.img"), LocalFileSource(str(self.src_path)),
                                 autocommit=False)
 
     # -- invariants ------------------------------------------------------------------

@@ -18,8 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from liveclone.nbd import protocol as p
-from liveclone.nbd import wire
-from liveclone.nbd.wire import Cmd, Opt
+from liveclone.nbdwire import wire
+from liveclone.nbdwire.wire import Cmd, Opt
 from tests.unit.nbd.drive import BUILDERS, EXPORT, SIZE, out
 
 State, Input = p.State, p.Input

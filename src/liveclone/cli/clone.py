@@ -9,6 +9,7 @@ import click
 
 from liveclone.cli.options import rate_option, region_size_option, stop_on_signals
 from liveclone.core.copier import Phase
+from liveclone.errors import CloneFailedError
 from liveclone.session import CloneSession
 from liveclone.units import format_size
 
@@ -41,6 +42,8 @@ def command(source: str, clone_path: str, region_size: int | None, rate: int | N
         finally:
             session.close()
     clone = session.clone
+    if clone.failure is not None:
+        raise CloneFailedError(clone.failure)
     if session.copier.error is not None:
         raise session.copier.error
     if stop.is_set():

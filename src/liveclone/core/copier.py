@@ -20,7 +20,9 @@ import time
 from collections import deque
 
 from liveclone.core.clone import Clone
-from liveclone.errors import NoSpaceError
+from liveclone.core.fill import SourceReadError
+from liveclone.core.ratelimit import RateLimiter
+from liveclone.errors import CloneFailedError, NoSpaceError, TargetError
 from liveclone.units import format_size
 
 # Batches are copied with direct I/O in chunks of up to clone.COPY_CHUNK; three
@@ -52,24 +54,6 @@ class Phase:
     PAUSED = "paused"
     COMPLETE = "complete"
     FAILED = "failed"
-
-
-class RateLimiter:
-    """Token bucket: ``take(n)`` sleeps so the long-run rate stays under ``rate``."""
-
-    def __init__(self, rate: float) -> None:
-        self.rate = rate  # bytes per second
-        self._lock = threading.Lock()
-        self._next = time.monotonic()  # when the next byte may go
-
-    def take(self, nbytes: int, stop: threading.Event) -> None:
-        with self._lock:
-            now = time.monotonic()
-            start = max(self._next, now)
-            self._next = start + nbytes / self.rate
-            delay = start - now
-        if delay > 0:
-            stop.wait(delay)
 
 
 class Copier:
@@ -122,9 +106,11 @@ class Copier:
 
     def pause(self) -> None:
         self._running.clear()
+        self.clone.pause()
 
     def resume(self) -> None:
         self._running.set()
+        self.clone.resume()
 
     @property
     def paused(self) -> bool:
@@ -143,27 +129,26 @@ class Copier:
 
     def prioritize(self, first: int, end: int) -> None:
         """Copy ``[first, end)`` before the sweep goes on (guest-driven order)."""
-        with self._lock:
-            self._priority.append((first, end))
+        self._priority.append((first, end))
 
     def _guest_touched(self, first: int, end: int) -> None:
         """Guest-driven order: copy what the guest reads, and a readahead after it that
-        grows while the guest reads sequentially."""
-        with self._lock:
-            last_end, ahead = self._last_touch
-            if first <= last_end <= end:  # continues (or overlaps) the last read
-                ahead = min(max(ahead * 2, self.batch_regions),
-                            max(1, READAHEAD_MAX // self.clone.region_size))
-            else:
-                ahead = 0
-            self._last_touch = (end, ahead)
-            self._priority.append((first, min(end + ahead, self.clone.regions_total)))
+        grows while the guest reads sequentially. Called on the guest's read path:
+        takes no lock (a deque's append is atomic; the readahead state is a hint)."""
+        last_end, ahead = self._last_touch
+        if first <= last_end <= end:  # continues (or overlaps) the last read
+            ahead = min(max(ahead * 2, self.batch_regions),
+                        max(1, READAHEAD_MAX // self.clone.region_size))
+        else:
+            ahead = 0
+        self._last_touch = (end, ahead)
+        self._priority.append((first, min(end + ahead, self.clone.regions_total)))
 
     @property
     def phase(self) -> str:
         if self.clone.complete:
             return Phase.COMPLETE
-        if self.error is not None:
+        if self.error is not None or self.clone.failure is not None:
             return Phase.FAILED
         return Phase.PAUSED if self.paused else Phase.COPYING
 
@@ -188,24 +173,30 @@ class Copier:
     # -- the work --------------------------------------------------------------------
 
     def _next_batch(self) -> tuple[int, int] | None:
-        """The next run of regions to fill, or None when nothing is left to try."""
+        """The next run of regions to fill, or None when nothing is left to try.
+        No lock is held across source I/O (the hole probe may be a network call)."""
         clone = self.clone
-        with self._lock:
-            while self._priority:
+        while True:  # guest-driven runs first
+            try:
                 first, end = self._priority.popleft()
-                runs = [(a, b) for a, b, present in clone.present_runs(first, end) if not present]
-                if runs:
-                    a, b = runs[0]
-                    if len(runs) > 1 or b < end:
-                        self._priority.appendleft((b, end))
-                    return a, min(b, a + self._batch_limit())
+            except IndexError:
+                break
+            runs = clone.absent_runs(first, end)
+            if runs:
+                a, b = runs[0]
+                if len(runs) > 1 or b < end:
+                    self._priority.appendleft((b, end))
+                return a, min(b, a + self._batch_limit())
+        with self._lock:
             start = None if clone.complete else self._sweep_start()
             if start is None:
                 return None
-            end = self._batch_end(start)
-            end = self._stretch_over_hole(start, end)
-            self._cursor = end
-            return start, end
+            end = self._cursor = self._batch_end(start)
+        stretched = self._stretch_over_hole(start, end)
+        if stretched > end:
+            with self._lock:
+                self._cursor = max(self._cursor, stretched)
+        return start, stretched
 
     def _sweep_start(self) -> int | None:
         """The first absent region at or after the cursor, wrapping around once,
@@ -231,18 +222,23 @@ class Copier:
 
     def _stretch_over_hole(self, start: int, end: int) -> int:
         """A batch that starts in a source hole may run to the hole's end (up to
-        HOLE_BATCH): punching costs the same for 8 MiB or 1 GiB, Python work does not."""
+        HOLE_BATCH): punching costs the same for 8 MiB or 1 GiB, Python work does not.
+        Called without the lock: the source's extents may be a network call."""
         source, geo = self.clone.source, self.clone.geometry
         if source is None:
             return end
         first_byte = geo.bounds(start)[0]
-        ext = next(iter(source.extents(first_byte, min(HOLE_BATCH, geo.size - first_byte))),
-                   None)
+        try:
+            ext = next(iter(source.extents(first_byte,
+                                           min(HOLE_BATCH, geo.size - first_byte))), None)
+        except OSError:
+            return end  # the fill meets the error and retries it
         if ext is None or ext.data:
             return end
         hole_end = ext.offset + ext.length
         whole = geo.count if hole_end >= geo.size else hole_end >> geo.shift
-        limit = min([whole] + [a for a, _ in self._set_aside if start < a])
+        with self._lock:
+            limit = min([whole] + [a for a, _ in self._set_aside if start < a])
         return max(end, limit)
 
     def _only_set_aside_left(self) -> bool:
@@ -319,11 +315,18 @@ class Copier:
         started = time.monotonic()
         try:
             taken, nbytes = self.clone.fill(first, end, bulk=True)
+        except SourceReadError as e:
+            self._retry_later(first, end, e)
+            return
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise self._no_space() from None
-            self._retry_later(first, end, e)
-            return
+            if self.clone.failure is not None:
+                raise CloneFailedError(self.clone.failure) from None
+            # The clone's side, never blamed on the source.
+            raise TargetError(f"writing the clone {self.clone.path} failed: "
+                              f"{e.strerror or e}. The map is consistent; fix the clone's "
+                              "disk and run again to resume.") from None
         self._last_batch_seconds = time.monotonic() - started
         with self._lock:
             self._failures.pop(first, None)

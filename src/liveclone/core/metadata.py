@@ -12,26 +12,33 @@ Layout, beside the clone file ``CLONE``:
     ..  B  zlib   bitmap, one bit per region, bit r of byte r//8 = region r present
     ..  4  u32    CRC32 of every byte before it
 
-``CLONE.lcjournal`` — an append-only log of newly present ranges::
+``CLONE.lcjournal`` — an append-only log of commits of newly present ranges::
 
-    0   64        header: magic b"LVCLJRN1", uuid (16 bytes), u64 generation, zeros, CRC32
-    64  32 × n    records: u32 magic, u32 CRC32 of the next 24 bytes, u64 commit
-                  sequence, u64 first region, u64 region count
+    0   64        header: magic b"LVCLJRN2", uuid (16 bytes), u64 generation, zeros, CRC32
+    64  32 × n    commits, each: k range records then one trailer record
+                  range:   u32 b"LCCR", u32 CRC32 of the next 24 bytes,
+                           u64 commit sequence, u64 first region, u64 region count
+                  trailer: u32 b"LCCT", u32 CRC32 of the next 24 bytes,
+                           u64 commit sequence, u64 k, u32 CRC32 of the k ranges, u32 0
     ..            zeros (space reserved with fallocate so a full disk cannot stop a commit)
 
 What *committed* means: region r is committed present iff its bit is set in the
-superblock bitmap, or a valid journal record of the same generation covers it.
-Replay is idempotent because bits only ever go absent → present (invariant 2).
+superblock bitmap, or a **complete** commit of a journal of the same generation
+covers it. A commit is complete when its trailer is valid, counts its ranges and
+their CRC matches; sequence numbers strictly increase. Replay is idempotent
+because bits only ever go absent → present (invariant 2).
 
-Commit order (the caller's half comes first, see ``Clone.flush``):
+Commit order (the caller's half comes first, see ``core.durability``):
 
 1. the caller makes the clone data durable (fdatasync of the clone file);
-2. ``commit()`` writes the records after the last valid one;
+2. ``commit()`` appends the ranges and the trailer after the last complete commit;
 3. ``commit()`` fdatasyncs the journal. Only now are the bits committed.
 
-A crash before step 3 completes leaves records that are absent or torn; a torn
-record at the tail is ignored on load, because its commit never returned. A bad
-record followed by a valid one is corruption, and load refuses with an error.
+A power cut during steps 2-3 can leave any subset of that commit's pages on disk
+(a *torn* tail). Its commit never returned, so load ignores it and, when opening
+for writing, zeroes it before appending. Bytes after the last complete commit
+followed by a later complete commit are damage, not a torn tail: load refuses
+them with CorruptMetadataError.
 
 Compaction (``compact()``), so the journal stays short:
 
@@ -40,11 +47,16 @@ Compaction (``compact()``), so the journal stays short:
 3. write an empty journal of generation G+1 to ``CLONE.lcjournal.tmp``, fsync it,
    rename it over ``CLONE.lcjournal``, fsync the directory.
 
-A crash between 2 and 3 leaves a journal of generation G under a superblock of
-G+1: its records are all in the superblock already, so load ignores and resets it.
+A journal of generation G under a superblock of G+1 (a crash or failure between 2
+and 3) holds only bits the superblock already has: load ignores it, and opening
+for writing finishes step 3. A failure in step 1 changes nothing (the tmp file is
+removed, compaction is postponed). A failure from step 2 on leaves the store
+*broken*: it refuses every later call, because the generation on disk is unknown
+and appending to a journal that replay would ignore would lose commits. The owner
+must then fail the clone (invariant 9); the next open settles the generation.
 
 Blocking: every call here does file I/O and may block; none takes a lock.
-The caller (``Clone``) serialises ``commit`` and ``compact``.
+The caller serialises ``commit`` and ``compact``.
 """
 
 from __future__ import annotations
@@ -52,12 +64,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import struct
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
 from typing import Any
 
+from liveclone.core import fsops
 from liveclone.core.regions import RegionMap, check_region_size
 from liveclone.errors import CorruptMetadataError, NotACloneError, TargetError
 
@@ -66,51 +81,27 @@ JOURNAL_SUFFIX = ".lcjournal"
 
 _SB_MAGIC = b"LVCLMAP1"
 _SB_HEAD = struct.Struct("<8sIIQ")
-_JR_MAGIC = b"LVCLJRN1"
+_JR_MAGIC = b"LVCLJRN2"
 _JR_HEAD = struct.Struct("<8s16sQ")  # + zero padding + CRC32 in the last 4 bytes
 _JR_HEAD_SIZE = 64
 _REC = struct.Struct("<IIQQQ")
-_REC_MAGIC = 0x5243434C  # "LCCR"
+_REC_MAGIC = 0x5243434C  # "LCCR": a range
+_END_MAGIC = 0x5443434C  # "LCCT": a commit's trailer
 _REC_BODY = struct.Struct("<QQQ")
+_END_BODY = struct.Struct("<QQII")
 REC_SIZE = _REC.size
 # Journal space reserved ahead of the write position; enough for many commits
 # even when the disk fills up.
 _RESERVE = 256 << 10
 # Compact once the journal holds this many records.
 COMPACT_RECORDS = 8192
+# Readers (status, pause) retry this long while the owner compacts under them.
+READ_RETRY_SECONDS = 2.0
+DEFAULT_MODE = 0o644
 
 
 def map_paths(clone_path: str) -> tuple[str, str]:
     return clone_path + MAP_SUFFIX, clone_path + JOURNAL_SUFFIX
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(os.path.dirname(os.path.abspath(path)) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file_atomically(path: str, data: bytes) -> None:
-    """tmp + write + fsync + rename + fsync dir: the file is old or new, never torn."""
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)  # step: the new bytes are durable before they get the name
-    except BaseException:
-        os.close(fd)
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    os.close(fd)
-    os.rename(tmp, path)  # step: atomic switch to the new file
-    _fsync_dir(path)  # step: the rename itself is durable
 
 
 @dataclass
@@ -184,16 +175,95 @@ def _journal_header(uid: str, generation: int) -> bytes:
     return head + struct.pack("<I", zlib.crc32(head))
 
 
-def _encode_record(seq: int, first: int, count: int) -> bytes:
-    body = _REC_BODY.pack(seq, first, count)
-    return struct.pack("<II", _REC_MAGIC, zlib.crc32(body)) + body
+def _record(magic: int, body: bytes) -> bytes:
+    return struct.pack("<II", magic, zlib.crc32(body)) + body
 
 
-def _decode_record(raw: bytes, pos: int) -> tuple[int, int, int] | None:
-    magic, crc, seq, first, count = _REC.unpack_from(raw, pos)
-    if magic != _REC_MAGIC or zlib.crc32(raw[pos + 8:pos + REC_SIZE]) != crc:
+def encode_commit(seq: int, ranges: list[tuple[int, int]]) -> bytes:
+    """One commit: a range record per ``(first, end)``, then the trailer."""
+    recs = b"".join(_record(_REC_MAGIC, _REC_BODY.pack(seq, a, b - a)) for a, b in ranges)
+    return recs + _record(_END_MAGIC, _END_BODY.pack(seq, len(ranges), zlib.crc32(recs), 0))
+
+
+def _decode_record(raw: bytes, pos: int, magic: int) -> tuple[int, int, int] | None:
+    """``(seq, a, b)`` of a valid record of kind ``magic`` at ``pos``, else None."""
+    m, crc, seq, a, b = _REC.unpack_from(raw, pos)
+    if m != magic or zlib.crc32(raw[pos + 8:pos + REC_SIZE]) != crc:
         return None
-    return seq, first, count
+    return seq, a, b
+
+
+def _commit_ending_at(raw: bytes, trailer: int, lowest: int) -> tuple[int, int] | None:
+    """If the record at ``trailer`` closes a complete commit starting at or after
+    ``lowest``, return ``(start, seq)`` of that commit."""
+    end = _decode_record(raw, trailer, _END_MAGIC)
+    if end is None:
+        return None
+    seq, count, crc = end[0], end[1], end[2] & 0xFFFFFFFF
+    start = trailer - count * REC_SIZE
+    if start < lowest or zlib.crc32(raw[start:trailer]) != crc:
+        return None
+    for pos in range(start, trailer, REC_SIZE):
+        rec = _decode_record(raw, pos, _REC_MAGIC)
+        if rec is None or rec[0] != seq:
+            return None
+    return start, seq
+
+
+@dataclass
+class _Replay:
+    generation: int  # the journal's
+    end: int  # byte offset after the last complete commit
+    seq: int  # sequence number of the last complete commit
+    records: int  # records in complete commits
+    torn: int  # bytes of an incomplete last commit after ``end`` (0 if none)
+
+
+def _replay(path: str, raw: bytes, header: MapHeader, generation: int,
+            rmap: RegionMap) -> _Replay:
+    """Apply every complete commit to ``rmap`` (if the journal's generation is the
+    superblock's). Raises CorruptMetadataError for damage; ignores a torn tail."""
+    if len(raw) < _JR_HEAD_SIZE:
+        raise _corrupt(path, "journal header is truncated")
+    head = raw[:_JR_HEAD_SIZE]
+    magic, uid, jgen = _JR_HEAD.unpack_from(head)
+    if magic != _JR_MAGIC or zlib.crc32(head[:-4]) != struct.unpack_from("<I", head, 60)[0]:
+        raise _corrupt(path, "bad journal header")
+    if uuid.UUID(bytes=uid) != uuid.UUID(header.uuid):
+        raise _corrupt(path, "the journal belongs to a different clone")
+    if jgen > generation:
+        raise _corrupt(path, f"journal generation {jgen} is newer than the map's {generation}")
+    # The file only grows by whole records, reserved and fsynced before use; a
+    # commit never changes its size. Any other length means it was cut or edited.
+    if (len(raw) - _JR_HEAD_SIZE) % REC_SIZE:
+        raise _corrupt(path, f"journal length {len(raw)} is not whole records (truncated?)")
+    limit = len(raw)
+    pos, seq, records = _JR_HEAD_SIZE, 0, 0
+    while pos < limit:
+        # A commit: range records of one sequence number, then its trailer.
+        trailer = pos
+        while trailer < limit and _decode_record(raw, trailer, _REC_MAGIC) is not None:
+            trailer += REC_SIZE
+        found = _commit_ending_at(raw, trailer, pos) if trailer < limit else None
+        if found is None or found[0] != pos or found[1] <= seq:
+            break
+        for rpos in range(pos, trailer, REC_SIZE):
+            _, first, count = _REC.unpack_from(raw, rpos)[2:]
+            if first + count > rmap.count:
+                raise _corrupt(path, f"journal record at byte {rpos} is out of range")
+            if jgen == generation:
+                rmap.set(first, first + count)
+        records += (trailer - pos) // REC_SIZE
+        seq, pos = found[1], trailer + REC_SIZE
+    torn = -(-len(raw[pos:].rstrip(b"\0")) // REC_SIZE) * REC_SIZE
+    if torn:
+        # An incomplete commit followed by a complete one is damage in the middle of
+        # the log; an incomplete last commit is a torn tail (it never returned).
+        for later in range(pos, min(pos + torn, limit), REC_SIZE):
+            if _commit_ending_at(raw, later, pos) is not None:
+                raise _corrupt(path, f"journal commit at byte {pos} is damaged and later "
+                               "commits are complete")
+    return _Replay(jgen, pos, seq, records, torn)
 
 
 class MapStore:
@@ -201,34 +271,40 @@ class MapStore:
 
     Invariant: every bit this store has committed is set in the RegionMap that
     ``load`` returns, and no other bit is.
+    Invariant: records are appended only to a journal whose generation is the
+    superblock's (``_journal_generation == generation``), and never after a
+    failed step: ``broken`` is then set and every later call raises.
     """
 
     def __init__(self, clone_path: str, header: MapHeader, generation: int,
-                 jfd: int, write_pos: int, seq: int, records: int) -> None:
+                 jfd: int, replay: _Replay, mode: int) -> None:
         self.clone_path = clone_path
         self.map_path, self.journal_path = map_paths(clone_path)
         self.header = header
-        self.generation = generation
+        self.mode = mode
+        self.generation = generation  # the superblock's on disk
+        self._journal_generation = replay.generation
         self._jfd = jfd
-        self._write_pos = write_pos  # byte offset of the next record in the journal
-        self._seq = seq  # sequence number of the last commit
-        self.records = records  # records in the journal, for the compaction policy
+        self._write_pos = replay.end  # byte offset of the next commit in the journal
+        self._seq = replay.seq  # sequence number of the last commit
+        self.records = replay.records  # records in the journal, for the compaction policy
+        self.broken: str | None = None  # why a failed step left the on-disk state unknown
 
     # -- creation and loading -------------------------------------------------
 
     @classmethod
-    def create(cls, clone_path: str, header: MapHeader) -> MapStore:
-        """Write a new, empty map. Blocks. The superblock is written last: it is the
-        marker that the clone exists."""
+    def create(cls, clone_path: str, header: MapHeader, mode: int = DEFAULT_MODE) -> MapStore:
+        """Write a new, empty map. Blocks. The caller holds the clone's lock. The
+        superblock is written last: it is the marker that the clone exists."""
         map_path, journal_path = map_paths(clone_path)
         rmap = RegionMap((header.size + header.region_size - 1) // header.region_size)
         try:
-            _write_file_atomically(journal_path, _journal_header(header.uuid, 0))
-            _write_file_atomically(map_path, _encode_superblock(header, rmap, 0))
+            fsops.write_file_atomically(journal_path, _journal_header(header.uuid, 0), mode)
+            fsops.write_file_atomically(map_path, _encode_superblock(header, rmap, 0), mode)
         except OSError as e:
             raise TargetError(
                 f"cannot create the region map {map_path}: {e.strerror}; "
-                "check that the clone's directory exists and is writable"
+                "check that the clone's directory exists, is writable and has space"
             ) from None
         store, _ = cls._open(clone_path, header, rmap, 0)
         return store
@@ -243,16 +319,29 @@ class MapStore:
 
     @staticmethod
     def read(clone_path: str) -> tuple[MapHeader, RegionMap]:
-        """Read the committed map without opening it for writing (for ``status``)."""
-        header, rmap, generation = MapStore._read_superblock(clone_path)
+        """Read the committed map without opening it for writing (``status``, ``pause``).
+
+        The owner may be compacting meanwhile, so the superblock and the journal are
+        read as a pair and the superblock's generation checked again after the
+        journal; a pair that disagrees, or looks damaged, is read again until it
+        settles (READ_RETRY_SECONDS). Only damage that stays is reported."""
         _, journal_path = map_paths(clone_path)
-        try:
-            with open(journal_path, "rb") as f:
-                raw = f.read()
-        except FileNotFoundError:
-            raise _corrupt(journal_path, "the journal is missing") from None
-        MapStore._replay(journal_path, raw, header, generation, rmap)
-        return header, rmap
+        deadline = time.monotonic() + READ_RETRY_SECONDS
+        while True:
+            header, rmap, generation = MapStore._read_superblock(clone_path)
+            try:
+                try:
+                    with open(journal_path, "rb") as f:
+                        raw = f.read()
+                except FileNotFoundError:
+                    raise _corrupt(journal_path, "the journal is missing") from None
+                _replay(journal_path, raw, header, generation, rmap)
+                if MapStore._read_superblock(clone_path)[2] == generation:
+                    return header, rmap
+            except CorruptMetadataError:
+                if time.monotonic() > deadline:
+                    raise
+            time.sleep(0.01)
 
     @staticmethod
     def _read_superblock(clone_path: str) -> tuple[MapHeader, RegionMap, int]:
@@ -268,85 +357,70 @@ class MapStore:
 
     @classmethod
     def load(cls, clone_path: str) -> tuple[MapStore, RegionMap]:
-        """Open an existing map for writing. Blocks. Raises NotACloneError or
-        CorruptMetadataError; never repairs by guessing."""
+        """Open an existing map for writing. Blocks. The caller holds the clone's lock.
+        Raises NotACloneError or CorruptMetadataError; never repairs by guessing. An
+        interrupted compaction is finished and a torn tail zeroed before returning."""
         header, rmap, generation = cls._read_superblock(clone_path)
         return cls._open(clone_path, header, rmap, generation)
 
     @classmethod
     def _open(cls, clone_path: str, header: MapHeader, rmap: RegionMap,
               generation: int) -> tuple[MapStore, RegionMap]:
-        _, journal_path = map_paths(clone_path)
+        map_path, journal_path = map_paths(clone_path)
         try:
             jfd = os.open(journal_path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise _corrupt(journal_path, "the journal is missing") from None
         try:
-            raw = os.pread(jfd, os.fstat(jfd).st_size, 0)
-            jgen, pos, seq, records = cls._replay(journal_path, raw, header, generation, rmap)
-            store = cls(clone_path, header, generation, jfd, pos, seq, records)
-            if jgen != generation:
-                # Crash between compaction steps 2 and 3: the superblock already
+            st = os.fstat(jfd)
+            raw = os.pread(jfd, st.st_size, 0)
+            replay = _replay(journal_path, raw, header, generation, rmap)
+            store = cls(clone_path, header, generation, jfd, replay,
+                        stat.S_IMODE(os.stat(map_path).st_mode))
+            if replay.generation != generation:
+                # Compaction stopped between steps 2 and 3: the superblock already
                 # holds every journalled bit. Finish step 3 now.
-                store._reset_journal(generation)
+                store._reset_journal()
+            elif replay.torn:
+                # An unacknowledged torn commit: undo it, so the next commit's pages
+                # cannot be mistaken for a mix of it and them.
+                fsops.pwrite_all(store._jfd, bytes(replay.torn), replay.end)
+                fsops.fdatasync(store._jfd)
             store._reserve(0)
         except BaseException:
             os.close(jfd)
             raise
         return store, rmap
 
-    @staticmethod
-    def _replay(path: str, raw: bytes, header: MapHeader, generation: int,
-                rmap: RegionMap) -> tuple[int, int, int, int]:
-        """Apply valid records to ``rmap``; return (generation, write pos, last seq, records)."""
-        if len(raw) < _JR_HEAD_SIZE:
-            raise _corrupt(path, "journal header is truncated")
-        head = raw[:_JR_HEAD_SIZE]
-        magic, uid, jgen = _JR_HEAD.unpack_from(head)
-        if magic != _JR_MAGIC or zlib.crc32(head[:-4]) != struct.unpack_from("<I", head, 60)[0]:
-            raise _corrupt(path, "bad journal header")
-        if uuid.UUID(bytes=uid) != uuid.UUID(header.uuid):
-            raise _corrupt(path, "the journal belongs to a different clone")
-        if jgen > generation:
-            raise _corrupt(path, f"journal generation {jgen} is newer than the map's {generation}")
-        if (len(raw) - _JR_HEAD_SIZE) % REC_SIZE:
-            raise _corrupt(path, f"journal length {len(raw)} is not whole records (truncated?)")
-        pos, seq, records = _JR_HEAD_SIZE, 0, 0
-        while pos < len(raw):
-            rec = _decode_record(raw, pos)
-            if rec is None:
-                break
-            rseq, first, count = rec
-            if rseq < seq or first + count > rmap.count:
-                raise _corrupt(path, f"journal record at byte {pos} is out of range")
-            if jgen == generation:
-                rmap.set(first, first + count)
-            seq, pos, records = rseq, pos + REC_SIZE, records + 1
-        # Past the end of the log only zeros (reserved space) or one torn commit may lie.
-        # A valid record after a bad one means damage in the middle of the log.
-        if raw[pos:].strip(b"\0"):  # usually all reserved zeros: nothing to scan
-            for later in range(pos + REC_SIZE, len(raw) - REC_SIZE + 1, REC_SIZE):
-                if _decode_record(raw, later) is not None:
-                    raise _corrupt(path, f"journal record at byte {pos} is damaged")
-        return jgen, pos, seq, records
-
     # -- writing ----------------------------------------------------------------
+
+    def _check(self) -> None:
+        if self.broken is not None:
+            raise OSError(errno.EIO, f"the region map cannot be written: {self.broken}")
+        if self._jfd < 0:
+            raise OSError(errno.EBADF, "the region map is closed")
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """Make ``(first, end)`` region ranges committed-present. Blocks; durable on
-        return. The caller must have made their clone data durable before calling."""
+        return. The caller must have made their clone data durable before calling.
+        Any failure breaks the store: whether the commit reached the disk is unknown."""
         if not ranges:
             return
+        self._check()
+        if self._journal_generation != self.generation:
+            self._reset_journal()  # never append to a journal replay would ignore
         seq = self._seq + 1
-        data = b"".join(_encode_record(seq, a, b - a) for a, b in ranges)
-        self._reserve(len(data))
-        view, pos = memoryview(data), self._write_pos
-        while view:  # step 2: records after the last valid one
-            n = os.pwrite(self._jfd, view, pos)
-            view, pos = view[n:], pos + n
-        os.fdatasync(self._jfd)  # step 3: now the bits are committed
-        self._write_pos, self._seq = pos, seq
-        self.records += len(ranges)
+        data = encode_commit(seq, ranges)
+        try:
+            self._reserve(len(data))
+            fsops.pwrite_all(self._jfd, data, self._write_pos)  # step 2
+            fsops.fdatasync(self._jfd)  # step 3: now the bits are committed
+        except OSError as e:
+            self.broken = f"a journal commit failed ({e.strerror or e})"
+            raise
+        self._write_pos += len(data)
+        self._seq = seq
+        self.records += len(ranges) + 1
 
     def _reserve(self, nbytes: int) -> None:
         """Keep reserved journal space ahead of the write position."""
@@ -356,29 +430,48 @@ class MapStore:
         want = self._write_pos + nbytes + _RESERVE
         try:
             os.posix_fallocate(self._jfd, size, want - size)
-            os.fsync(self._jfd)  # the new size must survive a crash, or replay sees less
+            fsops.fsync(self._jfd)  # the new size must survive a crash, or replay sees less
         except OSError as e:
             if e.errno != errno.ENOSPC or self._write_pos + nbytes > size:
                 raise
             # Disk full, but the old reserve still holds this commit: go on.
 
-    def compact(self, rmap: RegionMap) -> None:
+    def compact(self, rmap: RegionMap) -> bool:
         """Fold the journal into a new superblock. Blocks. ``rmap`` must hold only
-        committed bits (``Clone`` passes its committed map)."""
+        committed bits. Returns False if step 1 failed (nothing changed; try again
+        later); raises, and breaks the store, if a later step failed."""
+        self._check()
         generation = self.generation + 1
-        _write_file_atomically(self.map_path, _encode_superblock(self.header, rmap, generation))
+        try:
+            fsops.write_file_atomically(
+                self.map_path, _encode_superblock(self.header, rmap, generation), self.mode)
+        except fsops.StepError as e:
+            if not e.renamed:
+                return False
+            self.broken = f"map compaction failed after replacing the superblock ({e.strerror})"
+            raise
         self.generation = generation  # steps 1-2 done: the superblock alone holds every bit
-        self._reset_journal(generation)
+        self._reset_journal()
+        return True
 
-    def _reset_journal(self, generation: int) -> None:
-        _write_file_atomically(self.journal_path, _journal_header(self.header.uuid, generation))
-        jfd = os.open(self.journal_path, os.O_RDWR | os.O_CLOEXEC)
+    def _reset_journal(self) -> None:
+        """Step 3: an empty journal of the superblock's generation."""
+        try:
+            fsops.write_file_atomically(
+                self.journal_path, _journal_header(self.header.uuid, self.generation),
+                self.mode)
+            jfd = os.open(self.journal_path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            self.broken = f"the journal could not be replaced after compaction ({e.strerror})"
+            raise
         os.close(self._jfd)
         self._jfd, self._write_pos, self.records = jfd, _JR_HEAD_SIZE, 0
+        self._journal_generation, self._seq = self.generation, 0
         try:
             self._reserve(0)
         except OSError as e:
             if e.errno != errno.ENOSPC:
+                self.broken = f"the new journal could not be extended ({e.strerror})"
                 raise
             # No room for a reserve now: commits will try again.
 

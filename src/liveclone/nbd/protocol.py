@@ -26,12 +26,13 @@ changes ``state``.
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
-from liveclone.nbd import wire
-from liveclone.nbd.wire import (
+from liveclone.nbdwire import wire
+from liveclone.nbdwire.wire import (
     BASE_ALLOCATION,
     CMD_FLAG_DF,
     CMD_FLAG_FAST_ZERO,
@@ -44,12 +45,17 @@ from liveclone.nbd.wire import (
     EPERM,
     REQUEST,
     REQUEST_MAGIC,
+    STATE_HOLE,
+    STATE_ZERO,
     Buffer,
     Cmd,
     Info,
     Opt,
     Rep,
 )
+
+if TYPE_CHECKING:
+    from liveclone.sources.base import Extent
 
 DEFAULT_MAX_BLOCK = 32 << 20  # largest READ/WRITE payload we accept and advertise
 MAX_OPTION_LENGTH = 64 << 10  # an option payload bigger than this is a denial of service
@@ -228,6 +234,27 @@ class Extents:
 
 
 Reply = ReadDone | Done | Failed | Extents
+
+
+def extent_flags(extents: Iterable[Extent]) -> list[tuple[int, int]]:
+    """``base:allocation`` descriptors for a clone's extents, in the same order.
+
+    Data reads as 0; a hole (reads as zeros) as STATE_HOLE | STATE_ZERO. Neighbours
+    with the same flags become one descriptor and empty extents are dropped, so the
+    reply has as few descriptors as it can and none of length 0 (which the spec
+    forbids). Offsets are not looked at: the extents are taken to be contiguous
+    from the request's offset on, as ``Clone.block_status`` returns them.
+    """
+    out: list[tuple[int, int]] = []
+    for ext in extents:
+        if ext.length <= 0:
+            continue
+        flags = 0 if ext.data else STATE_HOLE | STATE_ZERO
+        if out and out[-1][1] == flags:
+            out[-1] = (out[-1][0] + ext.length, flags)
+        else:
+            out.append((ext.length, flags))
+    return out
 
 
 def nbd_error(os_errno: int | None) -> int:

@@ -49,11 +49,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from liveclone.nbd import protocol as p
-from liveclone.nbd import wire
-from liveclone.nbd.wire import Cmd
+from liveclone.nbdwire import wire
+from liveclone.nbdwire.wire import Cmd
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used: it costs start-up time
     import ssl
+
+    from liveclone.sources.base import Extent
 
 log = logging.getLogger("liveclone.nbd")
 
@@ -83,7 +85,8 @@ class Storage(Protocol):
     def trim(self, offset: int, length: int, fua: bool = False) -> None: ...
     def flush(self) -> None: ...
     def cache(self, offset: int, length: int) -> None: ...
-    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]: ...
+    # Contiguous extents covering the range; ``protocol.extent_flags`` makes NBD flags of them.
+    def block_status(self, offset: int, length: int) -> list[Extent]: ...
 
 
 @dataclass
@@ -210,6 +213,11 @@ class NBDServer:
         self._pending.add(fut)
         fut.add_done_callback(self._pending.discard)
         return fut
+
+
+def _block_status(clone: Storage, offset: int, length: int) -> list[tuple[int, int]]:
+    """The clone's extents as ``(length, flags)`` descriptors (run in the pool)."""
+    return p.extent_flags(clone.block_status(offset, length))
 
 
 def bind_unix(path: str) -> socket.socket:
@@ -370,7 +378,7 @@ class _Connection(asyncio.Protocol):
         elif cmd == Cmd.CACHE:
             fut = run(clone.cache, c.offset, c.length)
         elif cmd == Cmd.BLOCK_STATUS:
-            fut = run(clone.block_status, c.offset, c.length)
+            fut = run(_block_status, clone, c.offset, c.length)
         else:  # validate_request lets nothing else through
             raise AssertionError(f"unexpected command {cmd}")
         fut.add_done_callback(partial(self._finish, c.cookie, cmd))

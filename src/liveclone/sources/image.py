@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from liveclone.errors import SourceError
-from liveclone.nbd.client import Address
+from liveclone.nbdwire.client import Address
 from liveclone.process import stop_process
 from liveclone.sources.base import Source
 from liveclone.sources.nbd import NbdSource

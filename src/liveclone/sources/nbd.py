@@ -1,6 +1,6 @@
 """An NBD export as a source: ``nbd://``, ``nbd+unix://``, ``nbds://`` URIs.
 
-Reads and allocation extents go through ``liveclone.nbd.client``'s pool of
+Reads and allocation extents go through ``liveclone.nbdwire.client``'s pool of
 connections, so several copier threads and guest reads are served at once.
 A server that drops connections (restarted, briefly unreachable) is reconnected
 under the retry policy. NBD tells nothing like an mtime or ETag, so the
@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from liveclone.errors import SourceError
-from liveclone.nbd.client import (
+from liveclone.nbdwire.client import (
     Address,
     NbdCommandError,
     NbdDisconnected,
@@ -24,7 +24,7 @@ from liveclone.nbd.client import (
     Pool,
     parse_uri,
 )
-from liveclone.nbd.wire import EIO, ESHUTDOWN, STATE_ZERO, Rep
+from liveclone.nbdwire.wire import EIO, ESHUTDOWN, STATE_ZERO, Rep
 from liveclone.sources.base import Extent, sample_fingerprint
 from liveclone.sources.retry import RemoteSource, Retrier, RetryPolicy, TransientError
 

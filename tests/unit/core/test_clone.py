@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from liveclone.core.clone import STATE_HOLE, STATE_ZERO, Clone
+from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier
+from liveclone.core.opening import open_clone
 from liveclone.errors import CloneBusyError, NotACloneError, SourceChangedError, TargetError
+from liveclone.sources.base import Extent
 from liveclone.sources.local import LocalFileSource
 from tests.conftest import allocated
 
@@ -18,7 +20,8 @@ RS = 64 << 10
 
 
 def _clone(tmp_path: Path, src: Path, rs: int = RS) -> Clone:
-    return Clone.create(LocalFileSource(str(src)), str(tmp_path / "clone.img"), rs)
+    return open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=rs,
+                      create=True, exclusive=True)
 
 
 def test_reads_come_from_source_until_copied(tmp_path: Path, source_image) -> None:
@@ -82,7 +85,7 @@ def test_whole_region_zero_and_trim_make_holes_without_copying(tmp_path: Path,
         assert c.is_present(2) and c.is_present(3) and c.is_present(5)
         assert c.stats.bytes_copied == 0
         assert bytes(c.read(2 * RS, 2 * RS)) == bytes(2 * RS)
-        assert c.block_status(2 * RS, 2 * RS) == [(2 * RS, STATE_HOLE | STATE_ZERO)]
+        assert c.block_status(2 * RS, 2 * RS) == [Extent(2 * RS, 2 * RS, False)]
 
 
 def test_partial_trim_of_absent_region_is_advisory(tmp_path: Path, source_image) -> None:
@@ -110,7 +113,7 @@ def test_complete_clone_is_standalone_and_sparse(tmp_path: Path, source_image) -
     # zero data blocks in the source became holes: the clone is no bigger than the source
     assert allocated(clone_path) <= allocated(src)
     os.unlink(src)
-    with Clone.open(str(clone_path), None) as c:
+    with open_clone(str(clone_path), None) as c:
         assert c.complete
         assert bytes(c.read(0, len(data))) == data
 
@@ -121,21 +124,21 @@ def test_reopen_refuses_changed_source(tmp_path: Path, source_image) -> None:
     with open(src, "r+b") as f:
         f.write(b"changed")
     with pytest.raises(SourceChangedError, match="changed since"):
-        Clone.open(str(tmp_path / "clone.img"), LocalFileSource(str(src)))
+        open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)))
 
 
 def test_second_opener_is_refused(tmp_path: Path, source_image) -> None:
     src, _ = source_image
     with _clone(tmp_path, src):
         with pytest.raises(CloneBusyError):
-            Clone.open(str(tmp_path / "clone.img"), LocalFileSource(str(src)))
+            open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)))
 
 
 def test_existing_file_is_not_a_clone(tmp_path: Path, source_image) -> None:
     src, _ = source_image
     (tmp_path / "clone.img").write_bytes(b"mine")
     with pytest.raises(NotACloneError, match="not a liveclone clone"):
-        Clone.open(str(tmp_path / "clone.img"), LocalFileSource(str(src)))
+        open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)))
     with pytest.raises(TargetError):
         _clone(tmp_path, src)
     assert (tmp_path / "clone.img").read_bytes() == b"mine"
@@ -148,7 +151,7 @@ def test_flushed_writes_survive_a_crash(tmp_path: Path, source_image) -> None:
     c.flush()
     c.write(6 * RS + 5, b"volatile")  # not flushed: may be lost, never half-applied
     c.abandon()
-    with Clone.open(str(tmp_path / "clone.img"), LocalFileSource(str(src))) as c2:
+    with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src))) as c2:
         assert bytes(c2.read(3 * RS + 5, 7)) == b"durable"
         assert c2.is_present(3)
         got = bytes(c2.read(6 * RS, RS))
@@ -163,7 +166,8 @@ def test_concurrent_guest_writes_and_copier(tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     data = make_image(src, 4 << 20, seed=7)
     model = bytearray(data)
-    c = Clone.create(LocalFileSource(str(src)), str(tmp_path / "clone.img"), 4096)
+    c = open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=4096,
+                   create=True, exclusive=True)
     cp = Copier(c, workers=2, batch_bytes=64 << 10).start()
     writes: list[tuple[int, bytes]] = []
     lock = threading.Lock()
@@ -214,7 +218,7 @@ def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
         return real(fd, memoryview(buf)[:budget - offset], offset)  # short, like a full disk
 
     with _clone(tmp_path, src) as c:
-        c._share_blocks = False  # write, even on a filesystem that can share blocks
+        c._fill._share_blocks = False  # write, even on a filesystem that can share blocks
         monkeypatch.setattr(clone_mod.os, "pwrite", pwrite)
         with pytest.raises(OSError):
             c.fill(0, 16, bulk=bulk)
@@ -256,7 +260,7 @@ def test_fills_use_direct_io_and_buffered_reads_stay_coherent(tmp_path: Path,
     fill: reads of the now present region see the source's bytes."""
     src, data = source_image
     with _clone(tmp_path, src) as c:
-        assert c._dfd is not None and c.source is not None
+        assert c._fill._dfd is not None and c.source is not None
         assert c.source.direct_fileno() is not None
         c.write(0, b"g" * RS)
         stale = os.pread(c._fd, 4 * RS, RS)  # regions 1-4 are holes: zeros get cached
@@ -284,8 +288,8 @@ def test_fills_work_without_direct_io(tmp_path: Path, source_image) -> None:
     src, data = source_image
     model = bytearray(data)
     with _clone(tmp_path, src) as c:
-        assert c._dfd is not None and c.source is not None
-        for owner in (c, c.source):
+        assert c._fill._dfd is not None and c.source is not None
+        for owner in (c._fill, c.source):
             os.close(owner._dfd)  # type: ignore[union-attr]
             owner._dfd = None  # type: ignore[union-attr]
         c.write(RS + 5, b"w" * 10)
@@ -306,8 +310,8 @@ def test_direct_io_refused_midway_falls_back(tmp_path: Path, source_image, monke
 
     src, data = source_image
     with _clone(tmp_path, src) as c:
-        c._share_blocks = False
-        direct_fds = {c._dfd, c.source.direct_fileno()}  # type: ignore[union-attr]
+        c._fill._share_blocks = False
+        direct_fds = {c._fill._dfd, c.source.direct_fileno()}  # type: ignore[union-attr]
         real = getattr(os, refuse)
 
         def refusing(fd: int, *args: object) -> object:
@@ -318,5 +322,5 @@ def test_direct_io_refused_midway_falls_back(tmp_path: Path, source_image, monke
         monkeypatch.setattr(clone_mod.os, refuse, refusing)
         Copier(c).start().wait()
         monkeypatch.undo()
-        assert c.complete and not c._direct
+        assert c.complete and not c._fill._direct
     assert (tmp_path / "clone.img").read_bytes() == data

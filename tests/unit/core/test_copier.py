@@ -6,13 +6,16 @@ from pathlib import Path
 
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier, Phase
+from liveclone.core.fill import SourceReadError
+from liveclone.core.opening import open_clone
 from liveclone.sources.local import LocalFileSource
 
 RS = 64 << 10
 
 
 def _clone(tmp_path: Path, src: Path) -> Clone:
-    return Clone.create(LocalFileSource(str(src)), str(tmp_path / "c.img"), RS)
+    return open_clone(str(tmp_path / "c.img"), LocalFileSource(str(src)), region_size=RS,
+                      create=True, exclusive=True)
 
 
 def test_linear_order_and_batching(tmp_path: Path, source_image) -> None:
@@ -83,15 +86,15 @@ def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_ima
     src, _ = source_image
     monkeypatch.setattr(copier_mod, "BACKOFF_MAX", 0.01)
     with _clone(tmp_path, src) as c:
-        real = c._copy_from_source
+        real = c._fill.copy
 
         def failing(start: int, end: int, progress: list[int] | None = None,
                     bulk: bool = False) -> int:
             if start <= 5 * RS < end:
-                raise OSError(errno.EIO, "injected source failure")
+                raise SourceReadError(errno.EIO, "injected source failure")
             return real(start, end, progress, bulk)
 
-        monkeypatch.setattr(c, "_copy_from_source", failing)
+        monkeypatch.setattr(c._fill, "copy", failing)
         cp = Copier(c, batch_bytes=RS).start()
         assert cp.wait(60)
         cp.stop()
@@ -116,15 +119,15 @@ def test_persistent_copier_tries_failing_regions_again(tmp_path: Path, source_im
     monkeypatch.setattr(copier_mod, "SET_ASIDE_RETRY", 0.2)
     broken = [True]
     with _clone(tmp_path, src) as c:
-        real = c._copy_from_source
+        real = c._fill.copy
 
         def flaky(start: int, end: int, progress: list[int] | None = None,
                   bulk: bool = False) -> int:
             if broken[0] and start <= 5 * RS < end:
-                raise OSError(errno.EIO, "source unreachable")
+                raise SourceReadError(errno.EIO, "source unreachable")
             return real(start, end, progress, bulk)
 
-        monkeypatch.setattr(c, "_copy_from_source", flaky)
+        monkeypatch.setattr(c._fill, "copy", flaky)
         cp = Copier(c, batch_bytes=RS, persistent=True).start()
         while cp.phase != Phase.FAILED:
             assert not cp.wait(0.01)

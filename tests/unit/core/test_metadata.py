@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from liveclone.core import metadata
-from liveclone.core.metadata import JOURNAL_SUFFIX, MAP_SUFFIX, REC_SIZE, MapStore
+from liveclone.core import fsops
+from liveclone.core.metadata import JOURNAL_SUFFIX, MAP_SUFFIX, MapStore
 from liveclone.core.regions import RegionMap
 from liveclone.errors import CorruptMetadataError, NotACloneError
 
@@ -46,19 +48,36 @@ def test_compaction_keeps_bits_and_empties_journal(tmp_path: Path) -> None:
     assert got.present_count == 51 and 60 in got
 
 
-def test_crash_between_compaction_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Superblock of G+1 written, journal of G left: load ignores the old journal."""
+def _fail_nth(monkeypatch: pytest.MonkeyPatch, name: str, n: int, err: int) -> None:
+    """Make the n-th call (from 1) of ``fsops.<name>`` fail with ``err``."""
+    real = getattr(fsops, name)
+    calls = [0]
+
+    def wrapper(*args: object, **kw: object) -> object:
+        calls[0] += 1
+        if calls[0] == n:
+            raise OSError(err, os.strerror(err))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(fsops, name, wrapper)
+
+
+def test_failed_journal_reset_breaks_the_store(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 9, failure 1: superblock G+1 written, the journal reset fails. The store
+    must never append to the journal of G (replay would ignore it): it refuses every
+    later commit, and reopening finishes the compaction and keeps every bit."""
     path, store = _new(tmp_path)
     store.commit([(0, 5)])
     rmap = RegionMap(256)
     rmap.set(0, 5)
-
-    def boom(generation: int) -> None:
-        raise OSError("crash before step 3")
-
-    monkeypatch.setattr(store, "_reset_journal", boom)
+    # write_new_file: 1 = new superblock's tmp, 2 = new journal's tmp
+    _fail_nth(monkeypatch, "write_new_file", 2, errno.ENOSPC)
     with pytest.raises(OSError):
         store.compact(rmap)
+    assert store.broken
+    with pytest.raises(OSError, match="cannot be written"):
+        store.commit([(7, 8)])
     store.close()
     monkeypatch.undo()
     store2, got = MapStore.load(path)
@@ -68,35 +87,117 @@ def test_crash_between_compaction_steps(tmp_path: Path, monkeypatch: pytest.Monk
     assert MapStore.read(path)[1].present_count == 6
 
 
-def test_torn_tail_record_is_ignored(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A commit that died mid-write (never acknowledged) leaves a torn record: ignored."""
+def test_failed_superblock_write_postpones_compaction(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Step 1 failing changes nothing on disk: compaction reports False, commits go on."""
+    path, store = _new(tmp_path)
+    store.commit([(0, 5)])
+    rmap = RegionMap(256)
+    rmap.set(0, 5)
+    _fail_nth(monkeypatch, "fsync", 1, errno.EIO)
+    assert store.compact(rmap) is False
+    assert not store.broken and not os.path.exists(path + MAP_SUFFIX + ".tmp")
+    monkeypatch.undo()
+    store.commit([(9, 10)])
+    store.close()
+    assert MapStore.read(path)[1].present_count == 6
+
+
+@pytest.mark.parametrize("site", ["pwrite_all", "fdatasync"])
+def test_failed_commit_breaks_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                        site: str) -> None:
+    """A failed journal write or fdatasync is never retried into success."""
     path, store = _new(tmp_path)
     store.commit([(0, 1)])
-    real_pwrite = os.pwrite
-
-    def torn(fd: int, data: bytes, offset: int) -> int:
-        real_pwrite(fd, bytes(data)[: REC_SIZE // 2], offset)
-        raise OSError("crash mid-write")
-
-    monkeypatch.setattr(metadata.os, "pwrite", torn)
+    _fail_nth(monkeypatch, site, 1, errno.EIO)
     with pytest.raises(OSError):
         store.commit([(5, 6)])
     monkeypatch.undo()
+    with pytest.raises(OSError, match="cannot be written"):
+        store.commit([(5, 6)])
     store.close()
     _, got = MapStore.read(path)
-    assert got.present_count == 1 and 5 not in got
+    assert 0 in got
 
 
-def test_damage_in_the_middle_is_refused(tmp_path: Path) -> None:
-    path, store = _new(tmp_path)
+def _journal_with_two_commits(tmp_path: Path, ranges: int) -> tuple[str, bytes, int, int]:
+    """A journal holding commit 1 (one range) and commit 2 (``ranges`` ranges, several
+    pages); return (path, its bytes, where commit 2 starts, where it ends)."""
+    path, store = _new(tmp_path, size=64 << 20)
     store.commit([(0, 1)])
-    store.commit([(2, 3)])
+    start = store._write_pos
+    store.commit([(2 * i + 2, 2 * i + 3) for i in range(ranges)])
+    end = store._write_pos
     store.close()
-    with open(path + JOURNAL_SUFFIX, "r+b") as f:
-        f.seek(64 + 8)
-        f.write(b"\xff")
+    return path, Path(path + JOURNAL_SUFFIX).read_bytes(), start, end
+
+
+def test_torn_commit_any_pages_lost_is_ignored(tmp_path: Path) -> None:
+    """Issue 9, failure 3: power fails with any subset of one commit's 4 KiB pages
+    on disk. The commit was never acknowledged: load must ignore it (never call the
+    map corrupt), keep the earlier commit, and a later commit must replay."""
+    path, raw, start, end = _journal_with_two_commits(tmp_path, 300)  # ~9.6 KB, 3-4 pages
+    pages = list(range(start // 4096, (end - 1) // 4096 + 1))
+    assert len(pages) >= 3
+    for mask in range(1 << len(pages)):
+        torn = bytearray(raw)
+        for i, page in enumerate(pages):
+            if not mask >> i & 1:  # this page never reached the disk: it is still zeros
+                lo, hi = max(page * 4096, start), min((page + 1) * 4096, end)
+                torn[lo:hi] = bytes(hi - lo)
+        Path(path + JOURNAL_SUFFIX).write_bytes(bytes(torn))
+        _, got = MapStore.read(path)
+        whole = mask == (1 << len(pages)) - 1
+        assert got.present_count == (301 if whole else 1), mask
+        store, got = MapStore.load(path)  # undoes the torn tail
+        store.commit([(1000, 1001)])
+        store.close()
+        _, got = MapStore.read(path)
+        assert 1000 in got and 0 in got and (2 in got) == whole, mask
+
+
+def test_damage_before_a_complete_commit_is_refused(tmp_path: Path) -> None:
+    """A bad record followed by a complete later commit is real damage, not a tear."""
+    path, raw, start, end = _journal_with_two_commits(tmp_path, 3)
+    damaged = bytearray(raw)
+    damaged[64 + 8] ^= 0xFF  # inside commit 1's range record
+    Path(path + JOURNAL_SUFFIX).write_bytes(bytes(damaged))
     with pytest.raises(CorruptMetadataError, match="damaged"):
         MapStore.read(path)
+    with pytest.raises(CorruptMetadataError, match="damaged"):
+        MapStore.load(path)
+
+
+def test_reader_never_sees_a_half_compacted_map(tmp_path: Path) -> None:
+    """Issue 9, failure 4: ``status`` reads while the owner commits and compacts."""
+    path, store = _new(tmp_path)
+    rmap = RegionMap(256)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    counts: list[int] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            try:
+                counts.append(MapStore.read(path)[1].present_count)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+                return
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for r in range(200):
+            store.commit([(r, r + 1)])
+            rmap.set(r, r + 1)
+            if r % 3 == 0:
+                store.compact(RegionMap(256, rmap.to_bytes()))
+    finally:
+        stop.set()
+        t.join()
+        store.close()
+    assert not errors, errors
+    assert counts and counts == sorted(counts)  # bits never go back
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate"])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from liveclone.nbd import protocol as p
-from liveclone.nbd import wire
+from liveclone.nbdwire import wire
 
 SIZE = 1 << 20
 EXPORT = p.Export("disk", SIZE)

@@ -7,8 +7,8 @@ import errno
 import pytest
 
 from liveclone.nbd import protocol as p
-from liveclone.nbd import wire
-from liveclone.nbd.wire import Cmd, Opt, Rep
+from liveclone.nbdwire import wire
+from liveclone.nbdwire.wire import Cmd, Opt, Rep
 from tests.unit.nbd.drive import (
     EXPORT,
     SIZE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from liveclone.nbd import wire
+from liveclone.nbdwire import wire
 
 
 def test_greeting_layout() -> None:

@@ -1,10 +1,11 @@
 """NBD wire format: constants and a pure struct codec. No I/O, no state.
 
 Everything here turns Python values into the bytes of one NBD message, or one
-message's bytes back into values, for both directions, so a server
-(``nbd/protocol.py``) and a client can share it. The protocol is the fixed
-newstyle handshake and the transmission phase with simple and structured replies
-of NetworkBlockDevice/nbd ``doc/proto.md``. All integers are big-endian.
+message's bytes back into values, for both directions, so the server frontend
+(``nbd/protocol.py``) and the client (``nbdwire/client.py``) share it. The
+protocol is the fixed newstyle handshake and the transmission phase with simple
+and structured replies of NetworkBlockDevice/nbd ``doc/proto.md``. All integers
+are big-endian.
 
 Decoders of fixed-size headers take exactly the header's bytes (any buffer) and
 never fail on content: checking magic numbers is the caller's job, since what to

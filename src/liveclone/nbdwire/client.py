@@ -5,7 +5,7 @@ structured replies, ``base:allocation``, NBD_OPT_GO (or NBD_OPT_EXPORT_NAME on
 an old server); then READ and BLOCK_STATUS, one request in flight. ``Pool``
 hands out connections to threads, opening more up to a limit and dropping any
 that failed, so several threads read at once. All bytes on the wire are made
-and parsed by ``nbd/wire.py``; this file only moves them.
+and parsed by ``nbdwire/wire.py``; this file only moves them.
 
 Errors by blame: ``NbdDisconnected`` means the transport broke (a dead or
 restarted server: worth reconnecting), ``NbdCommandError`` is the server's error
@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit
 
-from liveclone.nbd import wire
-from liveclone.nbd.wire import BASE_ALLOCATION, Cmd, Info, Opt, Rep, ReplyType
+from liveclone.nbdwire import wire
+from liveclone.nbdwire.wire import BASE_ALLOCATION, Cmd, Info, Opt, Rep, ReplyType
 
 DEFAULT_PORT = 10809
 # Largest READ we send when the server does not say (the spec's safe default is 32 MiB).

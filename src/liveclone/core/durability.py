@@ -1,0 +1,157 @@
+"""Durability: pending and committed maps, the commit thread, and the failed mode.
+
+Invariant 6, data first, then map. A ``flush`` takes the runs made present since
+the last commit, makes the clone file's data durable (fdatasync), and only then
+commits those runs to the journal (``MapStore.commit``). FLUSH and FUA are
+acknowledged only after that. Without a FLUSH, a commit runs at least once a
+second while runs are pending.
+
+Invariant 9, a failed sync is never retried into success. If the fdatasync, the
+journal commit or a compaction step after the superblock's rename fails, the runs
+of that flush are never committed (their data may not be on disk: Linux reports
+a writeback error once and then marks the pages clean), the lifecycle enters its
+failed mode, and every later flush raises EIO. Only a reopen leaves it; the
+reopened clone resumes from the committed map.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+
+from liveclone.core import fsops
+from liveclone.core.lifecycle import Lifecycle
+from liveclone.core.metadata import COMPACT_RECORDS, MapStore
+from liveclone.core.ownership import Run
+from liveclone.core.regions import RegionMap
+
+# Invariant 6: commit at least this often while bits are pending.
+COMMIT_INTERVAL = 1.0
+
+_FIX = ("The clone is now read-only: guests get EIO on writes and flushes, committed "
+        "data is still served, and the copy has stopped. Fix the cause (see the kernel "
+        "log for disk errors; free space), then stop liveclone and run it again on the "
+        "clone: it resumes from the last committed map.")
+
+
+class Durability:
+    """The commit side of one clone."""
+
+    def __init__(self, fd: int, store: MapStore, committed: RegionMap,
+                 lifecycle: Lifecycle) -> None:
+        self._fd = fd
+        self._store = store
+        self._lifecycle = lifecycle
+        self._lock = threading.Lock()
+        # --- guarded by _lock ------------------------------------------------------
+        # Invariant: bit r set ⇒ r's bytes were fdatasynced before the bit reached
+        # the journal. committed ⊆ the in-core map.
+        self._committed = committed
+        # Runs set in the in-core map and not yet committed, in the order set.
+        self._pending: list[Run] = []
+        self.commits = 0
+        self.last_commit = 0.0
+        self.note: str | None = None  # a harmless event worth showing (postponed compaction)
+        # --- end -------------------------------------------------------------------
+        self._commit_lock = threading.Lock()  # one flush (commit, compaction) at a time
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- the in-core side -----------------------------------------------------------
+
+    def note_present(self, run: Run) -> None:
+        """A run's bits were just set in the in-core map (called under ownership's lock)."""
+        with self._lock:
+            self._pending.append(run)
+
+    def committed_snapshot(self) -> bytes:
+        with self._lock:
+            return self._committed.to_bytes()
+
+    @property
+    def committed_count(self) -> int:
+        return self._committed.present_count
+
+    # -- committing -------------------------------------------------------------------
+
+    def flush(self, closing: bool = False) -> None:
+        """Make every run made present so far durable (invariant 6). Blocks. Raises
+        OSError(EIO) in the failed mode, and enters it if a step fails here.
+        ``closing``: the last flush, made by ``close`` while the clone is closing."""
+        with self._commit_lock:
+            if closing:
+                if self._lifecycle.failure is not None:
+                    raise OSError(errno.EIO, self._lifecycle.failure)
+            else:
+                self._lifecycle.check_writable()
+            with self._lock:
+                ranges, self._pending = self._pending, []
+            try:
+                # step 1: data first (always: writes to present regions pend no runs)
+                fsops.fdatasync(self._fd)
+            except OSError as e:
+                raise self._fail("fdatasync of the clone file", e) from None
+            try:
+                self._store.commit(_merge(ranges))  # step 2: then the map
+            except OSError as e:
+                raise self._fail("the journal commit", e) from None
+            with self._lock:
+                for a, b in ranges:
+                    self._committed.set(a, b)
+                self.commits += 1
+                self.last_commit = time.time()
+                compact = (self._store.records > COMPACT_RECORDS
+                           or (self._committed.complete and self._store.records > 0))
+                snapshot = RegionMap(self._committed.count, self._committed.to_bytes()) \
+                    if compact else None
+            if snapshot is not None:
+                try:
+                    done = self._store.compact(snapshot)
+                except OSError as e:
+                    raise self._fail("map compaction", e) from None
+                with self._lock:
+                    self.note = None if done else \
+                        "map compaction postponed (could not write the new superblock)"
+
+    def _fail(self, step: str, e: OSError) -> OSError:
+        reason = f"{step} failed ({e.strerror or e}). {_FIX}"
+        self._lifecycle.fail(reason)
+        return OSError(errno.EIO, f"the clone is read-only after a failure: {reason}")
+
+    # -- the commit thread ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="commit", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(COMMIT_INTERVAL):
+            if self._lifecycle.failure is not None:
+                return
+            with self._lock:
+                idle = not self._pending
+            if idle:
+                continue
+            try:
+                self.flush()
+            except OSError:
+                return  # the lifecycle holds the failure and its reason
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join()
+
+    def close(self) -> None:
+        self._store.close()
+
+
+def _merge(ranges: list[Run]) -> list[Run]:
+    out: list[Run] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out

@@ -1,0 +1,223 @@
+"""The fill engine: copy source bytes into the clone file.
+
+Zero runs and source holes become holes in the clone (punched, never trusted:
+invariant 8). A local source is read into a reused page-aligned buffer; non-zero
+runs are shared with the source where the filesystem can (reflink), else written
+from that buffer. Bulk fills (the copier's batches) use direct I/O on both sides
+where the files allow it, so the copy never waits on page-cache writeback;
+guest-driven fills are small and latency-bound and go through the page cache.
+
+Errors carry their side. Anything the source raises (a read, its extents, a short
+read) becomes ``SourceReadError``: retried by the copier with back-off. Errors
+writing the clone stay plain ``OSError`` and are never blamed on the source.
+
+The caller owns every region it fills (``core.ownership``); the engine keeps no
+map state, only its I/O strategy.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from liveclone.core import fsops
+from liveclone.sources.base import Extent, Source
+
+T = TypeVar("T")
+
+# Largest single read (and write) when filling. Direct I/O on a virtio disk: 32 MiB
+# copied 4 GiB in 3.9-5.1 s, 8 MiB in 5.6-7.0 s (3-6 workers, interleaved runs).
+COPY_CHUNK = 32 << 20
+# Offsets and lengths of direct I/O are multiples of this (any device's logical block).
+DIRECT_ALIGN = 4096
+# Zero detection granularity cap: an all-zero block this big becomes a hole.
+ZERO_BLOCK = 64 << 10
+
+
+class SourceReadError(OSError):
+    """Reading the source failed (the source's side, not the clone's)."""
+
+
+def _source_error(source: Source, e: OSError) -> SourceReadError:
+    return SourceReadError(e.errno or errno.EIO,
+                           f"reading the source {source.spec} failed: {e.strerror or e}")
+
+
+def _from_source(source: Source, what: Callable[[], T]) -> T:
+    try:
+        return what()
+    except SourceReadError:
+        raise
+    except OSError as e:
+        raise _source_error(source, e) from e
+
+
+def _is_zero(view: memoryview, zeros: memoryview) -> bool:
+    """``zeros`` is a view of at least ``len(view)`` zero bytes (slicing it copies nothing)."""
+    return view == zeros[: len(view)]
+
+
+class FillEngine:
+    """Moves bytes from one source into one clone file. Thread-safe."""
+
+    def __init__(self, fd: int, source: Source | None, region_size: int,
+                 count_source_bytes: Callable[[int], None]) -> None:
+        self._fd = fd
+        self.source = source
+        self._count = count_source_bytes
+        self._zero_block = min(ZERO_BLOCK, region_size)
+        self._zeros = memoryview(bytes(self._zero_block))  # compared against, never written
+        self._local = threading.local()  # per-thread copy buffer
+        # Direct I/O on the clone: measured 2-3x faster than the page cache's
+        # writeback on a virtio disk. Some filesystems open with O_DIRECT and refuse
+        # the I/O (EINVAL): the first refusal turns it off for this clone.
+        from liveclone.sources.local import open_direct
+
+        self._dfd = open_direct(fd, os.O_RDWR)
+        self._direct = True
+        # Source and clone share blocks (reflink): None until the first fill tries.
+        self._share_blocks: bool | None = None
+
+    def close(self) -> None:
+        if self._dfd is not None:
+            os.close(self._dfd)
+            self._dfd = None
+
+    def need_source(self) -> Source:
+        if self.source is None:
+            raise SourceReadError(errno.EIO, "the clone's source is not available")
+        return self.source
+
+    def source_extents(self, start: int, end: int) -> Iterator[Extent]:
+        source = self.need_source()
+        return iter(_from_source(source, lambda: list(source.extents(start, end - start))))
+
+    def source_pread(self, offset: int, length: int) -> bytes:
+        source = self.need_source()
+        data = _from_source(source, lambda: source.pread(offset, length))
+        if len(data) != length:
+            raise SourceReadError(errno.EIO, f"the source {source.spec} returned {len(data)} "
+                                  f"bytes at offset {offset}, not {length}: did it shrink?")
+        return data
+
+    def copy(self, start: int, end: int, progress: list[int] | None = None,
+             bulk: bool = False) -> int:
+        """Copy source bytes ``[start, end)`` into the clone file; return the data
+        bytes read. ``progress[0]``, if given, is kept at the offset below which
+        every byte is written, so a failed copy keeps what it did."""
+        source = self.need_source()
+        fd, zb = self._fd, self._zero_block
+        read = 0
+        hole_start: int | None = None  # a zero run waiting to be punched
+
+        def flush_hole(upto: int) -> None:
+            nonlocal hole_start
+            if hole_start is not None and upto > hole_start:
+                fsops.punch_hole(fd, hole_start, upto - hole_start)
+            hole_start = None
+
+        for ext in self.source_extents(start, end):
+            if not ext.data:
+                if hole_start is None:
+                    hole_start = ext.offset
+                continue
+            pos, ext_end = ext.offset, ext.offset + ext.length
+            while pos < ext_end:
+                n = min(COPY_CHUNK, ext_end - pos)
+                data, direct = self._read(source, pos, n, bulk)
+                read += n
+                self._count(n)
+                # Walk zero-detection blocks aligned to the clone, not to pos.
+                i = 0
+                while i < n:
+                    j = min(n, (((pos + i) // zb) + 1) * zb - pos)
+                    if _is_zero(data[i:j], self._zeros):
+                        if hole_start is None:
+                            hole_start = pos + i
+                        i = j
+                        continue
+                    flush_hole(pos + i)
+                    # Extend the data run over following non-zero blocks.
+                    k = j
+                    while k < n:
+                        nk = min(n, k + zb)
+                        if _is_zero(data[k:nk], self._zeros):
+                            break
+                        k = nk
+                    self._write(source, data[i:k], pos + i, direct, progress)
+                    i = k
+                pos += n
+        flush_hole(end)
+        if progress is not None:
+            progress[0] = end
+        return read
+
+    def _write(self, source: Source, data: memoryview, offset: int,
+               direct: bool, progress: list[int] | None) -> None:
+        """Put source bytes at ``offset`` in the clone. ``direct``: ``data`` starts on
+        a DIRECT_ALIGN boundary of an aligned buffer, so its whole blocks may go with
+        direct I/O (a short tail goes through the page cache). ``progress[0]`` follows
+        every byte written, so a disk that fills up midway keeps what was done."""
+        src_fd = source.fileno()
+        share = self._share_blocks  # this call's view: other fillers may change it
+        if src_fd is not None and share is not False:
+            try:
+                if share:  # the kernel shares blocks, or copies unaligned pieces
+                    fsops.copy_file_range(src_fd, self._fd, offset, len(data), progress)
+                    return
+                if offset % DIRECT_ALIGN == 0 and len(data) % DIRECT_ALIGN == 0:
+                    # The probe, on whole blocks only: can this filesystem share?
+                    fsops.clone_range(src_fd, self._fd, offset, len(data))
+                    self._share_blocks = True
+                    if progress is not None:
+                        progress[0] = offset + len(data)
+                    return
+            except OSError as e:
+                if share or e.errno not in fsops.NO_SHARING:
+                    raise
+                if e.errno != errno.EINVAL:  # EINVAL may be this range only: ask again
+                    self._share_blocks = False
+        if direct and self._direct and self._dfd is not None and offset % DIRECT_ALIGN == 0:
+            whole = len(data) - len(data) % DIRECT_ALIGN
+            try:
+                if whole:
+                    fsops.pwrite_all(self._dfd, data[:whole], offset, progress)
+                    data, offset = data[whole:], offset + whole
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+                self._direct = False  # refused after all: the page cache from now on
+        if data:
+            fsops.pwrite_all(self._fd, data, offset, progress)
+
+    def _read(self, source: Source, offset: int, length: int,
+              bulk: bool) -> tuple[memoryview, bool]:
+        """Source bytes ``[offset, offset+length)`` and whether they were read with
+        direct I/O (only ``bulk``) into the aligned per-thread buffer."""
+        src_fd = source.fileno()
+        if src_fd is None:
+            return memoryview(self.source_pread(offset, length)), False
+        buf = getattr(self._local, "buf", None)
+        if buf is None:  # anonymous mmap: page-aligned, as direct I/O needs
+            buf = self._local.buf = memoryview(mmap.mmap(-1, COPY_CHUNK))
+        dfd = source.direct_fileno() if bulk and self._direct else None
+        direct = dfd is not None and offset % DIRECT_ALIGN == 0
+        got = 0
+        if dfd is not None and direct:
+            try:
+                # Whole blocks; the last may run past the end of the file, which is short.
+                got = os.preadv(dfd, [buf[:-(-length // DIRECT_ALIGN) * DIRECT_ALIGN]], offset)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise _source_error(source, e) from e
+                self._direct = direct = False  # refused after all (alignment, filesystem)
+        if not direct:
+            got = _from_source(source, lambda: os.preadv(src_fd, [buf[:length]], offset))
+        if got < length:
+            raise SourceReadError(errno.EIO, f"the source {source.spec} ended early at offset "
+                                  f"{offset + got}: did it shrink?")
+        return buf[:length], direct

@@ -1,0 +1,128 @@
+"""Region ownership: the in-core map, and who may change an absent region.
+
+A region that is absent can only change (its clone bytes written, its bit set) by
+the one caller that *owns* it. Ownership is taken for runs of regions under
+``cond`` and released there. Guest writes wait until no region they touch is owned
+by someone else; the copier never waits: it skips owned and present regions.
+Since a region's bit is set only by its owner, and the copier only writes regions
+it found absent and took, the copier never overwrites guest data (invariant 4),
+and there is one fill per region at a time.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+from liveclone.core.regions import RegionMap
+
+Run = tuple[int, int]  # regions [first, end)
+
+
+class Ownership:
+    """The in-core map and the owned runs, under one condition variable."""
+
+    def __init__(self, rmap: RegionMap, on_present: Callable[[Run], None]) -> None:
+        self.cond = threading.Condition()
+        # --- guarded by cond -------------------------------------------------------
+        # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
+        # (perhaps not yet durable). Bits only go 0 → 1 (invariant 2).
+        self.map = rmap
+        # Invariant: runs of absent regions owned by one caller each; no two overlap.
+        # Only the owner writes an owned region's clone bytes or sets its bit.
+        self._owned: list[Run] = []
+        # --- end -------------------------------------------------------------------
+        # Told of every run made present, under cond (durability queues its commit).
+        self._on_present = on_present
+
+    # -- queries (each takes the lock) ------------------------------------------
+
+    def runs(self, first: int, end: int) -> list[tuple[int, int, bool]]:
+        """``(a, b, present)`` runs of ``[first, end)``, from one snapshot."""
+        with self.cond:
+            return list(self.map.runs(first, end))
+
+    def absent_runs(self, first: int, end: int) -> list[Run]:
+        with self.cond:
+            return [(a, b) for a, b, present in self.map.runs(first, end) if not present]
+
+    def any_absent(self, first: int, end: int) -> bool:
+        with self.cond:
+            return self.map.find_absent(first, end) is not None
+
+    def find_absent(self, start: int) -> int | None:
+        with self.cond:
+            return self.map.find_absent(start)
+
+    def is_present(self, region: int) -> bool:
+        with self.cond:
+            return region in self.map
+
+    @property
+    def complete(self) -> bool:
+        return self.map.complete  # bits never go back: a stale True cannot happen
+
+    # -- taking and giving back -------------------------------------------------
+
+    def _overlaps_owned(self, first: int, end: int) -> bool:
+        return any(a < end and first < b for a, b in self._owned)
+
+    def take(self, first: int, end: int, wait: bool) -> tuple[list[Run], int]:
+        """Own the absent regions of ``[first, end)``; return them as runs, and how
+        many regions there were present (the copier's "done without writing").
+
+        With ``wait``, block until no region there is owned by another, then take
+        every absent one (all at once, so two writers never deadlock). Without
+        ``wait``, take only absent regions nobody owns."""
+        with self.cond:
+            if wait:
+                while self._overlaps_owned(first, end):
+                    self.cond.wait()
+            taken: list[Run] = []
+            present = 0
+            for a, b, is_present in self.map.runs(first, end):
+                if is_present:
+                    present += b - a
+                    continue
+                pieces = [(a, b)]
+                if not wait:  # cut owned runs out of [a, b)
+                    for oa, ob in self._owned:
+                        pieces = [q for pa, pb in pieces
+                                  for q in ((pa, min(pb, oa)), (max(pa, ob), pb))
+                                  if q[0] < q[1]]
+                taken.extend(pieces)
+            self._owned.extend(taken)
+            return taken, present
+
+    def release(self, runs: list[Run], present: list[Run]) -> None:
+        """Give owned ``runs`` back; the regions of ``present`` (within them) had their
+        clone bytes written, so their bits are set, pending commit."""
+        with self.cond:
+            for run in runs:
+                self._owned.remove(run)
+            for run in present:
+                if run[1] > run[0]:
+                    self.map.set(*run)
+                    self._on_present(run)
+            self.cond.notify_all()
+
+    def owning(self, first: int, end: int, wait: bool = True) -> Owned:
+        """Own the absent regions of ``[first, end)`` for a ``with`` block."""
+        return Owned(self, self.take(first, end, wait)[0])
+
+
+class Owned:
+    """Owned runs, released on exit; made present on exit if ``made_present`` was set
+    and the block raised nothing."""
+
+    def __init__(self, ownership: Ownership, runs: list[Run]) -> None:
+        self.ownership = ownership
+        self.runs = runs
+        self.made_present = False
+
+    def __enter__(self) -> Owned:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        ok = self.made_present and exc[0] is None
+        self.ownership.release(self.runs, self.runs if ok else [])

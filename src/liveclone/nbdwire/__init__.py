@@ -1,0 +1,1 @@
+"""NBD wire format and client, shared by the server frontend and the NBD sources."""
