@@ -20,6 +20,7 @@ check openssl openssl
 check ps procps
 check mkfs.xfs xfsprogs
 check losetup mount
+check strace strace
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then

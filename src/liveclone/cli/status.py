@@ -33,12 +33,14 @@ def read_status(clone_path: str) -> dict[str, Any]:
     present = rmap.present_count
     if running:
         present = max(present, int(live.get("regions_present", 0)))
-    if present == rmap.count:
+    if live.get("phase") == Phase.FAILED and (running or live.get("running") is False):
+        # Failed, even if the map reads complete: a failed journal sync leaves the
+        # map's durability unknown until the next open settles it.
+        phase = Phase.FAILED
+    elif present == rmap.count:
         phase = Phase.COMPLETE
     elif running:
         phase = live.get("phase", Phase.COPYING)
-    elif live.get("phase") == Phase.FAILED:
-        phase = Phase.FAILED
     else:
         phase = Phase.PAUSED
     out: dict[str, Any] = {

@@ -31,6 +31,7 @@ from liveclone.core.lifecycle import Lifecycle, State
 from liveclone.core.metadata import MapHeader, MapStore
 from liveclone.core.ownership import Ownership, Run
 from liveclone.core.regions import Geometry, RegionMap
+from liveclone.errors import CloneFailedError
 from liveclone.sources.base import Extent, Source
 from liveclone.sources.local import fd_extents
 
@@ -385,13 +386,18 @@ class Clone:
 
     def close(self) -> None:
         """Commit and close. Blocks. A failed clone closes without committing (its
-        failure stays in ``failure``); a second close does nothing."""
+        failure stays in ``failure``); if this last commit fails, the clone is closed
+        and CloneFailedError says why. A second close does nothing."""
         if not self.lifecycle.begin_close():
             return
         self._durability.stop()
         try:
             if self.lifecycle.failure is None:
                 self._durability.flush(closing=True)
+        except OSError:
+            if self.lifecycle.failure is None:
+                raise
+            raise CloneFailedError(self.lifecycle.failure) from None
         finally:
             self._release_files()
 

@@ -146,9 +146,11 @@ class Copier:
 
     @property
     def phase(self) -> str:
+        if self.clone.failure is not None:
+            return Phase.FAILED  # complete in memory perhaps, never committed
         if self.clone.complete:
             return Phase.COMPLETE
-        if self.error is not None or self.clone.failure is not None:
+        if self.error is not None:
             return Phase.FAILED
         return Phase.PAUSED if self.paused else Phase.COPYING
 

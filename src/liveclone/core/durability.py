@@ -17,6 +17,7 @@ reopened clone resumes from the committed map.
 from __future__ import annotations
 
 import errno
+import os
 import threading
 import time
 
@@ -28,6 +29,9 @@ from liveclone.core.regions import RegionMap
 
 # Invariant 6: commit at least this often while bits are pending.
 COMMIT_INTERVAL = 1.0
+# Compact once the journal holds this many records. LIVECLONE_COMPACT_RECORDS sets
+# it (crash tests use a small value so power cuts land inside compactions).
+COMPACT_RECORDS = int(os.environ.get("LIVECLONE_COMPACT_RECORDS", "0")) or COMPACT_RECORDS
 
 _FIX = ("The clone is now read-only: guests get EIO on writes and flushes, committed "
         "data is still served, and the copy has stopped. Fix the cause (see the kernel "

@@ -80,10 +80,11 @@ class Lifecycle:
     def fail(self, reason: str) -> bool:
         """Enter the failed mode; True if this call did (the first reason wins)."""
         with self._lock:
-            if self.failure is not None or State.FAILED not in _ALLOWED[self._state]:
+            if self.failure is not None or self._state is State.CLOSED:
                 return False
             self.failure = reason
-            self._state = State.FAILED
+            if State.FAILED in _ALLOWED[self._state]:
+                self._state = State.FAILED  # while closing, the state stays closing
             return True
 
     def check_open(self) -> None:

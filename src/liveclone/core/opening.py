@@ -120,6 +120,7 @@ def _open_locked(path: str, create: bool, exclusive: bool) -> tuple[int, bool]:
     """The clone file's descriptor, holding its exclusive lock; and whether this call
     created the file."""
     directory = os.path.dirname(path)
+    young_until = time.monotonic() + 0.5
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
@@ -143,6 +144,13 @@ def _open_locked(path: str, create: bool, exclusive: bool) -> tuple[int, bool]:
             raise CloneBusyError(
                 f"the clone {path} is in use by another liveclone process; stop it first "
                 "(or use `liveclone status` to see its progress)") from None
+        if (create and not MapStore.exists(path) and os.fstat(fd).st_size == 0
+                and time.monotonic() < young_until):
+            # An empty file with no map: perhaps another creator's, made with O_EXCL
+            # and not locked yet. Let go, so it can lock it, and look again.
+            os.close(fd)
+            time.sleep(0.02)
+            continue
         return fd, False
 
 
@@ -160,8 +168,10 @@ def _create_locked(path: str, directory: str) -> int | None:
             raise TargetError(f"cannot create clone {path}: {e.strerror}") from None
         return _create_excl(path)
     fcntl.flock(fd, fcntl.LOCK_EX)  # nobody else can see this file yet
+    proc_fd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.link(f"/proc/self/fd/{fd}", path, follow_symlinks=True)
+        # linkat(..., AT_SYMLINK_FOLLOW): giving src_dir_fd makes Python use linkat.
+        os.link(str(fd), path, src_dir_fd=proc_fd, follow_symlinks=True)
     except FileExistsError:
         os.close(fd)
         return None
@@ -170,24 +180,22 @@ def _create_locked(path: str, directory: str) -> int | None:
         if e.errno in (errno.EOPNOTSUPP, errno.EPERM, errno.ENOENT, errno.EXDEV):
             return _create_excl(path)
         raise TargetError(f"cannot create clone {path}: {e.strerror}") from None
+    finally:
+        os.close(proc_fd)
     return fd
 
 
 def _create_excl(path: str) -> int | None:
-    """``O_EXCL`` then lock: a racing opener may lock it in between and then find no
-    map, which it reports as busy or not a clone; the map is never written twice."""
+    """``O_EXCL`` then lock. A racing opener may lock the empty file in between; it
+    finds no map and lets go at once (``_open_locked``), so the wait here is short.
+    Only the ``O_EXCL`` winner writes a map."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     except FileExistsError:
         return None
     except OSError as e:
         raise TargetError(f"cannot create clone {path}: {e.strerror}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise CloneBusyError(f"the clone {path} is being created by another process"
-                             ) from None
+    fcntl.flock(fd, fcntl.LOCK_EX)
     return fd
 
 

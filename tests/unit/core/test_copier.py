@@ -150,3 +150,37 @@ def test_a_busy_guest_slows_the_copier_but_never_starves_it(tmp_path: Path,
         cp.stop()
         assert cp.phase == Phase.COMPLETE
     assert (tmp_path / "c.img").read_bytes() == data
+
+
+def test_guest_read_never_waits_on_the_copiers_source_extents(tmp_path: Path,
+                                                             source_image) -> None:
+    """Issue 9: the copier asks the source for extents (a network call for NBD and
+    qcow2 sources, retried for up to 30 s). A guest read of absent data must not wait
+    for that call: here it blocks until the read has finished."""
+    import threading
+
+    src, data = source_image
+    entered, release = threading.Event(), threading.Event()
+
+    class SlowExtents(LocalFileSource):
+        def extents(self, offset: int, length: int):  # type: ignore[no-untyped-def]
+            if threading.current_thread().name.startswith("copier"):
+                entered.set()
+                release.wait(60)
+            return super().extents(offset, length)
+
+    c = open_clone(str(tmp_path / "c.img"), SlowExtents(str(src)), region_size=RS,
+                   create=True)
+    cp = Copier(c, workers=1).start()
+    try:
+        assert entered.wait(10)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(bytes(c.read(5 * RS, RS))))
+        reader.start()
+        reader.join(20)
+        # The copier is still blocked in extents(): the read finished without it.
+        assert got == [data[5 * RS:6 * RS]] and not release.is_set()
+    finally:
+        release.set()
+        cp.stop()
+        c.close()

@@ -1,0 +1,193 @@
+"""One power-loss trial of liveclone, with real processes; shared by the test and
+the soak (``scripts/powerloss-soak.py``).
+
+A trial:
+
+1. ``liveclone serve SOURCE CLONE`` with the clone on plfs (unsynced data is lost
+   at a cut), a rate-limited copier, and compaction forced often
+   (``LIVECLONE_COMPACT_RECORDS``);
+2. ``qemu-io`` batches over NBD: a few random writes and zero-writes, then a
+   ``flush``. A batch whose qemu-io exits 0 is acknowledged;
+3. at a random moment: freeze the filesystem (nothing more reaches it), ``kill
+   -9`` the server and qemu-io, and cut power (each unsynced 4 KiB page kept or
+   lost by a coin), or, in some trials, only ``kill -9`` (the page cache survives);
+4. reopen: ``liveclone status --json`` must succeed (never "corrupt"), and
+   ``liveclone clone`` must finish the copy;
+5. check the finished clone byte by byte: every byte is the source's or an
+   acknowledged write's as of the last completed flush, or a value some
+   unacknowledged write put there. Nothing else: no garbage, no zeros nobody wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LIVECLONE = [sys.executable, "-m", "liveclone.cli.main"]
+
+
+@dataclass
+class Model:
+    """What the clone may hold: ``acked`` is source ⊕ writes acknowledged by a
+    completed flush; ``pending`` are later writes (off, length, byte), any of which
+    may or may not have reached the disk, page by page."""
+
+    acked: bytearray
+    pending: list[tuple[int, int, int]] = field(default_factory=list)
+
+    def check(self, got: bytes) -> str | None:
+        """None if ``got`` is allowed, else where and how it is wrong."""
+        if len(got) != len(self.acked):
+            return f"clone is {len(got)} bytes, expected {len(self.acked)}"
+        page = 4096
+        for off in range(0, len(got), page):
+            if got[off:off + page] == self.acked[off:off + page]:
+                continue
+            for b in range(off, min(off + page, len(got))):
+                if got[b] == self.acked[b]:
+                    continue
+                if not any(o <= b < o + n and got[b] == v for o, n, v in self.pending):
+                    return (f"byte {b} is {got[b]:#x}: neither the acknowledged "
+                            f"{self.acked[b]:#x} nor any unacknowledged write's value")
+        return None
+
+
+@dataclass
+class Result:
+    seed: int
+    kind: str  # "kill", "cut" (at a random moment), "cut@journal" / "cut@clone" (at a sync)
+    acked_batches: int
+    pending_writes: int
+    present_after: int
+    error: str | None = None
+    log: list[str] = field(default_factory=list)
+
+
+def make_source(path: Path, size: int, seed: int) -> bytes:
+    """Random data with some zero stretches (they become holes in the clone)."""
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    for _ in range(4):
+        a = rng.randrange(0, size - 65536)
+        data[a:a + rng.randrange(4096, 65536)] = bytes(rng.randrange(4096, 65536))
+    data = data[:size]
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["LIVECLONE_COMPACT_RECORDS"] = "4"
+    env.pop("LIVECLONE_DEBUG", None)
+    return env
+
+
+def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -> Result:
+    """One trial on the mounted plfs ``fs`` (a ``tests.powerloss.PLFS``)."""
+    rng = random.Random(seed)
+    kind = rng.choice(["kill", "cut", "cut", "cut@journal", "cut@journal", "cut@clone"])
+    mnt = Path(fs.mountpoint)  # type: ignore[attr-defined]
+    clone = mnt / f"c{seed}.img"
+    sock = workdir / f"s{seed}.sock"
+    region = rng.choice(["4K", "16K", "64K"])
+    rate = rng.choice(["512K", "1M", "4M", "64M"])
+    model = Model(bytearray(data))
+    res = Result(seed, kind, 0, 0, 0)
+    serve_log = workdir / "serve.log"
+    with open(serve_log, "wb") as log:
+        serve = subprocess.Popen(
+            [*LIVECLONE, "serve", str(source), str(clone), "--socket", str(sock),
+             "--region-size", region, "--rate", rate],
+            stdout=subprocess.PIPE, stderr=log, env=_env(), start_new_session=True)
+    assert serve.stdout is not None
+    with serve.stdout:
+        uri = serve.stdout.readline().decode().strip()
+    if not uri:
+        serve.kill()
+        serve.wait()
+        res.error = f"serve did not start: {serve_log.read_text()[-2000:]}"
+        return res
+    stop = threading.Event()
+    current: list[subprocess.Popen[bytes]] = []
+
+    def guest() -> None:
+        wrng = random.Random(seed * 7 + 1)
+        while not stop.is_set():
+            batch = []
+            cmds: list[str] = []
+            for _ in range(wrng.randrange(1, 5)):
+                off = wrng.randrange(0, len(data) - 1) // 512 * 512
+                n = min(wrng.choice([512, 4096, 12288, 65536, 200000]) // 512 * 512,
+                        len(data) - off)
+                if wrng.random() < 0.15:
+                    value = 0
+                    cmds += ["-c", f"write -z {off} {n}"]
+                else:
+                    value = wrng.randrange(1, 256)
+                    cmds += ["-c", f"write -P {value} {off} {n}"]
+                batch.append((off, n, value))
+            # Until qemu-io says the flush completed, these writes are unacknowledged.
+            model.pending.extend(batch)
+            p = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 start_new_session=True)
+            current[:] = [p]
+            _, err = p.communicate()
+            if p.returncode != 0 or b"error" in err.lower() or b"failed" in err.lower():
+                return  # the cut came (or the server failed): stay unacknowledged
+            for off, n, value in model.pending:
+                model.acked[off:off + n] = bytes([value]) * n
+            model.pending.clear()
+            res.acked_batches += 1
+
+    t = threading.Thread(target=guest, daemon=True)
+    if kind.startswith("cut@"):
+        # Freeze at the n-th sync of the journal (or the clone file): the cut lands
+        # while a commit's pages (or its data) are written and not yet synced.
+        suffix = ".lcjournal" if kind == "cut@journal" else clone.name
+        fs.arm(suffix, rng.randrange(1, 40))  # type: ignore[attr-defined]
+    t.start()
+    time.sleep(rng.uniform(0.05, 2.0))
+    if kind.startswith("cut"):
+        fs.freeze()  # type: ignore[attr-defined]
+    stop.set()
+    for p in (serve, *current):
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    serve.wait()
+    for p in current:
+        p.wait()
+    t.join(10)
+    if kind.startswith("cut"):
+        fs.cut(p=rng.choice([0.0, 0.5, 0.5, 1.0]), seed=seed)  # type: ignore[attr-defined]
+    res.pending_writes = len(model.pending)
+    # Reopen: status must read the map, the copy must finish.
+    st = subprocess.run([*LIVECLONE, "status", "--json", str(clone)], capture_output=True,
+                        env=_env(), timeout=60)
+    if st.returncode != 0:
+        res.error = f"status exited {st.returncode}: {st.stderr.decode()[-2000:]}"
+        return res
+    res.present_after = json.loads(st.stdout)["regions_present"]
+    done = subprocess.run([*LIVECLONE, "clone", str(source), str(clone)], capture_output=True,
+                          env=_env(), timeout=120)
+    if done.returncode != 0:
+        res.error = f"clone exited {done.returncode}: {done.stderr.decode()[-2000:]}"
+        return res
+    res.error = model.check(clone.read_bytes())
+    if res.error is None:
+        for suffix in ("", ".lcmap", ".lcjournal", ".lcstatus", ".lcpause"):
+            try:
+                os.unlink(str(clone) + suffix)
+            except FileNotFoundError:
+                pass
+    return res
