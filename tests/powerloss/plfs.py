@@ -237,8 +237,9 @@ class PowerLossFS(mfusepy.Operations):  # type: ignore[misc]
         self._fh = itertools.count(1)
         self.frozen = False
         # "arm": freeze at the n-th fsync/fdatasync of a file whose name ends with
-        # suffix, before it syncs anything: the cut then lands exactly while that
-        # file's last writes are unsynced. [suffix, calls left] or None.
+        # suffix (and that has at least ``pages`` dirty pages), before it syncs
+        # anything: the cut then lands exactly while that file's last writes are
+        # unsynced. [suffix, calls left, pages] or None.
         self.armed: list[Any] | None = None
         self.counters = dict.fromkeys(
             ["writes", "bytes_written", "reads", "truncates", "fallocates", "fsyncs",
@@ -601,9 +602,9 @@ class PowerLossFS(mfusepy.Operations):  # type: ignore[misc]
                 elif cmd == "freeze" and not args:
                     with self._lock:
                         self.frozen = True
-                elif cmd == "arm" and set(args) == {"suffix", "n"}:
+                elif cmd == "arm" and {"suffix", "n"} <= set(args) <= {"suffix", "n", "pages"}:
                     with self._lock:
-                        self.armed = [args["suffix"], int(args["n"])]
+                        self.armed = [args["suffix"], int(args["n"]), int(args.get("pages", 0))]
                 elif cmd == "unfreeze" and not args:
                     with self._lock:
                         self.frozen = False
@@ -1016,7 +1017,8 @@ class PowerLossFS(mfusepy.Operations):  # type: ignore[misc]
             if isinstance(h, CtlHandle):
                 return 0
             ino = self._inode_of(fi)
-            if self.armed is not None and ino.path.endswith(self.armed[0]):
+            if (self.armed is not None and ino.path.endswith(self.armed[0])
+                    and len(ino.pages) >= self.armed[2]):
                 self.armed[1] -= 1
                 if self.armed[1] <= 0:
                     self.armed, self.frozen = None, True
@@ -1165,9 +1167,10 @@ class PLFS:
     def unfreeze(self) -> None:
         self.command("unfreeze")
 
-    def arm(self, suffix: str, n: int) -> None:
-        """Freeze at the n-th fsync/fdatasync of a file whose name ends with suffix."""
-        self.command(f"arm suffix={suffix} n={n}")
+    def arm(self, suffix: str, n: int, pages: int = 0) -> None:
+        """Freeze at the n-th fsync/fdatasync of a file whose name ends with suffix
+        and that has at least ``pages`` dirty pages then."""
+        self.command(f"arm suffix={suffix} n={n} pages={pages}")
 
     def stats(self) -> dict[str, Any]:
         with open(self.ctl, "rb") as f:

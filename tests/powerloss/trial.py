@@ -48,13 +48,18 @@ class Model:
         if len(got) != len(self.acked):
             return f"clone is {len(got)} bytes, expected {len(self.acked)}"
         page = 4096
+        by_page: dict[int, list[tuple[int, int, int]]] = {}
+        for o, n, v in self.pending:
+            for p in range(o // page, (o + n - 1) // page + 1):
+                by_page.setdefault(p, []).append((o, n, v))
         for off in range(0, len(got), page):
             if got[off:off + page] == self.acked[off:off + page]:
                 continue
+            near = by_page.get(off // page, [])
             for b in range(off, min(off + page, len(got))):
                 if got[b] == self.acked[b]:
                     continue
-                if not any(o <= b < o + n and got[b] == v for o, n, v in self.pending):
+                if not any(o <= b < o + n and got[b] == v for o, n, v in near):
                     return (f"byte {b} is {got[b]:#x}: neither the acknowledged "
                             f"{self.acked[b]:#x} nor any unacknowledged write's value")
         return None
@@ -63,7 +68,8 @@ class Model:
 @dataclass
 class Result:
     seed: int
-    kind: str  # "kill", "cut" (at a random moment), "cut@journal" / "cut@clone" (at a sync)
+    kind: str  # "kill", "cut" (at a random moment), "cut@journal" / "cut@clone" /
+    # "cut@torn" (at a sync of that file; of a multi-page commit)
     acked_batches: int
     pending_writes: int
     present_after: int
@@ -93,12 +99,18 @@ def _env() -> dict[str, str]:
 def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -> Result:
     """One trial on the mounted plfs ``fs`` (a ``tests.powerloss.PLFS``)."""
     rng = random.Random(seed)
-    kind = rng.choice(["kill", "cut", "cut", "cut@journal", "cut@journal", "cut@clone"])
+    kind = rng.choice(["kill", "cut", "cut", "cut@journal", "cut@torn", "cut@clone"])
     mnt = Path(fs.mountpoint)  # type: ignore[attr-defined]
     clone = mnt / f"c{seed}.img"
     sock = workdir / f"s{seed}.sock"
-    region = rng.choice(["4K", "16K", "64K"])
+    region = rng.choice(["4K", "4K", "16K", "64K"])
+    # writeback: writes pile up until the flush (a big commit); writethrough: every
+    # write is FUA (a commit each).
+    cache = rng.choice(["writeback", "writeback", "writethrough"])
     rate = rng.choice(["512K", "1M", "4M", "64M"])
+    torn = kind == "cut@torn"
+    if torn:  # scattered writes to small absent regions: many ranges in one commit
+        cache, region, rate = "writeback", "4K", "512K"
     model = Model(bytearray(data))
     res = Result(seed, kind, 0, 0, 0)
     serve_log = workdir / "serve.log"
@@ -123,10 +135,13 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -
         while not stop.is_set():
             batch = []
             cmds: list[str] = []
-            for _ in range(wrng.randrange(1, 5)):
+            # Some batches scatter hundreds of small writes: their flush commits
+            # hundreds of ranges, a journal commit spanning several pages.
+            scatter = torn or wrng.random() < 0.3
+            for _ in range(wrng.randrange(100, 300) if scatter else wrng.randrange(1, 5)):
                 off = wrng.randrange(0, len(data) - 1) // 512 * 512
-                n = min(wrng.choice([512, 4096, 12288, 65536, 200000]) // 512 * 512,
-                        len(data) - off)
+                n = 512 if scatter else min(
+                    wrng.choice([512, 4096, 12288, 65536, 200000]), len(data) - off)
                 if wrng.random() < 0.15:
                     value = 0
                     cmds += ["-c", f"write -z {off} {n}"]
@@ -136,7 +151,7 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -
                 batch.append((off, n, value))
             # Until qemu-io says the flush completed, these writes are unacknowledged.
             model.pending.extend(batch)
-            p = subprocess.Popen(["qemu-io", "-f", "raw", *cmds, "-c", "flush", uri],
+            p = subprocess.Popen(["qemu-io", "-f", "raw", "-t", cache, *cmds, "-c", "flush", uri],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                  start_new_session=True)
             current[:] = [p]
@@ -152,10 +167,18 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -
     if kind.startswith("cut@"):
         # Freeze at the n-th sync of the journal (or the clone file): the cut lands
         # while a commit's pages (or its data) are written and not yet synced.
-        suffix = ".lcjournal" if kind == "cut@journal" else clone.name
-        fs.arm(suffix, rng.randrange(1, 40))  # type: ignore[attr-defined]
+        # cut@torn: at the first sync of a commit that spans pages (some may be kept
+        # and others lost: a torn commit, never acknowledged).
+        suffix = clone.name if kind == "cut@clone" else ".lcjournal"
+        n, pages = (1, 2) if kind == "cut@torn" else (rng.randrange(1, 40), 0)
+        fs.arm(suffix, n, pages)  # type: ignore[attr-defined]
     t.start()
-    time.sleep(rng.uniform(0.05, 2.0))
+    if torn:  # until the armed sync froze the filesystem
+        deadline = time.monotonic() + 10
+        while not fs.stats()["frozen"] and time.monotonic() < deadline:  # type: ignore[attr-defined]
+            time.sleep(0.02)
+    else:
+        time.sleep(rng.uniform(0.05, 2.0))
     if kind.startswith("cut"):
         fs.freeze()  # type: ignore[attr-defined]
     stop.set()
@@ -169,7 +192,8 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -
         p.wait()
     t.join(10)
     if kind.startswith("cut"):
-        fs.cut(p=rng.choice([0.0, 0.5, 0.5, 1.0]), seed=seed)  # type: ignore[attr-defined]
+        p = 0.5 if torn else rng.choice([0.0, 0.5, 0.5, 1.0])
+        fs.cut(p=p, seed=seed)  # type: ignore[attr-defined]
     res.pending_writes = len(model.pending)
     # Reopen: status must read the map, the copy must finish.
     st = subprocess.run([*LIVECLONE, "status", "--json", str(clone)], capture_output=True,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from liveclone.core.clone import Clone
@@ -64,16 +65,22 @@ def test_copy_on_read_reads_the_source_once(tmp_path: Path, source_image) -> Non
 def test_pause_resume_and_rate_limit(tmp_path: Path, source_image) -> None:
     src, data = source_image
     with _clone(tmp_path, src) as c:
-        cp = Copier(c, rate=64 << 20)
+        rate = 2 << 20
+        cp = Copier(c, rate=rate)
         cp.pause()
         cp.start()
         assert cp.phase == Phase.PAUSED
         assert not cp.wait(0.3)
         assert c.regions_present == 0
+        started = time.monotonic()
         cp.resume()
         assert cp.wait(60)
+        elapsed = time.monotonic() - started
         cp.stop()
         assert cp.phase == Phase.COMPLETE
+        # The limiter sleeps, so this lower bound cannot flake: only the last waits of
+        # each worker (a batch is a quarter second of the rate) may be cut short.
+        assert elapsed >= c.stats.bytes_copied / rate - (cp.workers + 1) * 0.25 > 0.5
     assert (tmp_path / "c.img").read_bytes() == data
 
 

@@ -30,9 +30,19 @@ NREG = 64
 
 
 def _target(arg: object) -> str:
-    if isinstance(arg, int):
-        return os.readlink(f"/proc/self/fd/{arg}")
-    return str(arg)
+    """The path a file descriptor or path argument names. A clone file created with
+    O_TMPFILE shows in /proc as "#inode (deleted)" even once linked: find its name."""
+    if not isinstance(arg, int):
+        return str(arg)
+    path = os.readlink(f"/proc/self/fd/{arg}")
+    if path.endswith(" (deleted)"):
+        st = os.fstat(arg)
+        directory = os.path.dirname(path)
+        for name in os.listdir(directory):
+            other = os.stat(os.path.join(directory, name))
+            if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+                return os.path.join(directory, name)
+    return path
 
 
 class Fault:
