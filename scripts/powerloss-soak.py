@@ -37,6 +37,8 @@ def main() -> int:
     ap.add_argument("--first", type=int, default=0, help="seed of the first trial")
     ap.add_argument("--jobs", type=int, default=2, help="filesystems run side by side")
     ap.add_argument("--size", type=int, default=8 << 20, help="source size in bytes")
+    ap.add_argument("--max-wait", type=float, default=2.0,
+                    help="a timed cut comes up to this many seconds into a trial")
     args = ap.parse_args()
     seeds = iter(range(args.first, args.first + args.trials))
     lock = threading.Lock()
@@ -56,7 +58,7 @@ def main() -> int:
                         seed = next(seeds, None)
                     if seed is None:
                         return
-                    res = run_trial(fs, tmp, source, data, seed)
+                    res = run_trial(fs, tmp, source, data, seed, args.max_wait)
                     with lock:
                         kinds[res.kind] += 1
                         done[0] += 1

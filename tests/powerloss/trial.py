@@ -96,8 +96,10 @@ def _env() -> dict[str, str]:
     return env
 
 
-def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -> Result:
-    """One trial on the mounted plfs ``fs`` (a ``tests.powerloss.PLFS``)."""
+def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int,
+              max_wait: float = 2.0) -> Result:
+    """One trial on the mounted plfs ``fs`` (a ``tests.powerloss.PLFS``); a timed cut
+    comes up to ``max_wait`` seconds after the guest starts."""
     rng = random.Random(seed)
     kind = rng.choice(["kill", "cut", "cut", "cut@journal", "cut@torn", "cut@clone"])
     mnt = Path(fs.mountpoint)  # type: ignore[attr-defined]
@@ -178,7 +180,7 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int) -
         while not fs.stats()["frozen"] and time.monotonic() < deadline:  # type: ignore[attr-defined]
             time.sleep(0.02)
     else:
-        time.sleep(rng.uniform(0.05, 2.0))
+        time.sleep(rng.uniform(0.05, max_wait))
     if kind.startswith("cut"):
         fs.freeze()  # type: ignore[attr-defined]
     stop.set()
