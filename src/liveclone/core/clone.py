@@ -18,6 +18,7 @@ This module decides *where* each byte goes; the parts below it do the rest:
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 import time
@@ -31,7 +32,7 @@ from liveclone.core.lifecycle import Lifecycle, State
 from liveclone.core.metadata import MapHeader, MapStore
 from liveclone.core.ownership import Ownership, Run
 from liveclone.core.regions import Geometry, RegionMap
-from liveclone.errors import CloneFailedError
+from liveclone.errors import CloneFailedError, SourceChangedError
 from liveclone.sources.base import Extent, Source
 from liveclone.sources.local import fd_extents
 
@@ -234,6 +235,11 @@ class Clone:
             if got < stop - start:
                 return None
         absent = sum(stop - start for start, stop, present in runs if not present)
+        if absent and self.source is not None:
+            try:
+                self.source.check_unchanged()  # one fstat: never serve changed bytes
+            except SourceChangedError:
+                return None  # ``read`` reports it
         self._count_read(offset, length, absent, absent > 0)
         return buf
 
@@ -353,8 +359,8 @@ class Clone:
 
     def cache(self, offset: int, length: int) -> None:
         """A hint: fill these regions now."""
-        first, end = self._span(offset, length)
-        self.fill(first, end, wait=False)
+        with self._guest():
+            self.fill(*self._span(offset, length), wait=False)
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Extents covering the range in order: present runs from the clone file's
@@ -435,7 +441,10 @@ class _GuestOp:
         with self.clone._stats_lock:
             self.clone.guest_inflight += 1
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
         with self.clone._stats_lock:
             self.clone.guest_inflight -= 1
             self.clone.last_guest_io = time.monotonic()
+        if isinstance(exc, SourceChangedError):
+            # A guest gets an I/O error for data it can no longer have (invariant 10).
+            raise OSError(errno.EIO, exc.message) from exc

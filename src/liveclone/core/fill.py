@@ -99,6 +99,7 @@ class FillEngine:
     def source_pread(self, offset: int, length: int) -> bytes:
         source = self.need_source()
         data = _from_source(source, lambda: source.pread(offset, length))
+        source.check_unchanged()
         if len(data) != length:
             raise SourceReadError(errno.EIO, f"the source {source.spec} returned {len(data)} "
                                   f"bytes at offset {offset}, not {length}: did it shrink?")
@@ -152,6 +153,12 @@ class FillEngine:
                     i = k
                 pos += n
         flush_hole(end)
+        try:
+            source.check_unchanged()  # the bytes read are the source's as recorded
+        except BaseException:
+            if progress is not None:
+                progress[0] = start  # keep nothing of this copy
+            raise
         if progress is not None:
             progress[0] = end
         return read

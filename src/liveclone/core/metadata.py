@@ -266,6 +266,19 @@ def _replay(path: str, raw: bytes, header: MapHeader, generation: int,
     return _Replay(jgen, pos, seq, records, torn)
 
 
+def _ident(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _path_ident(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 class MapStore:
     """The durable half of the region map for one clone.
 
@@ -289,6 +302,7 @@ class MapStore:
         self._seq = replay.seq  # sequence number of the last commit
         self.records = replay.records  # records in the journal, for the compaction policy
         self.broken: str | None = None  # why a failed step left the on-disk state unknown
+        self._sb_ident = _path_ident(self.map_path)  # the superblock this store wrote/read
 
     # -- creation and loading -------------------------------------------------
 
@@ -399,6 +413,19 @@ class MapStore:
             raise OSError(errno.EIO, f"the region map cannot be written: {self.broken}")
         if self._jfd < 0:
             raise OSError(errno.EBADF, "the region map is closed")
+        # The files must still be the ones this store writes: a map deleted or
+        # replaced under a running process would take every later commit with it.
+        for path, fd in ((self.journal_path, self._jfd), (self.map_path, None)):
+            try:
+                st = os.stat(path)
+                ident = (st.st_dev, st.st_ino)
+            except FileNotFoundError:
+                ident = None
+            mine = self._sb_ident if fd is None else _ident(fd)
+            if ident != mine:
+                self.broken = (f"{path} was {'deleted' if ident is None else 'replaced'} "
+                               "while the clone was open")
+                raise OSError(errno.ESTALE, f"the region map cannot be written: {self.broken}")
 
     def commit(self, ranges: list[tuple[int, int]]) -> None:
         """Make ``(first, end)`` region ranges committed-present. Blocks; durable on
@@ -451,6 +478,7 @@ class MapStore:
             self.broken = f"map compaction failed after replacing the superblock ({e.strerror})"
             raise
         self.generation = generation  # steps 1-2 done: the superblock alone holds every bit
+        self._sb_ident = _path_ident(self.map_path)
         self._reset_journal()
         return True
 

@@ -239,7 +239,8 @@ def _check_source(path: str, source: Source | None, size: int,
     if source.size != size:
         raise SourceChangedError(
             f"source {source.spec} is {source.size} bytes but the clone {path} was made "
-            f"from {size} bytes; give the original source")
+            f"from {size} bytes: it changed since the clone was made; give the original "
+            "source")
     why = source.identity_mismatch(dict(recorded))
     if why:
         raise SourceChangedError(

@@ -47,6 +47,11 @@ class Source(abc.ABC):
     def identity(self) -> dict[str, Any]:
         """Facts that change when the source changes (size, mtime, ETag, fingerprint)."""
 
+    def check_unchanged(self) -> None:  # noqa: B027 - optional hook
+        """Raise SourceChangedError if the source changed since it was opened (cheap:
+        called after every fill's reads). Remote sources check each response instead
+        (ETag, If-Match), so the default does nothing."""
+
     def status(self) -> dict[str, Any]:
         """Health of the source for ``status``: remote sources report their retries."""
         return {}
@@ -65,9 +70,10 @@ class Source(abc.ABC):
     def identity_mismatch(self, recorded: dict[str, Any]) -> str | None:
         """Explain how ``recorded`` differs from this source now, or None if it matches."""
         now = self.identity()
+        # Keys the record lacks were added after it was made: not a change.
         diffs = [
             f"{key} was {recorded.get(key)!r}, now {now.get(key)!r}"
-            for key in sorted(set(recorded) | set(now))
+            for key in sorted(recorded)
             if key != "path" and recorded.get(key) != now.get(key)
         ]
         return "; ".join(diffs) or None

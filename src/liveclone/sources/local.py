@@ -8,7 +8,7 @@ import stat
 from collections.abc import Iterator
 from typing import Any
 
-from liveclone.errors import SourceError
+from liveclone.errors import SourceChangedError, SourceError
 from liveclone.sources.base import Extent, Source, sample_fingerprint
 
 
@@ -65,7 +65,30 @@ class LocalFileSource(Source):
         return data
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return fd_extents(self._fd, offset, offset + length)
+        # SEEK_DATA past the end of a file that shrank fails with ENXIO, which looks
+        # like a trailing hole: check after looking, so a shrink is never a hole.
+        found = list(fd_extents(self._fd, offset, offset + length))
+        self.check_unchanged()
+        return iter(found)
+
+    def check_unchanged(self) -> None:
+        """Invariant 10: size, mtime, ctime (which ``touch`` cannot put back) and inode
+        as at open. Block devices: their size (writes do not change their times)."""
+        st = os.fstat(self._fd)
+        if stat.S_ISBLK(st.st_mode):
+            was, now = {"size": self.size}, {"size": os.lseek(self._fd, 0, os.SEEK_END)}
+        else:
+            was = {"size": self._st.st_size, "mtime_ns": self._st.st_mtime_ns,
+                   "ctime_ns": self._st.st_ctime_ns, "inode": self._st.st_ino}
+            now = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                   "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+        diffs = [f"{k} was {was[k]}, now {now[k]}" for k in was if was[k] != now[k]]
+        if diffs:
+            raise SourceChangedError(
+                f"source {self.spec} changed while being cloned ({'; '.join(diffs)}). "
+                "The copy stopped; data already in the clone is still served. Restore "
+                "the original image (the clone accepts no other), or delete the clone "
+                "and its .lcmap/.lcjournal files and clone again.")
 
     def fileno(self) -> int:
         return self._fd
@@ -83,6 +106,7 @@ class LocalFileSource(Source):
             "path": self.spec,
             "size": self.size,
             "mtime_ns": st.st_mtime_ns,
+            "ctime_ns": st.st_ctime_ns,
             "inode": st.st_ino,
             "fingerprint": self._fingerprint,
         }

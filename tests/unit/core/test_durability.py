@@ -228,3 +228,33 @@ def test_calls_after_close_get_a_clear_error(tmp_path: Path,
                lambda: c.fill(0, 1)):
         with pytest.raises(CloneClosedError, match="closed"):
             op()
+
+
+@pytest.mark.parametrize("victim", [".lcjournal", ".lcmap"])
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_map_file_deleted_or_replaced_under_the_clone(tmp_path: Path,
+                                                      source: tuple[Path, bytes],
+                                                      victim: str, how: str) -> None:
+    """Issue 10: a map file deleted or replaced under a running clone is noticed at
+    the next commit: the flush fails, and no later write is acknowledged."""
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
+    try:
+        c.write(0, b"a" * 100)
+        c.flush()
+        if how == "deleted":
+            os.unlink(path + victim)
+        else:
+            Path(path + victim + ".new").write_bytes(Path(path + victim).read_bytes())
+            os.replace(path + victim + ".new", path + victim)
+        c.write(5 * RS, b"b" * 100)
+        with pytest.raises(OSError) as info:
+            c.flush()
+        assert info.value.errno == errno.EIO
+        assert c.failure is not None and f"c.img{victim} was {how}" in c.failure
+        with pytest.raises(OSError):
+            c.write(9 * RS, b"c")
+    finally:
+        c.close()
