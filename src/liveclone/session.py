@@ -76,6 +76,7 @@ class CloneSession:
         self._status_thread = threading.Thread(target=self._publish_loop, name="status",
                                                daemon=True)
         self.extra_status: dict[str, Any] = {}  # frontends add their counters here
+        self._mode = os.stat(self.clone.path).st_mode & 0o777
 
     def start(self) -> CloneSession:
         self._follow_pause_file()
@@ -133,7 +134,10 @@ class CloneSession:
         path = status_path(self.clone.path)
         tmp = path + ".tmp"
         try:
-            with open(tmp, "w") as f:
+            # As readable as the clone and its map, no more (invariant 11).
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with open(fd, "w") as f:
+                os.fchmod(fd, self._mode)
                 json.dump(self.status(running), f)
             os.replace(tmp, path)
         except OSError:

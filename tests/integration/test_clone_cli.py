@@ -193,3 +193,18 @@ def test_unwritable_target_directory(tmp_path: Path) -> None:
         assert r.returncode == 9 and "does not exist" in r.stderr
     finally:
         subprocess.run(["umount", "-l", str(ro)], check=False)
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o644, 0o444])
+def test_clone_is_never_more_readable_than_its_source(tmp_path: Path, mode: int) -> None:
+    """Invariant 11: the clone and its map files take the source's mode for reading
+    (the owner can always write them), within the umask."""
+    src = tmp_path / "src.img"
+    make_image(src, 1 << 20)
+    os.chmod(src, mode)
+    clone = tmp_path / "c.img"
+    r = run("clone", str(src), str(clone))
+    assert r.returncode == 0, r.stderr
+    want = (mode & 0o644) | 0o600
+    for path in (clone, *(Path(str(clone) + s) for s in (".lcmap", ".lcjournal", ".lcstatus"))):
+        assert os.stat(path).st_mode & 0o777 == want & ~0o022, (path, oct(mode))
