@@ -22,6 +22,11 @@ check mkfs.xfs xfsprogs
 check losetup mount
 check strace strace
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
+# libfuse2 beside libfuse3, as grub-common and libguestfs0 bring it to most hosts:
+# the tests prove that liveclone's FUSE layer still binds libfuse3.
+# (Debian 12's libfuse2; from Debian 13 on it is libfuse2t64, chosen after the update.)
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
+installed libfuse2 || installed libfuse2t64 || need+=(libfuse2)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2
@@ -30,4 +35,5 @@ fi
 echo "installing Debian packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -q
+if apt-cache show libfuse2t64 >/dev/null 2>&1; then need=("${need[@]/#libfuse2/libfuse2t64}"); fi
 apt-get install -y -q --no-install-recommends "${need[@]}"

@@ -77,3 +77,10 @@ class CloneClosedError(LivecloneError):
     """A call on a clone that is closing or closed (a bug in the caller)."""
 
     exit_code = 1
+
+
+class MissingDependencyError(LivecloneError):
+    """A Python package or system library a command needs is not installed; the
+    message names what to install (an extra such as ``liveclone[s3]``, a Debian package)."""
+
+    exit_code = 11

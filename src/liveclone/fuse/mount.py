@@ -2,7 +2,8 @@
 
 The filesystem holds a root directory with a single file, ``<clone file name>``,
 whose bytes are the clone's (source ⊕ writes, DESIGN invariant 3). It is built on
-mfusepy, ctypes bindings to libfuse3's high-level API: ``fuse_main_real`` runs
+mfusepy, ctypes bindings to libfuse3's high-level API (bound to libfuse3 even where
+libfuse2 is installed too: see ``libfuse``): ``fuse_main_real`` runs
 libfuse's multithreaded loop in a background thread, and each libfuse worker
 thread calls straight into the thread-safe ``Clone``, so one request waiting on
 the source does not hold up the others. Nothing is kept in module globals:
@@ -55,7 +56,6 @@ still holding the file get ENOTCONN, as with a crashed server.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import logging
@@ -67,10 +67,9 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import mfusepy
-
 from liveclone.core.clone import Clone
 from liveclone.errors import UsageError
+from liveclone.fuse.libfuse import libfuse3, mfusepy
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_libfuse = ctypes.CDLL(ctypes.util.find_library("fuse3") or "libfuse3.so.3")
+_libfuse = libfuse3
 # struct fuse_context starts with ``struct fuse *fuse``; that is all we read of it.
 _libfuse.fuse_get_context.restype = ctypes.POINTER(ctypes.c_void_p)
 _libfuse.fuse_get_context.argtypes = []
