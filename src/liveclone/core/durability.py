@@ -58,7 +58,10 @@ class Durability:
         self.last_commit = 0.0
         self.note: str | None = None  # a harmless event worth showing (postponed compaction)
         # --- end -------------------------------------------------------------------
-        self._commit_lock = threading.Lock()  # one flush (commit, compaction) at a time
+        self._group = threading.Condition()  # group commit; guards the three below
+        self._asked = 0  # flush requests, numbered in arrival order
+        self._covered = 0  # every request numbered up to this one is durable
+        self._committing = False  # a commit (and compaction) is running: one at a time
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -82,41 +85,65 @@ class Durability:
     def flush(self, closing: bool = False) -> None:
         """Make every run made present so far durable (invariant 6). Blocks. Raises
         OSError(EIO) in the failed mode, and enters it if a step fails here.
-        ``closing``: the last flush, made by ``close`` while the clone is closing."""
-        with self._commit_lock:
-            if closing:
-                if self._lifecycle.failure is not None:
-                    raise OSError(errno.EIO, self._lifecycle.failure)
-            else:
-                self._lifecycle.check_writable()
-            with self._lock:
-                ranges, self._pending = self._pending, []
-            try:
-                # step 1: data first (always: writes to present regions pend no runs)
-                fsops.fdatasync(self._fd)
-            except OSError as e:
-                raise self._fail("fdatasync of the clone file", e) from None
-            try:
-                self._store.commit(_merge(ranges))  # step 2: then the map
-            except OSError as e:
-                raise self._fail("the journal commit", e) from None
-            with self._lock:
-                for a, b in ranges:
-                    self._committed.set(a, b)
-                self.commits += 1
-                self.last_commit = time.time()
-                compact = (self._store.records > COMPACT_RECORDS
-                           or (self._committed.complete and self._store.records > 0))
-                snapshot = RegionMap(self._committed.count, self._committed.to_bytes()) \
-                    if compact else None
-            if snapshot is not None:
+        ``closing``: the last flush, made by ``close`` while the clone is closing.
+
+        Group commit: flushes that arrive while a commit runs are answered together
+        by the next one (one fdatasync, one journal write), which starts after all
+        of them arrived and so covers every write they acknowledge."""
+        with self._group:
+            self._asked += 1
+            ticket = self._asked
+            while self._covered < ticket:
+                if self._committing:
+                    self._group.wait()
+                    continue
+                self._committing = True  # lead the next commit
+                target = self._asked
+                self._group.release()
                 try:
-                    done = self._store.compact(snapshot)
-                except OSError as e:
-                    raise self._fail("map compaction", e) from None
-                with self._lock:
-                    self.note = None if done else \
-                        "map compaction postponed (could not write the new superblock)"
+                    self._commit(closing)
+                finally:
+                    self._group.acquire()
+                    self._committing = False
+                    self._group.notify_all()
+                self._covered = max(self._covered, target)
+
+    def _commit(self, closing: bool) -> None:
+        """One commit: fdatasync the data, journal the runs pending now, compact if
+        due. Only ``flush`` calls it, one at a time."""
+        if closing:
+            if self._lifecycle.failure is not None:
+                raise OSError(errno.EIO, self._lifecycle.failure)
+        else:
+            self._lifecycle.check_writable()
+        with self._lock:
+            ranges, self._pending = self._pending, []
+        try:
+            # step 1: data first (always: writes to present regions pend no runs)
+            fsops.fdatasync(self._fd)
+        except OSError as e:
+            raise self._fail("fdatasync of the clone file", e) from None
+        try:
+            self._store.commit(_merge(ranges))  # step 2: then the map
+        except OSError as e:
+            raise self._fail("the journal commit", e) from None
+        with self._lock:
+            for a, b in ranges:
+                self._committed.set(a, b)
+            self.commits += 1
+            self.last_commit = time.time()
+            compact = (self._store.records > COMPACT_RECORDS
+                       or (self._committed.complete and self._store.records > 0))
+            snapshot = RegionMap(self._committed.count, self._committed.to_bytes()) \
+                if compact else None
+        if snapshot is not None:
+            try:
+                done = self._store.compact(snapshot)
+            except OSError as e:
+                raise self._fail("map compaction", e) from None
+            with self._lock:
+                self.note = None if done else \
+                    "map compaction postponed (could not write the new superblock)"
 
     def _fail(self, step: str, e: OSError) -> OSError:
         reason = f"{step} failed ({e.strerror or e}). {_FIX}"

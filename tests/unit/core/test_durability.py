@@ -14,6 +14,7 @@ import errno
 import os
 import random
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -256,5 +257,42 @@ def test_map_file_deleted_or_replaced_under_the_clone(tmp_path: Path,
         assert c.failure is not None and f"c.img{victim} was {how}" in c.failure
         with pytest.raises(OSError):
             c.write(9 * RS, b"c")
+    finally:
+        c.close()
+
+
+def test_group_commit_answers_concurrent_flushes_together(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: tuple[Path, bytes]) -> None:
+    """Issue 14: flushes arriving while a commit runs are answered by the next commit
+    together, and none returns before the commit that covers its own write."""
+    src, _ = source
+    real = fsops.fdatasync
+
+    def slow(fd: int) -> None:
+        time.sleep(0.05)  # a slow disk: the flushes pile up behind the running commit
+        real(fd)
+
+    monkeypatch.setattr(fsops, "fdatasync", slow)
+    c = open_clone(str(tmp_path / "c.img"), LocalFileSource(str(src)), region_size=RS,
+                   create=True, autocommit=False)
+    threads = 16
+    barrier = threading.Barrier(threads)
+    errors: list[str] = []
+
+    def guest(i: int) -> None:
+        c.write(i * RS + 7, b"w" * 10)  # a partial write: region i becomes present
+        barrier.wait()
+        c.flush()
+        if i not in RegionMap(NREG, c.committed_snapshot()):
+            errors.append(f"flush {i} returned before its region was committed")
+
+    try:
+        workers = [threading.Thread(target=guest, args=(i,)) for i in range(threads)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        assert not errors, errors
+        assert c.commits <= 4, f"{threads} flushes took {c.commits} commits"
     finally:
         c.close()
