@@ -1,14 +1,17 @@
 """Model-based test: the clone against a plain bytearray, with crashes.
 
 Random interleavings of guest reads, writes (aligned and not, within and across
-regions), zero-writes, trims, flushes, copier steps and crashes that reopen from
-the committed map. After every step, invariants 2-7 are checked:
+regions), scattered writes that fragment the map, zero-writes, trims, flushes,
+copier steps (spans over present and absent regions, with present gaps read along
+or skipped) and crashes that reopen from the committed map. After every step,
+invariants 2-7 are checked:
 
 - reads equal the model (source ⊕ acknowledged writes);
 - present bits equal the model's, and only ever grow;
 - committed bits are a subset of present bits;
 - after a crash, every region committed before it keeps its data (and every
-  flushed write is there); uncommitted regions read as the source again.
+  flushed write is there); uncommitted regions read as the source again;
+- ``regions_skipped`` counts each present region a fill passed over once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from liveclone.core import fill as fill_mod
 from liveclone.core.opening import open_clone
 from liveclone.core.regions import RegionMap
 from liveclone.sources.local import LocalFileSource
@@ -59,6 +63,8 @@ class CloneModel(RuleBasedStateMachine):
         self.model = bytearray(self.source)
         self.present: set[int] = set()
         self.committed: set[int] = set()
+        self.reported: set[int] = set()  # regions a fill copied or reported skipped
+        self.skipped = 0
         self.clone = open_clone(str(self.dir / "c.img"), LocalFileSource(str(src)),
                                 region_size=RS, create=True, exclusive=True,
                                 autocommit=False)
@@ -119,12 +125,28 @@ class CloneModel(RuleBasedStateMachine):
                 self.model[s:e] = bytes(e - s)
             # partial, absent: advisory, nothing changes
 
-    @rule(r=st.integers(0, NREG), k=st.integers(1, 4), bulk=st.booleans())
-    def copier_step(self, r: int, k: int, bulk: bool) -> None:
-        """A copier batch (direct I/O), or a guest-driven fill (page cache)."""
+    @rule(regions=st.sets(st.integers(0, NREG), min_size=2), fill=st.integers(1, 255))
+    def scatter(self, regions: set[int], fill: int) -> None:
+        """Whole-region guest writes here and there: present and absent interleave."""
+        for r in sorted(regions):
+            a, b = self._bounds(r)
+            self.write(a, b - a, fill)
+
+    @rule(r=st.integers(0, NREG), k=st.integers(1, NREG + 1), bulk=st.booleans(),
+          gap=st.sampled_from([0, RS, 2 * RS, 256 << 10]))
+    def copier_step(self, r: int, k: int, bulk: bool, gap: int) -> None:
+        """A copier batch (direct I/O), or a guest-driven fill (page cache), over a
+        span that may hold present gaps; gaps up to ``gap`` bytes are read along."""
         end = min(r + k, NREG + 1)
-        self.clone.fill(r, end, bulk=bulk)
-        self.present |= set(range(r, end))
+        span = set(range(r, end))
+        before, fill_mod.READ_ALONG = fill_mod.READ_ALONG, gap
+        try:
+            self.clone.fill(r, end, bulk=bulk)
+        finally:
+            fill_mod.READ_ALONG = before
+        self.skipped += len(span & self.present - self.reported)
+        self.reported |= span
+        self.present |= span
 
     @rule()
     def flush(self) -> None:
@@ -140,6 +162,7 @@ class CloneModel(RuleBasedStateMachine):
             a, b = self._bounds(r)
             self.model[a:b] = self.source[a:b]
         self.present = set(self.committed)
+        self.reported, self.skipped = set(), 0  # a new process counts afresh
         self.clone = open_clone(str(self.dir / "c.img"), LocalFileSource(str(self.src_path)),
                                 autocommit=False)
 
@@ -154,6 +177,7 @@ class CloneModel(RuleBasedStateMachine):
         assert got == self.present
         committed = RegionMap(NREG + 1, self.clone.committed_snapshot())
         assert {r for r in range(NREG + 1) if r in committed} <= got
+        assert self.clone.stats.regions_skipped == self.skipped
 
 
 TestCloneModel = CloneModel.TestCase

@@ -75,6 +75,9 @@ class Clone:
         self._fd = fd
         self._stats_lock = threading.Lock()
         self.stats = CloneStats()  # guarded by _stats_lock
+        # Regions a fill copied or reported done (guarded by _stats_lock): a region
+        # counts in ``regions_skipped`` once, however often fills pass over it.
+        self._reported = RegionMap(rmap.count)
         self.guest_inflight = 0  # guest requests now running (under _stats_lock)
         self.last_guest_io = 0.0  # time.monotonic() of the last guest request
         self.last_error: str | None = None  # the last harmless error worth showing
@@ -119,9 +122,13 @@ class Clone:
     def committed_snapshot(self) -> bytes:
         return self._durability.committed_snapshot()
 
-    def find_absent(self, start: int) -> int | None:
-        """The first absent region at or after ``start``, or None."""
-        return self._own.find_absent(start)
+    def find_absent(self, start: int, stop: int | None = None) -> int | None:
+        """The first absent region in ``[start, stop)``, or None."""
+        return self._own.find_absent(start, stop)
+
+    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+        """Where a copier batch from ``start`` ends: ``RegionMap.batch_end``."""
+        return self._own.batch_end(start, stop, budget, gap)
 
     def absent_runs(self, first: int, end: int) -> list[Run]:
         return self._own.absent_runs(first, end)
@@ -142,35 +149,45 @@ class Clone:
         This is the copier's write and CACHE's: regions that are present are "done"
         without being written (invariant 4); regions owned by another caller are
         skipped unless ``wait``. ``bulk``: a copier batch, moved with direct I/O.
-        Return ``(regions filled, source bytes read)``. Source failures raise
-        ``SourceReadError``; anything else is the clone's side.
+        The absent runs are copied together (``FillEngine.copy``: few large reads,
+        present gaps read along and dropped, never written). Return ``(regions
+        filled, source bytes read)``; the rate limit counts what was read. Source
+        failures raise ``SourceReadError``; anything else is the clone's side.
         """
         self.lifecycle.check_writable()
         runs, present = self._own.take(first, end, wait)
         with self._stats_lock:
-            self.stats.regions_skipped += present  # the seed's write reported done
-        read = 0
-        done: list[Run] = []  # runs whose bytes are all in the clone
+            for a, b in present:  # the seed's write reported done: each region once
+                self.stats.regions_skipped += self._reported.set(a, b)
+        if not runs:
+            return 0, 0
+        shift, size = self.geometry.shift, self.size
+        spans = [(a << shift, min(b << shift, size)) for a, b in runs]
+        progress = [spans[0][0]]
+        read = copied = 0
         try:
-            for a, b in runs:
-                start, _ = self.geometry.bounds(a)
-                _, stop = self.geometry.bounds(b - 1)
-                progress = [start]
-                try:
-                    read += self._fill.copy(start, stop, progress, bulk)
-                except BaseException:
-                    # Keep the whole regions copied before the failure (a full disk
-                    # mid-batch must not throw away what was written).
-                    whole = b - a if progress[0] >= stop else \
-                        (progress[0] - start) >> self.geometry.shift
-                    done.append((a, a + whole))
-                    raise
-                done.append((a, b))
-                fsops.drop_cached(self._fd, start, stop - start)
+            read, copied = self._fill.copy(spans, progress, bulk)
         finally:
-            self._own.release(runs, done)
-            with self._stats_lock:
-                self.stats.bytes_copied += read
+            # Keep the whole regions copied before a failure (a full disk mid-batch
+            # must not throw away what was written).
+            done: list[Run] = []
+            for (a, b), (start, stop) in zip(runs, spans, strict=True):
+                if progress[0] < stop:
+                    done.append((a, a + (max(progress[0] - start, 0) >> shift)))
+                    break
+                done.append((a, b))
+            try:
+                # While still owned: drop pages a neighbour's readahead cached while
+                # the range was a hole, and start writeback of buffered runs.
+                start, stop = spans[0][0], min(done[-1][1] << shift, size)
+                if stop > start:
+                    fsops.drop_cached(self._fd, start, stop - start)
+            finally:
+                with self._stats_lock:
+                    for a, b in done:  # copied, so never reported skipped
+                        self._reported.set(a, b)
+                    self.stats.bytes_copied += copied
+                self._own.release(runs, done)
         return sum(b - a for a, b in runs), read
 
     # -- the guest's operations -------------------------------------------------
@@ -302,9 +319,9 @@ class Clone:
                 for r in {a, b - 1}:
                     rs, re_ = self.geometry.bounds(r)
                     if offset > rs:
-                        self._fill.copy(rs, min(offset, re_))
+                        self._fill.copy([(rs, min(offset, re_))])
                     if offset + length < re_:
-                        self._fill.copy(max(offset + length, rs), re_)
+                        self._fill.copy([(max(offset + length, rs), re_)])
             apply()
             own.made_present = True
             self._count_write(length)

@@ -5,10 +5,14 @@ The copier is just another client of the clone. It never writes a region itself;
 copier can never overwrite guest data (invariant 4).
 
 Order: a linear sweep from region 0. Regions asked for by ``prioritize`` (for
-example near recent guest reads) are copied before the sweep goes on. Adjacent
-absent regions are merged into batches of ``batch_bytes``; ``workers`` threads
-keep that many batches in flight. When the sweep reaches the end, it starts again
-from the lowest absent region, until every region is present.
+example near recent guest reads) are copied before the sweep goes on. A batch is a
+span of regions whose cost is ``batch_bytes``: its absent regions, plus the present
+gaps read along with them, plus a price for each gap skipped over
+(``RegionMap.batch_end``), so a batch takes about as long on a map the guest has
+fragmented as on a fresh one. ``workers`` threads keep that many batches in
+flight. The first pass hands out spans that tile the map from its start, so each
+present region is passed (and reported skipped) once; when the sweep reaches the
+end, it starts again from the lowest absent region, until every region is present.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import time
 from collections import deque
 
 from liveclone.core.clone import Clone
-from liveclone.core.fill import SourceReadError
+from liveclone.core.fill import READ_ALONG, SourceReadError
 from liveclone.core.ratelimit import RateLimiter
 from liveclone.errors import CloneFailedError, NoSpaceError, TargetError
 from liveclone.units import format_size
@@ -73,6 +77,8 @@ class Copier:
             batch_bytes = min(batch_bytes, int(rate) // 4)
         self.batch_regions = max(1, batch_bytes // clone.region_size)
         self.busy_batch_regions = max(1, min(batch_bytes, BUSY_BATCH) // clone.region_size)
+        # Present gaps up to this many regions are read along (FillEngine.copy).
+        self.gap_regions = READ_ALONG // clone.region_size
         self.workers = workers
         self.limiter = RateLimiter(rate) if rate else None
         self._lock = threading.Lock()
@@ -175,7 +181,7 @@ class Copier:
     # -- the work --------------------------------------------------------------------
 
     def _next_batch(self) -> tuple[int, int] | None:
-        """The next run of regions to fill, or None when nothing is left to try.
+        """The next span of regions to fill, or None when nothing is left to try.
         No lock is held across source I/O (the hole probe may be a network call)."""
         clone = self.clone
         while True:  # guest-driven runs first
@@ -183,12 +189,12 @@ class Copier:
                 first, end = self._priority.popleft()
             except IndexError:
                 break
-            runs = clone.absent_runs(first, end)
-            if runs:
-                a, b = runs[0]
-                if len(runs) > 1 or b < end:
-                    self._priority.appendleft((b, end))
-                return a, min(b, a + self._batch_limit())
+            start = clone.find_absent(first, end)
+            if start is not None:
+                stop = clone.batch_end(start, end, self._batch_limit(), self.gap_regions)
+                if stop < end:
+                    self._priority.appendleft((stop, end))
+                return start, stop
         with self._lock:
             start = None if clone.complete else self._sweep_start()
             if start is None:
@@ -201,16 +207,27 @@ class Copier:
         return start, stretched
 
     def _sweep_start(self) -> int | None:
-        """The first absent region at or after the cursor, wrapping around once,
-        that is not set aside."""
-        for begin in (self._cursor, 0):
-            x = self.clone.find_absent(begin)
-            while x is not None:
-                blocker = next((r for r in self._set_aside if r[0] <= x < r[1]), None)
-                if blocker is None:
-                    return x
-                x = self.clone.find_absent(blocker[1])
+        """Where the next sweep batch begins. On the first pass, at the cursor (past
+        set-aside runs): the batches tile the map, so each present region is passed,
+        and reported skipped, once. After it, at the first absent region from the
+        start that is not set aside."""
+        count = self.clone.regions_total
+        x = self._cursor
+        while x < count:
+            blocker = self._set_aside_at(x)
+            if blocker is None:
+                return x
+            x = blocker[1]
+        absent = self.clone.find_absent(0)
+        while absent is not None:
+            blocker = self._set_aside_at(absent)
+            if blocker is None:
+                return absent
+            absent = self.clone.find_absent(blocker[1])
         return None
+
+    def _set_aside_at(self, region: int) -> tuple[int, int] | None:
+        return next((r for r in self._set_aside if r[0] <= region < r[1]), None)
 
     def _guest_busy(self) -> bool:
         return time.monotonic() - self.clone.last_guest_io <= GUEST_QUIET
@@ -219,7 +236,8 @@ class Copier:
         return self.busy_batch_regions if self._guest_busy() else self.batch_regions
 
     def _batch_end(self, start: int) -> int:
-        end = min(start + self._batch_limit(), self.clone.regions_total)
+        end = self.clone.batch_end(start, self.clone.regions_total, self._batch_limit(),
+                                   self.gap_regions)
         return min([end] + [a for a, _ in self._set_aside if start < a < end])
 
     def _stretch_over_hole(self, start: int, end: int) -> int:

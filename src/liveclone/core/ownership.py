@@ -7,10 +7,14 @@ by someone else; the copier never waits: it skips owned and present regions.
 Since a region's bit is set only by its owner, and the copier only writes regions
 it found absent and took, the copier never overwrites guest data (invariant 4),
 and there is one fill per region at a time.
+
+Owned runs are kept sorted, so a check or a cut costs the runs it meets, not every
+run owned: a copier batch over a fragmented map owns thousands of small runs.
 """
 
 from __future__ import annotations
 
+import bisect
 import threading
 from collections.abc import Callable
 
@@ -28,8 +32,8 @@ class Ownership:
         # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
         # (perhaps not yet durable). Bits only go 0 → 1 (invariant 2).
         self.map = rmap
-        # Invariant: runs of absent regions owned by one caller each; no two overlap.
-        # Only the owner writes an owned region's clone bytes or sets its bit.
+        # Invariant: runs of absent regions owned by one caller each; no two overlap;
+        # sorted. Only the owner writes an owned region's clone bytes or sets its bit.
         self._owned: list[Run] = []
         # --- end -------------------------------------------------------------------
         # Told of every run made present, under cond (durability queues its commit).
@@ -50,9 +54,13 @@ class Ownership:
         with self.cond:
             return self.map.find_absent(first, end) is not None
 
-    def find_absent(self, start: int) -> int | None:
+    def find_absent(self, start: int, stop: int | None = None) -> int | None:
         with self.cond:
-            return self.map.find_absent(start)
+            return self.map.find_absent(start, stop)
+
+    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+        with self.cond:
+            return self.map.batch_end(start, stop, budget, gap)
 
     def is_present(self, region: int) -> bool:
         with self.cond:
@@ -64,46 +72,72 @@ class Ownership:
 
     # -- taking and giving back -------------------------------------------------
 
-    def _overlaps_owned(self, first: int, end: int) -> bool:
-        return any(a < end and first < b for a, b in self._owned)
+    def _owned_within(self, first: int, end: int) -> list[Run]:
+        """The owned runs that overlap ``[first, end)``, in order."""
+        owned = self._owned
+        i = bisect.bisect_left(owned, (first, first))
+        if i and owned[i - 1][1] > first:
+            i -= 1
+        j = bisect.bisect_left(owned, (end, end), i)
+        return owned[i:j]
 
-    def take(self, first: int, end: int, wait: bool) -> tuple[list[Run], int]:
-        """Own the absent regions of ``[first, end)``; return them as runs, and how
-        many regions there were present (the copier's "done without writing").
+    def take(self, first: int, end: int, wait: bool) -> tuple[list[Run], list[Run]]:
+        """Own the absent regions of ``[first, end)``; return them as runs, and the
+        runs there that were present (the copier's "done without writing").
 
         With ``wait``, block until no region there is owned by another, then take
         every absent one (all at once, so two writers never deadlock). Without
         ``wait``, take only absent regions nobody owns."""
         with self.cond:
             if wait:
-                while self._overlaps_owned(first, end):
+                while self._owned_within(first, end):
                     self.cond.wait()
+            others = [] if wait else self._owned_within(first, end)
             taken: list[Run] = []
-            present = 0
+            present: list[Run] = []
+            i = 0  # others before i end at or before the run in hand
             for a, b, is_present in self.map.runs(first, end):
                 if is_present:
-                    present += b - a
+                    present.append((a, b))
                     continue
-                pieces = [(a, b)]
-                if not wait:  # cut owned runs out of [a, b)
-                    for oa, ob in self._owned:
-                        pieces = [q for pa, pb in pieces
-                                  for q in ((pa, min(pb, oa)), (max(pa, ob), pb))
-                                  if q[0] < q[1]]
-                taken.extend(pieces)
-            self._owned.extend(taken)
+                while i < len(others) and others[i][1] <= a:
+                    i += 1
+                k = i
+                while k < len(others) and others[k][0] < b:  # cut owned runs out
+                    oa, ob = others[k]
+                    if oa > a:
+                        taken.append((a, oa))
+                    a = max(a, ob)
+                    k += 1
+                if a < b:
+                    taken.append((a, b))
+            if taken:
+                self._owned = sorted(self._owned + taken)  # merges two sorted lists
             return taken, present
 
     def release(self, runs: list[Run], present: list[Run]) -> None:
-        """Give owned ``runs`` back; the regions of ``present`` (within them) had their
-        clone bytes written, so their bits are set, pending commit."""
+        """Give owned ``runs`` back; the regions of ``present`` (within them, in
+        order) had their clone bytes written, so their bits are set, pending commit.
+
+        Runs of ``present`` separated only by regions already present are noted as
+        one run: the durability layer commits it as one journal record. The gap's
+        bits were set before ours, so its data is written too, and the fdatasync
+        of the next commit covers it (invariant 6)."""
         with self.cond:
-            for run in runs:
-                self._owned.remove(run)
-            for run in present:
-                if run[1] > run[0]:
-                    self.map.set(*run)
-                    self._on_present(run)
+            if runs:
+                gone = set(runs)
+                self._owned = [r for r in self._owned if r not in gone]
+            joined: list[Run] = []
+            for a, b in present:
+                if b <= a:
+                    continue
+                if joined and self.map.find_absent(joined[-1][1], a) is None:
+                    joined[-1] = (joined[-1][0], b)
+                else:
+                    joined.append((a, b))
+            for run in joined:
+                self.map.set(*run)
+                self._on_present(run)
             self.cond.notify_all()
 
     def owning(self, first: int, end: int, wait: bool = True) -> Owned:

@@ -7,14 +7,18 @@ Each region is *absent* (its authoritative bytes are the source's) or *present*
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 1 << 30
 DEFAULT_REGION_SIZE = 64 << 10
 
-# Bytes scanned per step when looking for the next present/absent region.
-_WINDOW = 64 << 10
+# The first byte holding a region that is present (not all clear) or absent (not
+# all set). A regex search scans the bitmap in C without copying it, so finding the
+# next run costs the distance to it, not the size of the map.
+_ANY_SET = re.compile(b"[^\\x00]")
+_ANY_CLEAR = re.compile(b"[^\\xff]")
 
 
 def check_region_size(region_size: int) -> None:
@@ -122,30 +126,20 @@ class RegionMap:
 
     def _find(self, start: int, stop: int, want_set: bool) -> int | None:
         stop = min(stop, self.count)
-        r = start
-        # Finish the partial first byte bit by bit, then skip whole bytes in C.
-        while r < stop and r & 7:
-            if (r in self) == want_set:
-                return r
-            r += 1
-        if r >= stop:
+        if start >= stop:
             return None
-        skip = b"\x00" if want_set else b"\xff"  # a byte with no region we want
-        pos, end_byte = r >> 3, (stop + 7) >> 3
-        while pos < end_byte:
-            window = self._bits[pos:min(pos + _WINDOW, end_byte)]
-            rest = len(window.lstrip(skip))
-            if rest:
-                r = (pos + len(window) - rest) << 3
-                break
-            pos += len(window)
-        else:
-            return None
-        while r < stop:
-            if (r in self) == want_set:
-                return r
-            r += 1
-        return None
+        bits = self._bits
+        flip = 0 if want_set else 0xFF  # look for set bits of (byte ^ flip)
+        pos = start >> 3
+        byte = (bits[pos] ^ flip) & (0xFF << (start & 7))  # the partial first byte
+        if not byte:
+            m = (_ANY_SET if want_set else _ANY_CLEAR).search(bits, pos + 1, (stop + 7) >> 3)
+            if m is None:
+                return None
+            pos = m.start()
+            byte = bits[pos] ^ flip
+        r = (pos << 3) + (byte & -byte).bit_length() - 1  # its lowest wanted bit
+        return r if r < stop else None
 
     def runs(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
         """Yield maximal ``(first, end, present)`` runs covering ``[start, stop)``."""
@@ -156,6 +150,33 @@ class RegionMap:
             end = stop if nxt is None else nxt
             yield r, end, present
             r = end
+
+    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+        """Where a copy batch from ``start`` should end, at most ``stop``.
+
+        A batch costs its absent regions, which are copied, and the present gaps
+        between them: a gap of at most ``gap`` regions is read along with its
+        neighbours (its bytes are read and dropped), a longer one is skipped over
+        at the price of one more read, counted as ``gap`` regions (at least one).
+        The batch ends when its cost reaches ``budget``, so a batch's time is
+        bounded however fragmented the map. Present regions before the first
+        absent one, and after the last, cost nothing: the batch passes them."""
+        cost = 0
+        r = self.find_absent(start, stop)
+        while r is not None:
+            nxt = self.find_present(r, stop)
+            run_end = stop if nxt is None else nxt
+            if run_end - r >= budget - cost:
+                return r + budget - cost
+            cost += run_end - r
+            a = self.find_absent(run_end, stop)
+            if a is None:
+                break
+            cost += a - run_end if a - run_end <= gap else max(gap, 1)
+            if cost >= budget:
+                return run_end
+            r = a
+        return stop
 
     def ranges(self) -> Iterator[tuple[int, int]]:
         """Yield ``(first, end)`` runs of present regions over the whole map."""

@@ -5,11 +5,14 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier, Phase
 from liveclone.core.fill import SourceReadError
 from liveclone.core.opening import open_clone
 from liveclone.sources.local import LocalFileSource
+from tests.conftest import make_image
 
 RS = 64 << 10
 
@@ -25,8 +28,8 @@ def test_linear_order_and_batching(tmp_path: Path, source_image) -> None:
         cp = Copier(c, batch_bytes=4 * RS)
         assert cp._next_batch() == (0, 4)
         assert cp._next_batch() == (4, 8)
-        c.write(8 * RS, b"g" * RS)  # present: the sweep starts after it
-        assert cp._next_batch() == (9, 13)
+        c.write(8 * RS, b"g" * RS)  # present: the batch passes it, and copies 4 after it
+        assert cp._next_batch() == (8, 13)
 
 
 def test_guest_reads_are_copied_first_with_growing_readahead(tmp_path: Path,
@@ -40,6 +43,7 @@ def test_guest_reads_are_copied_first_with_growing_readahead(tmp_path: Path,
         c.read(101 * RS, RS)  # sequential: readahead kicks in
         first, end = cp._next_batch()
         assert first == 101 and end > 102
+        assert cp._next_batch() == (103, 104)  # the rest of the readahead
         assert cp._next_batch() == (2, 4)  # then the sweep goes on
         c.copy_on_read = True  # the reads fill their regions, and still steer the copier
         c.read(50 * RS, RS)
@@ -95,11 +99,11 @@ def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_ima
     with _clone(tmp_path, src) as c:
         real = c._fill.copy
 
-        def failing(start: int, end: int, progress: list[int] | None = None,
-                    bulk: bool = False) -> int:
-            if start <= 5 * RS < end:
+        def failing(runs: list[tuple[int, int]], progress: list[int] | None = None,
+                    bulk: bool = False) -> tuple[int, int]:
+            if any(a <= 5 * RS < b for a, b in runs):
                 raise SourceReadError(errno.EIO, "injected source failure")
-            return real(start, end, progress, bulk)
+            return real(runs, progress, bulk)
 
         monkeypatch.setattr(c._fill, "copy", failing)
         cp = Copier(c, batch_bytes=RS).start()
@@ -128,11 +132,11 @@ def test_persistent_copier_tries_failing_regions_again(tmp_path: Path, source_im
     with _clone(tmp_path, src) as c:
         real = c._fill.copy
 
-        def flaky(start: int, end: int, progress: list[int] | None = None,
-                  bulk: bool = False) -> int:
-            if broken[0] and start <= 5 * RS < end:
+        def flaky(runs: list[tuple[int, int]], progress: list[int] | None = None,
+                  bulk: bool = False) -> tuple[int, int]:
+            if broken[0] and any(a <= 5 * RS < b for a, b in runs):
                 raise SourceReadError(errno.EIO, "source unreachable")
-            return real(start, end, progress, bulk)
+            return real(runs, progress, bulk)
 
         monkeypatch.setattr(c._fill, "copy", flaky)
         cp = Copier(c, batch_bytes=RS, persistent=True).start()
@@ -191,3 +195,114 @@ def test_guest_read_never_waits_on_the_copiers_source_extents(tmp_path: Path,
         release.set()
         cp.stop()
         c.close()
+
+
+def _fragment(c: Clone, rng, model: bytearray, writes: int) -> set[int]:  # type: ignore[no-untyped-def]
+    """Scattered guest writes of one to three regions (some partial): return the
+    regions they made present."""
+    rs, written = c.region_size, set()
+    for _ in range(writes):
+        r, k = rng.randrange(c.regions_total), rng.choice((1, 1, 1, 2, 3))
+        off = r * rs + rng.choice((0, 0, 100))
+        data = rng.randbytes(max(1, min(k * rs, c.size - off) - rng.choice((0, 0, 7))))
+        c.write(off, data)
+        model[off:off + len(data)] = data
+        written |= set(c.geometry.span(off, len(data)))
+    return written
+
+
+@pytest.mark.parametrize("seed,writes,batch_regions,gap_bytes", [
+    (1, 40, 8, 0), (2, 150, 16, 16 << 10), (3, 400, 64, 256 << 10), (4, 700, 1024, 64 << 10),
+])
+def test_copier_never_writes_a_present_region_however_fragmented(
+        tmp_path: Path, monkeypatch, seed: int, writes: int, batch_regions: int,
+        gap_bytes: int) -> None:
+    """Invariant 4: every byte range the copier writes, punches or shares lies in a
+    region that was absent, however the guest fragmented the map (and while it keeps
+    writing). Checked by recording the fill engine's writes, and by content."""
+    import random
+    import threading
+
+    import liveclone.core.copier as copier_mod
+    import liveclone.core.fill as fill_mod
+    from liveclone.core import fsops
+
+    monkeypatch.setattr(fill_mod, "READ_ALONG", gap_bytes)
+    monkeypatch.setattr(copier_mod, "READ_ALONG", gap_bytes)
+    rng = random.Random(seed)
+    src = tmp_path / "src.img"
+    data = make_image(src, 2 << 20, seed=seed, block=4096)
+    model = bytearray(data)
+    c = open_clone(str(tmp_path / "c.img"), LocalFileSource(str(src)), region_size=4096,
+                   create=True, exclusive=True)
+    try:
+        before = set(_fragment(c, rng, model, writes))
+        touched: list[tuple[int, int, set[int]]] = []  # (start, end, present then)
+
+        # Where each call writes: (offset, length) from its arguments.
+        where = {"pwrite_all": lambda fd, data, offset, *_: (offset, len(data)),
+                 "punch_hole": lambda fd, offset, length: (offset, length),
+                 "copy_file_range": lambda s, d, offset, length, *_: (offset, length),
+                 "clone_range": lambda s, d, offset, length: (offset, length)}
+
+        def spy(name: str):  # type: ignore[no-untyped-def]
+            real = getattr(fsops, name)
+
+            def wrapped(*args):  # type: ignore[no-untyped-def]
+                if threading.current_thread().name.startswith("copier"):
+                    offset, length = where[name](*args)
+                    with c._own.cond:
+                        present = {r for r in c.geometry.span(offset, length)
+                                   if c._own.map.is_present(r)}
+                    touched.append((offset, offset + length, present))
+                return real(*args)
+            return wrapped
+
+        for name in where:
+            monkeypatch.setattr(fsops, name, spy(name))
+        cp = Copier(c, batch_bytes=batch_regions * 4096).start()
+        during = _fragment(c, rng, model, writes // 4)  # the guest keeps writing
+        assert cp.wait(60)
+        cp.stop()
+        assert cp.phase == Phase.COMPLETE
+        assert touched  # the spy saw the copier's writes
+        for start, end, present in touched:
+            assert not present, f"copier wrote [{start}, {end}) over present {present}"
+            assert not set(c.geometry.span(start, end - start)) & before
+        assert during  # the concurrent writes happened, and survived (content below)
+    finally:
+        c.close()
+    assert (tmp_path / "c.img").read_bytes() == bytes(model)
+
+
+def test_regions_skipped_counts_each_present_region_once(tmp_path: Path) -> None:
+    """The seed's "done without being performed": each region the guest wrote before
+    the copy is reported once, however many batches, workers and passes meet it."""
+    import random
+
+    rng = random.Random(7)
+    src = tmp_path / "src.img"
+    data = make_image(src, 1 << 20, seed=7, block=4096)
+    model = bytearray(data)
+    c = open_clone(str(tmp_path / "c.img"), LocalFileSource(str(src)), region_size=4096,
+                   create=True, exclusive=True)
+    with c:
+        written = _fragment(c, rng, model, 90) | {0, c.regions_total - 1}
+        for r in (0, c.regions_total - 1):  # the first and the last region too
+            c.write(r * 4096, b"e" * min(4096, c.size - r * 4096))
+            model[r * 4096:(r + 1) * 4096] = b"e" * min(4096, c.size - r * 4096)
+        cp = Copier(c, workers=3, batch_bytes=5 * 4096).start()
+        assert cp.wait(60)
+        cp.stop()
+        assert c.stats.regions_skipped == len(written)
+        # Asking again (a CACHE over the whole clone, a second copier) counts nothing.
+        assert c.fill(0, c.regions_total) == (0, 0)
+        Copier(c).start().wait(60)
+        assert c.stats.regions_skipped == len(written)
+    assert (tmp_path / "c.img").read_bytes() == bytes(model)
+    with open_clone(str(tmp_path / "fresh.img"), LocalFileSource(str(src)),
+                    region_size=4096, create=True, exclusive=True) as fresh:
+        cp = Copier(fresh, batch_bytes=5 * 4096).start()
+        assert cp.wait(60)
+        cp.stop()
+        assert fresh.stats.regions_skipped == 0

@@ -48,3 +48,57 @@ def test_map_matches_a_set(count: int, ops: list[tuple[int, int]]) -> None:
 def test_bitmap_length_is_checked() -> None:
     with pytest.raises(ValueError):
         RegionMap(9, b"\x00")
+
+
+@given(st.integers(1, 300), st.sets(st.integers(0, 299)), st.integers(0, 300),
+       st.integers(0, 300))
+def test_find_within_a_range(count: int, present: set[int], start: int, stop: int) -> None:
+    m = RegionMap(count)
+    for r in present:
+        if r < count:
+            m.set(r, r + 1)
+    want = range(start, min(stop, count))
+    assert m.find_absent(start, stop) == next((r for r in want if r not in present), None)
+    assert m.find_present(start, stop) == next((r for r in want if r in present), None)
+
+
+def _batch_cost(m: RegionMap, start: int, end: int, gap: int) -> int:
+    """What ``batch_end`` promises to keep within the budget, counted from the runs."""
+    runs = list(m.runs(start, end))
+    cost = 0
+    for i, (a, b, present) in enumerate(runs):
+        if not present:
+            cost += b - a
+        elif 0 < i < len(runs) - 1:  # a gap between two absent runs
+            cost += b - a if b - a <= gap else max(gap, 1)
+    return cost
+
+
+@given(st.integers(1, 300), st.sets(st.integers(0, 299)), st.integers(0, 299),
+       st.integers(1, 40), st.integers(0, 8))
+def test_batch_end_keeps_within_the_budget(count: int, present: set[int], start: int,
+                                           budget: int, gap: int) -> None:
+    m = RegionMap(count)
+    for r in present:
+        if r < count:
+            m.set(r, r + 1)
+    start = min(start, count - 1)
+    end = m.batch_end(start, count, budget, gap)
+    assert start < end <= count
+    assert _batch_cost(m, start, end, gap) <= budget
+    first = m.find_absent(start)
+    if first is not None:
+        assert end > first  # a batch always makes progress
+    else:
+        assert end == count  # nothing to copy: the batch passes the rest
+
+
+def test_batch_end_reads_short_gaps_along_and_prices_long_ones() -> None:
+    m = RegionMap(100)
+    m.set(10, 12)  # a 2-region gap
+    m.set(20, 40)  # a 20-region gap
+    # gap 4: the short gap costs 2, the long one 4 (one more read)
+    assert m.batch_end(0, 100, 12, 4) == 10  # 10 absent + 2 gap = 12: ends before the gap
+    assert m.batch_end(0, 100, 30, 4) == 46  # 10 + 2 + 8 + 4 + 6 = 30
+    assert m.batch_end(0, 100, 1000, 4) == 100
+    assert m.batch_end(20, 100, 5, 4) == 45  # a leading present run costs nothing
