@@ -1,0 +1,215 @@
+"""Finishing a clone whose map the guest fragmented, against the same bytes unfragmented.
+
+For each region size (4K, 64K) and N scattered 4 KiB guest writes (0, 1k, 10k, 100k)
+a clone of a source of random data (1 GiB by default) gets its N writes through
+``Clone.write``, as a guest's would arrive, and is closed: the *fragmented* clone.
+Its twin, the *contiguous* clone, has the same number of present regions as one
+run at the start, so the same bytes are left to copy, in one piece. Each round
+restores both from templates, drops the page cache, and times a copier from start
+to a committed, complete clone (``Copier`` + ``close``), in shuffled order; the
+ratio (fragmented bytes/s over contiguous bytes/s) is taken per round and its
+median shown. With ``--remote`` the source is the same image served by nginx on
+loopback (``HttpSource``): each separate read is a range request.
+
+Not a test: it asserts only that every finished clone is the source plus the
+guest's writes (checksums).
+
+    python benchmarks/fragment_bench.py [--size 1G] [--rounds 5] [--remote]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT))
+from clone_bench import drop_caches, make_random  # noqa: E402
+from results_file import write_section  # noqa: E402
+from tests.integration.servers import Nginx  # noqa: E402
+
+from liveclone.core.copier import Copier  # noqa: E402
+from liveclone.core.opening import open_clone  # noqa: E402
+from liveclone.sources.base import Source  # noqa: E402
+from liveclone.sources.http import HttpSource  # noqa: E402
+from liveclone.sources.local import LocalFileSource  # noqa: E402
+from liveclone.units import format_size, parse_size  # noqa: E402
+
+SUFFIXES = ("", ".lcmap", ".lcjournal")
+WRITES = (0, 1000, 10_000, 100_000)
+REGION_SIZES = (4 << 10, 64 << 10)
+GUEST = b"\xa5" * 4096  # what the guest writes: never in a random source
+
+
+def remove(path: Path) -> None:
+    for s in SUFFIXES + (".lcstatus",):
+        Path(str(path) + s).unlink(missing_ok=True)
+
+
+def copy_files(src: Path, dst: Path) -> None:
+    remove(dst)
+    for s in SUFFIXES:
+        subprocess.run(["cp", "--sparse=always", str(src) + s, str(dst) + s], check=True)
+
+
+def make_templates(open_source: Callable[[], Source], work: Path, rs: int, n: int,
+                   size: int) -> tuple[Path, Path, int, str]:
+    """The fragmented and contiguous clones, and the bytes left to copy and the
+    expected checksum of the finished fragmented clone."""
+    frag, cont = work / f"frag-{rs}-{n}.img", work / f"cont-{rs}-{n}.img"
+    remove(frag)
+    remove(cont)
+    rng = random.Random(n * 31 + rs)
+    offsets = [rng.randrange(size // 4096) * 4096 for _ in range(n)]
+    with open_clone(str(frag), open_source(), region_size=rs, create=True, exclusive=True) as c:
+        for off in offsets:
+            c.write(off, GUEST)
+        present = c.regions_present
+    remaining = size - present * rs
+    with open_clone(str(cont), open_source(), region_size=rs, create=True, exclusive=True) as c:
+        step = 8 << 20
+        for off in range(0, present * rs, step):
+            c.write(off, bytes(min(step, present * rs - off)))
+    with open_source() as source:
+        return frag, cont, remaining, expected_sum(offsets, source, size)
+
+
+def expected_sum(offsets: list[int], source: Source, size: int) -> str:
+    written = set(offsets)
+    h = hashlib.sha256()
+    step = 32 << 20
+    for off in range(0, size, step):
+        chunk = bytearray(source.pread(off, min(step, size - off)))
+        for w in range(off, off + len(chunk), 4096):
+            if w in written:
+                chunk[w - off:w - off + 4096] = GUEST
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sum(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(32 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def finish(path: Path, source: Source) -> float:
+    """Seconds from the copier's start to a complete, committed clone."""
+    drop_caches()
+    c = open_clone(str(path), source)
+    t0 = time.monotonic()
+    cp = Copier(c).start()
+    cp.wait()
+    cp.stop()
+    if cp.error is not None:
+        raise SystemExit(f"copier failed: {cp.error}")
+    c.close()
+    return time.monotonic() - t0
+
+
+def run(kind: str, open_source: Callable[[], Source], work: Path, size: int,
+        rounds: int) -> list[dict[str, Any]]:
+    rows = []
+    configs: list[dict[str, Any]] = []
+    for rs in REGION_SIZES:
+        for n in WRITES:
+            print(f"{kind}: preparing {format_size(rs)} regions, {n} writes", file=sys.stderr)
+            frag, cont, remaining, want = make_templates(open_source, work, rs, n, size)
+            configs.append({"rs": rs, "n": n, "frag": frag, "cont": cont,
+                            "remaining": remaining, "want": want, "ratios": [],
+                            "frag_t": [], "cont_t": []})
+    live = work / "live.img"
+    for rnd in range(rounds):
+        order = [(cfg, which) for cfg in configs for which in ("frag", "cont")]
+        random.Random(rnd).shuffle(order)
+        times: dict[tuple[int, int, str], float] = {}
+        for cfg, which in order:
+            copy_files(cfg[which], live)
+            t = finish(live, open_source())
+            times[(cfg["rs"], cfg["n"], which)] = t
+            if which == "frag" and file_sum(live) != cfg["want"]:
+                raise SystemExit(f"{kind} rs={cfg['rs']} n={cfg['n']}: wrong content")
+        for cfg in configs:
+            tf, tc = times[(cfg["rs"], cfg["n"], "frag")], times[(cfg["rs"], cfg["n"], "cont")]
+            cfg["frag_t"].append(tf)
+            cfg["cont_t"].append(tc)
+            cfg["ratios"].append(tc / tf)  # same bytes: rate ratio = time ratio inverted
+        print(f"{kind} round {rnd + 1}: " + ", ".join(
+            f"{format_size(c['rs'])}/{c['n']} {c['ratios'][-1]:.2f}" for c in configs),
+            file=sys.stderr)
+    remove(live)
+    for cfg in configs:
+        rem = cfg["remaining"]
+        r = cfg["ratios"]
+        rows.append({
+            "kind": kind, "rs": cfg["rs"], "n": cfg["n"], "remaining": rem,
+            "frag_rate": rem / statistics.median(cfg["frag_t"]) / 1e6,
+            "cont_rate": rem / statistics.median(cfg["cont_t"]) / 1e6,
+            "ratio": statistics.median(r), "lo": min(r), "hi": max(r),
+            "spread": (statistics.pstdev(cfg["cont_t"]) / statistics.mean(cfg["cont_t"])),
+        })
+        for which in ("frag", "cont"):
+            remove(cfg[which])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="1G")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--remote", action="store_true", help="also from nginx over HTTP")
+    ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "fragment"))
+    args = ap.parse_args()
+    size = parse_size(args.size)
+    work = Path(args.dir)
+    www = work / "www"
+    www.mkdir(parents=True, exist_ok=True)
+    image = www / "disk.img"
+    make_random(image, size)
+    rows = run("local", lambda: LocalFileSource(str(image)), work, size, args.rounds)
+    if args.remote:
+        server = Nginx(www, work / "nginx").start()
+        try:
+            url = server.url("disk.img")
+            rows += run("HTTP", lambda: HttpSource(url), work, size, args.rounds)
+        finally:
+            server.stop()
+            shutil.rmtree(work / "nginx", ignore_errors=True)
+    table = "\n".join(
+        f"| {r['kind']} | {format_size(r['rs'])} | {r['n']:,} | {format_size(r['remaining'])} "
+        f"| {r['frag_rate']:.0f} MB/s | {r['cont_rate']:.0f} MB/s | **{r['ratio']:.2f}×** "
+        f"({r['lo']:.2f}-{r['hi']:.2f}) | ±{r['spread']:.0%} |" for r in rows)
+    body = f"""
+`python benchmarks/fragment_bench.py --size {args.size} --rounds {args.rounds}\
+{' --remote' if args.remote else ''}` — {time.strftime('%Y-%m-%d')}, this 2-vCPU machine
+(shared with a soak test using 2-3 cores at times). A clone of {format_size(size)} of random
+data gets N scattered 4 KiB guest writes (`Clone.write`), then a copier finishes it
+(start to complete and committed). Its twin has as many present regions, as one run
+at the start: the same bytes left, unfragmented. Each round times both, shuffled,
+from templates, page cache dropped; ratio = fragmented rate / unfragmented rate per
+round, median of {args.rounds} (range in brackets); noise = the unfragmented runs'
+standard deviation over their mean. HTTP: nginx on loopback, every separate read a
+range request. Every finished clone was checked against the source plus the writes.
+
+| source | regions | N writes | left to copy | fragmented | unfragmented | ratio | noise |
+|---|---|---|---|---|---|---|---|
+{table}
+"""
+    print(body)
+    write_section("Fragmented maps", body)
+
+
+if __name__ == "__main__":
+    main()
