@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,fuse,remote]'
+	$(PY) -m pip install -q -e '.[dev,s3]'
 	# An editable install leaves our modules uncompiled; with PYTHONDONTWRITEBYTECODE
 	# every start would compile them again (about 40 ms).
 	$(PY) -m compileall -q src

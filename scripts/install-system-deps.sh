@@ -27,6 +27,8 @@ check strace strace
 # (Debian 12's libfuse2; from Debian 13 on it is libfuse2t64, chosen after the update.)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 installed libfuse2 || installed libfuse2t64 || need+=(libfuse2)
+# The packaging test installs the wheel into a fresh venv (ensurepip).
+python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages: ${need[*]}; install them as root (apt-get install ${need[*]})" >&2

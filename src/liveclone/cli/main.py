@@ -11,7 +11,12 @@ import traceback
 import click
 
 from liveclone import __version__
-from liveclone.errors import LivecloneError, NoSpaceError
+from liveclone.errors import LivecloneError, MissingDependencyError, NoSpaceError
+
+# A top-level module that may be missing → how to get it. boto3 is the ``s3`` extra;
+# everything else liveclone imports is an ordinary dependency, so its absence means
+# a broken install.
+_EXTRAS = {"boto3": "s3", "botocore": "s3", "s3transfer": "s3", "jmespath": "s3"}
 
 # Subcommand → (module in liveclone.cli, its click command). Imported only when the
 # command runs, so start-up (and `serve`'s time to first read) stays short.
@@ -47,6 +52,11 @@ class _Group(click.Group):
         except LivecloneError as e:
             click.echo(f"liveclone: error: {e.message}", err=True)
             sys.exit(e.exit_code)
+        except ModuleNotFoundError as e:
+            if os.environ.get("LIVECLONE_DEBUG"):
+                traceback.print_exc()
+            click.echo(f"liveclone: error: {missing_module_message(e.name)}", err=True)
+            sys.exit(MissingDependencyError.exit_code)
         except OSError as e:
             # An unexpected system error: name it and where; the traceback only on request.
             if os.environ.get("LIVECLONE_DEBUG"):
@@ -55,6 +65,17 @@ class _Group(click.Group):
             code = NoSpaceError.exit_code if e.errno in (errno.ENOSPC, errno.EDQUOT) else 1
             click.echo(f"liveclone: error: {e.strerror or e}{where}", err=True)
             sys.exit(code)
+
+
+def missing_module_message(name: str | None) -> str:
+    """One line for a Python module that could not be imported, naming what to install."""
+    top = (name or "?").partition(".")[0]
+    extra = _EXTRAS.get(top)
+    if extra:
+        return (f"the Python package {top} is not installed; it comes with "
+                f"liveclone's {extra} extra: pip install 'liveclone[{extra}]'")
+    return (f"the Python package {top}, which liveclone needs, is not installed; "
+            "reinstall liveclone: pip install --force-reinstall liveclone")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})

@@ -1,14 +1,18 @@
 """Read-only sources behind one interface; ``open_source`` picks one from the argument.
 
-=====================================  ==========================================
+=====================================  ===============================================
 SOURCE                                 implementation
-=====================================  ==========================================
-``http://…``, ``https://…``            ``http.HttpSource`` (range requests)
-``s3://bucket/key``                    ``s3.S3Source`` (boto3)
+=====================================  ===============================================
+``http://…``, ``https://…``            ``http.HttpSource`` (range requests, urllib3)
+``s3://bucket/key``                    ``s3.S3Source`` (boto3, the ``s3`` extra)
 ``nbd://``, ``nbd+unix://``, ``nbds``  ``nbd.NbdSource`` (our NBD client)
 a path to qcow2/vmdk/vhdx/vdi/vpc…     ``image.ImageSource`` (a qemu-nbd child)
 a path to a raw image or a device      ``local.LocalFileSource``
-=====================================  ==========================================
+=====================================  ===============================================
+
+Each module is imported only when its scheme is used; boto3 is an optional extra
+(``pip install 'liveclone[s3]'``), and without it an ``s3://`` source is refused with
+``MissingDependencyError`` instead of an ImportError.
 """
 
 from __future__ import annotations

@@ -14,9 +14,10 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from liveclone.errors import SourceChangedError, SourceError
+from liveclone.errors import MissingDependencyError, SourceChangedError, SourceError
 from liveclone.sources.retry import RemoteSource, Retrier, RetryPolicy, TransientError
 
+S3_INSTALL = "pip install 'liveclone[s3]'"
 POOL_SIZE = 16
 OPEN_POLICY = RetryPolicy(tries=3, budget=3.0)
 
@@ -32,9 +33,15 @@ class S3Source(RemoteSource):
     """A read-only image at ``s3://bucket/key``."""
 
     def __init__(self, uri: str, policy: RetryPolicy | None = None) -> None:
-        import boto3
-        import botocore.config
-
+        try:
+            import boto3
+            import botocore.config
+        except ModuleNotFoundError as e:
+            # boto3 is an extra (it is large): say which, not a traceback.
+            what = ("which is not installed" if e.name == "boto3"
+                    else f"and {e.name} is missing")
+            raise MissingDependencyError(
+                f"s3:// sources need boto3, {what}: {S3_INSTALL}") from None
         self.spec = uri
         parts = urlsplit(uri)
         self.bucket, self.key = parts.netloc, parts.path.lstrip("/")
