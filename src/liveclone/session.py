@@ -20,6 +20,7 @@ import threading
 import time
 from typing import Any
 
+from liveclone.core import fsops
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier, Phase
 from liveclone.core.opening import open_clone as core_open_clone
@@ -29,6 +30,7 @@ from liveclone.sources import Source, open_source
 STATUS_SUFFIX = ".lcstatus"
 PAUSE_SUFFIX = ".lcpause"
 STATUS_INTERVAL = 0.5
+STATUS_BLOCK = 4096
 
 
 def status_path(clone_path: str) -> str:
@@ -130,16 +132,33 @@ class CloneSession:
         }
 
     def write_status(self, running: bool = True) -> None:
-        """Publish the status file. Best effort: a full disk must not stop the clone."""
+        """Publish the status file: a new file renamed over the old one. Best effort,
+        but a full disk must not hide the failure it causes: the text is padded to
+        whole 4 KiB blocks, so when a new file cannot be written the old one's
+        blocks are overwritten in place (readers retry a torn read)."""
         path = status_path(self.clone.path)
+        text = json.dumps(self.status(running)).encode()
+        text += b" " * (-(len(text) + 1) % STATUS_BLOCK) + b"\n"
         tmp = path + ".tmp"
         try:
             # As readable as the clone and its map, no more (invariant 11).
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-            with open(fd, "w") as f:
+            try:
                 os.fchmod(fd, self._mode)
-                json.dump(self.status(running), f)
+                fsops.pwrite_all(fd, text, 0)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
+            return
+        except OSError:
+            pass
+        try:  # no room for a new file: reuse the old one's blocks if it is as big
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                if os.fstat(fd).st_size >= len(text):
+                    fsops.pwrite_all(fd, text.ljust(os.fstat(fd).st_size - 1) + b"\n", 0)
+            finally:
+                os.close(fd)
         except OSError:
             pass
 

@@ -101,7 +101,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-import mfusepy
+# mfusepy looks up "fuse" (libfuse2 where grub or libguestfs installed it) before
+# "fuse3"; this filesystem is written for libfuse3. Set only for the import, so
+# child processes of the importer do not inherit it.
+_saved = os.environ.get("FUSE_LIBRARY_NAME")
+os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+try:
+    import mfusepy
+finally:
+    if _saved is None:
+        del os.environ["FUSE_LIBRARY_NAME"]
+    else:
+        os.environ["FUSE_LIBRARY_NAME"] = _saved
 
 T = TypeVar("T")
 log = logging.getLogger("plfs")

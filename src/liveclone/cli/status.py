@@ -24,11 +24,15 @@ def read_status(clone_path: str) -> dict[str, Any]:
     clone_path = os.path.abspath(clone_path)
     header, rmap = MapStore.read(clone_path)
     live: dict[str, Any] = {}
-    try:
-        with open(status_path(clone_path)) as f:
-            live = json.load(f)
-    except (OSError, ValueError):
-        pass
+    for _ in range(5):  # a status rewritten in place (full disk) may read torn
+        try:
+            with open(status_path(clone_path)) as f:
+                live = json.load(f)
+            break
+        except OSError:
+            break
+        except ValueError:
+            time.sleep(0.02)
     running = bool(live.get("running")) and _alive(live.get("pid"))
     present = rmap.present_count
     if running:

@@ -51,6 +51,8 @@ BACKOFF_MAX = 5.0
 GUEST_QUIET = 1.0
 # Persistent copiers try set-aside regions again after this long.
 SET_ASIDE_RETRY = 30.0
+# Persistent copiers on a full disk look for free space again at most this often.
+SPACE_RETRY_MAX = 10.0
 
 
 class Phase:
@@ -340,7 +342,10 @@ class Copier:
             return
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self._no_space() from None
+                if not self.persistent:
+                    raise self._no_space() from None
+                self._wait_for_space(first, end)
+                return
             if self.clone.failure is not None:
                 raise CloneFailedError(self.clone.failure) from None
             # The clone's side, never blamed on the source.
@@ -370,13 +375,39 @@ class Copier:
         self._stop.wait(min(BACKOFF_MAX, 0.1 * 2 ** tries))
         self.prioritize(first, end)
 
-    def _no_space(self) -> NoSpaceError:
+    def _wait_for_space(self, first: int, end: int) -> None:
+        """A persistent copier on a full disk: report it at once (phase failed, with
+        the bytes still needed), look again with back-off, and resume by itself when
+        a batch fits. Guests keep going meanwhile (their writes may get ENOSPC)."""
+        delay = 0.5
+        while not self._stop.is_set():
+            err = self._no_space()
+            with self._lock:
+                self.error = err
+            self.clone.last_error = (f"{err.message} The copy resumes by itself when space "
+                                     f"is free (next look in {delay:.0f} s).")
+            self._stop.wait(delay)
+            if self._free_bytes() >= min(self._remaining_bytes(),
+                                         self.busy_batch_regions * self.clone.region_size):
+                break
+            delay = min(delay * 2, SPACE_RETRY_MAX)
+        with self._lock:
+            self.error = None
+        self.clone.last_error = None
+        self.prioritize(first, end)
+
+    def _free_bytes(self) -> int:
+        st = os.statvfs(os.path.dirname(self.clone.path))
+        return st.f_bavail * st.f_frsize
+
+    def _remaining_bytes(self) -> int:
         clone = self.clone
-        remaining = (clone.regions_total - clone.regions_present) * clone.region_size
-        st = os.statvfs(os.path.dirname(clone.path))
-        free = st.f_bavail * st.f_frsize
+        return (clone.regions_total - clone.regions_present) * clone.region_size
+
+    def _no_space(self) -> NoSpaceError:
+        fix = ("free some space." if self.persistent else
+               "free some space and run the same command again to resume.")
         return NoSpaceError(
-            f"no space left on the device holding {clone.path}: up to "
-            f"{format_size(remaining)} is still to copy and {format_size(free)} is free. "
-            "The map is consistent; free some space and run the same command again to resume."
-        )
+            f"no space left on the device holding {self.clone.path}: up to "
+            f"{format_size(self._remaining_bytes())} is still to copy and "
+            f"{format_size(self._free_bytes())} is free. The map is consistent; {fix}")
