@@ -7,6 +7,7 @@ import sys
 import click
 
 from liveclone.cli.options import (
+    check_mountpoint,
     copy_on_read_option,
     rate_option,
     region_size_option,
@@ -38,6 +39,7 @@ def command(source: str, clone_path: str, mountpoint: str, region_size: int | No
     """
     from liveclone.fuse import start_mount
 
+    check_mountpoint(mountpoint)  # before the clone is created: a failed start leaves nothing
     with stop_on_signals() as stop:
         session = CloneSession(source, clone_path, region_size, rate,
                                copy_on_read=copy_on_read).start()

@@ -3,40 +3,113 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import ipaddress
 import os
+import socket
 import threading
 from functools import partial
-from typing import TYPE_CHECKING
 
 import click
 
 from liveclone.cli.options import (
+    SIZE,
+    check_mountpoint,
     copy_on_read_option,
     rate_option,
     region_size_option,
     stop_on_signals,
 )
 from liveclone.core.copier import Phase
-from liveclone.errors import UsageError
+from liveclone.errors import TargetError, UsageError
+from liveclone.nbd import limits as nbd_limits
+from liveclone.nbd.limits import Limits
 from liveclone.nbd.protocol import export_name_problem
-from liveclone.nbd.server import NBDServer, tls_server_context
+from liveclone.nbd.server import (
+    Listener,
+    NBDServer,
+    listen_tcp,
+    listen_unix,
+    tls_server_context,
+)
 from liveclone.session import CloneSession
 from liveclone.units import format_size
-
-if TYPE_CHECKING:
-    import ssl
 
 SOCKET_SUFFIX = ".sock"
 STATUS_EVERY = 0.2  # seconds between status updates; also how soon a signal stops us
 
 
+LOOPBACK = "127.0.0.1"
+UNIX_PATH_MAX = 107  # bytes in sun_path, less the terminating NUL
+
+
 def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (every interface)."""
+    """``HOST:PORT``, ``[V6]:PORT`` or ``:PORT`` (loopback: 127.0.0.1)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"invalid --listen {text!r}: use HOST:PORT, e.g. 127.0.0.1:10809")
-    host = host.strip("[]") or "0.0.0.0"
+    if host.startswith("[") != host.endswith("]"):
+        raise UsageError(f"invalid --listen {text!r}: write an IPv6 address as [::1]:PORT")
+    host = host.strip("[]") or LOOPBACK
     return host, int(port)
+
+
+def exposure_warning(host: str, port: int, tls: bool) -> str | None:
+    """What to tell the user about listening on ``host`` without TLS, or None."""
+    if tls or host == "localhost":
+        return None
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        addr = None
+    if addr is not None and addr.is_loopback:
+        return None
+    where = ("every interface" if addr is not None and addr.is_unspecified
+             else "a non-loopback address")
+    return (f"warning: listening on {where} ({host}:{port}) without TLS: anyone who can "
+            "reach this port can read and write the clone (NBD has no authentication). "
+            "Use --tls-certificates, or a loopback address.")
+
+
+def check_socket_dir(path: str) -> None:
+    """Refuse a socket path that cannot be made, before anything is created."""
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise UsageError(f"socket path {path} is longer than {UNIX_PATH_MAX} bytes, the most "
+                         "a unix socket allows: give a shorter --socket path")
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        what = "is not a directory" if os.path.exists(directory) else "does not exist"
+        raise TargetError(f"cannot create the socket {path}: {directory} {what}; create the "
+                          "directory or give --socket a path in an existing one")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise TargetError(f"cannot create the socket {path}: no permission to write in "
+                          f"{directory}; give --socket a path in a writable directory")
+
+
+def open_listeners(socket_path: str | None, tcp: tuple[str, int] | None) -> list[Listener]:
+    """Bind the unix socket or TCP port now, so a failure leaves nothing behind."""
+    if socket_path is not None:
+        check_socket_dir(socket_path)
+        try:
+            return [listen_unix(socket_path)]
+        except FileExistsError as e:
+            fix = ("stop it or give another --socket path" if e.errno == errno.EADDRINUSE
+                   else "remove it or give another --socket path")
+            raise UsageError(f"{e.strerror}: {fix}") from None
+        except OSError as e:
+            raise TargetError(f"cannot create the socket {socket_path}: "
+                              f"{e.strerror or e}; give another --socket path") from None
+    assert tcp is not None
+    host, port = tcp
+    try:
+        return listen_tcp(host, port)
+    except socket.gaierror as e:
+        raise UsageError(f"invalid --listen host {host!r}: {e.strerror}") from None
+    except OSError as e:
+        fix = ("choose another port" if e.errno == errno.EADDRINUSE else
+               "give an address of this machine" if e.errno == errno.EADDRNOTAVAIL else
+               "choose another address or port")
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}; {fix}") from None
 
 
 def default_export_name(clone_path: str) -> str:
@@ -50,8 +123,10 @@ def default_export_name(clone_path: str) -> str:
 @click.option("--socket", "socket_path", default=None,
               help="Unix socket to listen on, mode 0600 (default: CLONE.sock).")
 @click.option("--listen", default=None, metavar="HOST:PORT",
-              help="Listen on TCP instead of a unix socket. NBD has no authentication: "
-                   "prefer a loopback address.")
+              help="Listen on TCP instead of a unix socket. ':PORT' listens on 127.0.0.1 "
+                   "only; other machines can connect only with an explicit address, such "
+                   "as 0.0.0.0:PORT or [::]:PORT (every interface), which warns unless "
+                   "--tls-certificates is given: NBD itself has no authentication.")
 @click.option("--export-name", default=None,
               help="The export's name (default: CLONE's file name; '' also opens it).")
 @click.option("--tls-certificates", "tls_dir", type=click.Path(file_okay=False), default=None,
@@ -61,12 +136,28 @@ def default_export_name(clone_path: str) -> str:
 @click.option("--mount", "mountpoint", type=click.Path(file_okay=False), default=None,
               help="Also show the clone as the file MOUNTPOINT/<CLONE name> (FUSE), in "
                    "this process: NBD clients and file users share one clone.")
+@click.option("--max-connections", type=click.IntRange(min=1),
+              default=nbd_limits.DEFAULT_MAX_CONNECTIONS, show_default=True,
+              help="Most clients connected at once (fewer if `ulimit -n` leaves no room). "
+                   "A newcomer past it closes the oldest connection still negotiating, or "
+                   "is refused.")
+@click.option("--handshake-limit", type=click.FloatRange(min=0),
+              default=nbd_limits.DEFAULT_HANDSHAKE_LIMIT, show_default=True,
+              metavar="SECONDS",
+              help="Drop a client that has not chosen an export this long after "
+                   "connecting (0: never).")
+@click.option("--max-memory", type=SIZE, default=nbd_limits.DEFAULT_MAX_MEMORY,
+              show_default="256M",
+              help="Most memory held for clients' requests and answers, in total (one "
+                   "client gets at most a quarter, up to 64M); a client that does not "
+                   "read its answers is not read from. At least 4M.")
 @region_size_option
 @rate_option
 @copy_on_read_option
 def command(source: str, clone_path: str, socket_path: str | None, listen: str | None,
             export_name: str | None, tls_dir: str | None, read_only: bool,
-            mountpoint: str | None, region_size: int | None, rate: int | None,
+            mountpoint: str | None, max_connections: int, handshake_limit: float,
+            max_memory: int, region_size: int | None, rate: int | None,
             copy_on_read: bool | None) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
@@ -75,48 +166,62 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
     by the copier. The export stays up after the copy completes; a complete clone
     can be served again without its source. Ctrl-C or SIGTERM commits the map and
     exits 0.
+
+    Every argument is checked, and the socket bound, before the clone is created:
+    a command that fails to start leaves nothing behind.
     """
     if socket_path is not None and listen is not None:
         raise UsageError("give --socket or --listen, not both")
     tcp = parse_listen(listen) if listen is not None else None
-    if tcp is None and socket_path is None:
-        socket_path = os.path.abspath(clone_path) + SOCKET_SUFFIX
+    if tcp is None:
+        socket_path = os.path.abspath(socket_path if socket_path is not None
+                                      else clone_path + SOCKET_SUFFIX)
     name = default_export_name(clone_path) if export_name is None else export_name
     why = export_name_problem(name)
     if why:
         raise UsageError(f"invalid --export-name {name!r}: {why}")
+    try:
+        limits = Limits(max_connections, handshake_limit, max_memory)
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_memory", "--max-memory")) from None
     tls = None
     if tls_dir is not None:
         try:
             tls = tls_server_context(tls_dir)
         except ValueError as e:
             raise UsageError(f"--tls-certificates: {e}") from None
-    with stop_on_signals() as stop:
-        # Started (copier and all) by _serve once clients can connect: the first
-        # read must not wait behind the copier's start.
-        session = CloneSession(source, clone_path, region_size, rate,
-                               copy_on_read=copy_on_read)
-        try:
-            asyncio.run(_serve(session, stop, socket_path, tcp, name, read_only, mountpoint,
-                               tls))
-        finally:
-            session.close()
+    if mountpoint is not None:
+        check_mountpoint(mountpoint)
+    listeners = open_listeners(socket_path, tcp)
+    try:
+        if tcp is not None:
+            warning = exposure_warning(*tcp, tls=tls is not None)
+            if warning:
+                click.echo(f"liveclone: {warning}", err=True)
+        with stop_on_signals() as stop:
+            # Started (copier and all) by _serve once clients can connect: the first
+            # read must not wait behind the copier's start.
+            session = CloneSession(source, clone_path, region_size, rate,
+                                   copy_on_read=copy_on_read)
+            try:
+                server = NBDServer(session.clone, export_name=name, read_only=read_only,
+                                   tls=tls, limits=limits)
+                asyncio.run(_serve(session, server, stop, listeners, read_only, mountpoint))
+            finally:
+                session.close()
+    finally:
+        for listener in listeners:  # the server has closed them; a failed start has not
+            listener.close()
     clone = session.clone
     click.echo(f"liveclone: stopped serving {clone.path} at {clone.regions_present}/"
                f"{clone.regions_total} regions; the map is committed", err=True)
 
 
-async def _serve(session: CloneSession, stop: threading.Event, socket_path: str | None,
-                 tcp: tuple[str, int] | None, name: str, read_only: bool,
-                 mountpoint: str | None, tls: ssl.SSLContext | None) -> None:
-    server = NBDServer(session.clone, export_name=name, read_only=read_only, tls=tls)
+async def _serve(session: CloneSession, server: NBDServer, stop: threading.Event,
+                 listeners: list[Listener], read_only: bool, mountpoint: str | None) -> None:
     mount = None
     try:
-        try:
-            uris = await server.start(unix_path=socket_path, tcp=tcp)
-        except OSError as e:
-            where = socket_path if socket_path is not None else f"{tcp}"
-            raise UsageError(f"cannot listen on {where}: {e.strerror or e}") from None
+        uris = await server.start(listeners=listeners)
         if mountpoint is not None:
             from liveclone.fuse.mount import start_mount
 
@@ -138,6 +243,10 @@ async def _serve(session: CloneSession, stop: threading.Event, socket_path: str 
                 "uris": list(server.uris), "read_only": read_only,
                 "connections": stats.active, "requests": stats.requests,
                 "rejected": stats.rejected, "errors": stats.errors,
+                "refused": stats.refused, "evicted": stats.evicted,
+                "timed_out": stats.timed_out, "stalled": stats.stalled,
+                "memory": server.memory,
+                "memory_peak": stats.memory_peak,
             }
             decile = clone.regions_present * 10 // max(1, clone.regions_total)
             if decile != reported:

@@ -60,6 +60,10 @@ if TYPE_CHECKING:
 DEFAULT_MAX_BLOCK = 32 << 20  # largest READ/WRITE payload we accept and advertise
 MAX_OPTION_LENGTH = 64 << 10  # an option payload bigger than this is a denial of service
 MAX_NAME = 256  # export names we serve are this short (the spec's SHOULD)
+# BLOCK_STATUS looks at most this much of a request's range; the reply covers less
+# than asked (the spec allows it, and clients ask again from where it ends). Storage
+# then walks a bounded range, so one request cannot make it list millions of extents.
+MAX_BLOCK_STATUS = 128 << 20
 BASE_ALLOCATION_ID = 1  # the context id we give base:allocation
 
 
@@ -168,7 +172,8 @@ class ExportChosen:
 
 @dataclass(slots=True)
 class Command:
-    """A valid request. ``data`` is the payload of a WRITE, else None."""
+    """A valid request. ``data`` is the payload of a WRITE, else None. A
+    BLOCK_STATUS ``length`` is cut to MAX_BLOCK_STATUS (its reply covers less)."""
 
     cookie: int
     cmd: int
@@ -374,6 +379,9 @@ class ServerConnection:
         self.export: Export | None = None  # set exactly when TRANSMISSION is entered
         # Invariant: every Command emitted and not yet answered by send(), by cookie.
         self._inflight: dict[int, _InFlight] = {}
+        # Transmission requests parsed so far (valid or not): names the message
+        # that ``incomplete`` is about, so the I/O layer can tell one from the next.
+        self.received = 0
 
     # -- state -----------------------------------------------------------------------
 
@@ -396,6 +404,27 @@ class ServerConnection:
     @property
     def inflight(self) -> int:
         return len(self._inflight)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and held, waiting for the rest of their message."""
+        return len(self._buf)
+
+    @property
+    def incomplete(self) -> int:
+        """Bytes still to come before the WRITE whose header is buffered is whole
+        (0 if none is): what the I/O layer must be ready to hold for it."""
+        if self.state is not State.TRANSMISSION and self.state is not State.DRAINING:
+            return 0
+        buf = self._buf
+        if len(buf) < REQUEST.size or self._discard:
+            return 0
+        magic: int
+        length: int
+        magic, _flags, cmd, _cookie, _offset, length = REQUEST.unpack_from(buf, 0)
+        if magic != REQUEST_MAGIC or cmd != Cmd.WRITE or length > self._export().max_block:
+            return 0
+        return max(0, REQUEST.size + length - len(buf))
 
     # -- bytes in -------------------------------------------------------------------------
 
@@ -505,6 +534,7 @@ class ServerConnection:
                  length: int, payload: bytearray | None,
                  error: tuple[int, str] | None) -> None:
         self._go(Input.REQUEST)
+        self.received += 1
         if cookie in self._inflight:
             raise self._peer_error(f"cookie {cookie:#x} reused while in flight")
         if error is None:
@@ -516,6 +546,8 @@ class ServerConnection:
             events.append(Rejected(cookie, cmd, err, reason))
             return
         self._inflight[cookie] = _InFlight(cmd, flags, length, offset)
+        if cmd == Cmd.BLOCK_STATUS:
+            length = min(length, MAX_BLOCK_STATUS)  # the reply may cover less
         events.append(Command(cookie, cmd, flags, offset, length, payload))
 
     # -- options ----------------------------------------------------------------------------

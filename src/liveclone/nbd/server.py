@@ -2,24 +2,46 @@
 
 This module only moves bytes and calls the clone. The protocol (handshake,
 parsing, validation, reply encoding) is ``nbd/protocol.py``; the storage policy
-is ``core/clone.py``. Each connection reads requests as fast as they come, runs
-each storage call in a thread pool (the ``Clone`` is thread-safe and blocking),
-and writes each answer as soon as it is ready, so many requests are in flight
-and answered out of order. An OSError from the clone answers that one request
-with the matching NBD error; a peer that breaks the protocol loses only its own
-connection; the listener keeps accepting.
+is ``core/clone.py``. Each connection runs each storage call in a thread pool
+(the ``Clone`` is thread-safe and blocking) and writes each answer as soon as it
+is ready, so many requests are in flight and answered out of order. An OSError
+from the clone answers that one request with the matching NBD error; a peer that
+breaks the protocol loses only its own connection; the listener keeps accepting.
+
+What clients can make it spend is bounded (``nbd/limits.py``, DESIGN invariant 11):
+
+* Memory. Every byte held for a client is counted, per connection and in
+  total (``NBDServer.memory``): a partial request in the parser (a WRITE's whole
+  payload once it is admitted), WRITE payloads waiting, the answer of each
+  dispatched request (a READ's length), and answers queued in the transport for a
+  client that does not read. A request is dispatched only when its answer fits
+  both bounds; until then it waits, and the connection stops reading. A client
+  that does not read its answers fills the transport, which pauses our writing
+  (``pause_writing``), which stops our reading (``pause_reading``): nothing more
+  of it is taken in until it reads.
+* Connections: at most ``max_connections`` sockets (fewer if ``ulimit -n`` has
+  no room for them). A newcomer past the limit closes the oldest connection still
+  negotiating (a real client gets in past idle ones), else it is refused.
+* Time: a client that has not chosen an export ``handshake_limit`` seconds after
+  connecting is dropped.
+
+Log lines a client can cause (refusals, drops, timeouts, accept errors such as
+EMFILE) go through ``LogThrottle``: one line per kind per 10 s, never a traceback.
 
 Reusable entry points, for ``liveclone serve`` and for commands that need the
 export in-process (``liveclone boot`` launching QEMU on it):
 
-* ``NBDServer(clone, export_name=..., read_only=...)`` in a running event loop::
+* ``NBDServer(clone, export_name=..., read_only=..., limits=Limits(...))`` in a
+  running event loop::
 
       server = NBDServer(clone, export_name="disk")
       uris = await server.start(unix_path="/run/disk.sock")   # or tcp=("::1", 0)
       ...                                                     # clients connect
       await server.stop()        # closes listeners and connections, waits for I/O
 
-  ``start`` returns one NBD URI per listener; ``server.uris`` keeps them.
+  ``start`` returns one NBD URI per listener; ``server.uris`` keeps them. Sockets
+  bound beforehand with ``listen_unix``/``listen_tcp`` (so that a command can fail
+  before it creates anything) are passed as ``start(listeners=[...])``.
 
 * ``ServerThread(clone, ...)`` runs the same server on its own event loop in a
   background thread, for synchronous callers::
@@ -35,13 +57,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import errno
 import logging
 import os
 import socket
 import stat
 import tempfile
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
@@ -49,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 from liveclone.nbd import protocol as p
+from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
 from liveclone.nbdwire import wire
 from liveclone.nbdwire.wire import Cmd
 
@@ -60,11 +85,23 @@ if TYPE_CHECKING:  # ssl is imported only when TLS is used: it costs start-up ti
 log = logging.getLogger("liveclone.nbd")
 
 IO_THREADS = 16
-# Per connection: stop reading at HIGH requests in flight, resume at LOW.
+# Per connection: stop reading at HIGH requests running, resume at LOW.
 INFLIGHT_HIGH = 128
 INFLIGHT_LOW = 32
 # Answers smaller than this are joined into one write; bigger ones go out as is.
 JOIN_BELOW = 64 << 10
+ACCEPT_BATCH = 32  # accepts per wake-up of a listener
+ACCEPT_RETRY = 0.5  # seconds a listener rests after EMFILE and the like
+RETRY_BLOCKED = 0.05  # seconds between looks at connections waiting for memory
+CLOSE_GRACE = 5.0  # seconds a closing connection may take to flush before it is cut
+# While another client waits for memory, a client none of whose queued answers has
+# left for this long is dropped: memory held for a peer that does not read comes
+# back no other way.
+STALL_LIMIT = 5.0
+# What a BLOCK_STATUS answer is charged per 4 KiB of range: its descriptor and the
+# Python objects that listing an extent costs (a bound: extents are >= 4 KiB).
+BLOCK_STATUS_CHARGE = 128
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class Storage(Protocol):
@@ -97,6 +134,11 @@ class ServerStats:
     rejected: int = 0  # invalid requests answered by the protocol
     errors: int = 0  # valid requests whose storage call failed
     dropped: int = 0  # connections closed for breaking the protocol
+    refused: int = 0  # closed at once: max_connections negotiated clients were open
+    evicted: int = 0  # closed while negotiating, to make room for a newcomer
+    timed_out: int = 0  # closed for choosing no export within handshake_limit
+    stalled: int = 0  # closed for taking no answer while others waited for memory
+    memory_peak: int = 0  # most bytes held for clients at once
 
 
 def unix_uri(path: str, name: str, tls: bool = False) -> str:
@@ -130,53 +172,259 @@ def tls_server_context(directory: str) -> ssl.SSLContext:
     return ctx
 
 
+@dataclass
+class Listener:
+    """A bound, listening socket; ``path`` is a unix socket's, unlinked at stop."""
+
+    sock: socket.socket
+    path: str | None = None
+
+    def uri(self, name: str, tls: bool) -> str:
+        if self.path is not None:
+            return unix_uri(self.path, name, tls)
+        host, port = self.sock.getsockname()[:2]
+        return tcp_uri(host, port, name, tls)
+
+    def close(self) -> None:
+        """Close the socket and remove a unix socket's file (for a caller that
+        bound it and then could not start the server)."""
+        self.sock.close()
+        if self.path is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def listen_unix(path: str) -> Listener:
+    path = os.path.abspath(path)
+    return Listener(bind_unix(path), path)
+
+
+def listen_tcp(host: str, port: int) -> list[Listener]:
+    """Listening sockets for every address ``host`` resolves to (as asyncio's
+    create_server binds them). Raises OSError (EADDRINUSE, EACCES, a bad name)."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    out: list[Listener] = []
+    try:
+        for family, kind, proto, _, addr in dict.fromkeys(infos):
+            sock = socket.socket(family, kind, proto)
+            out.append(Listener(sock))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(128)
+            sock.setblocking(False)
+            if port == 0:  # every address on the port the first one got
+                port = sock.getsockname()[1]
+                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                           flags=socket.AI_PASSIVE)
+    except BaseException:
+        for listener in out:
+            listener.sock.close()
+        raise
+    return out
+
+
 class NBDServer:
     """One export of one clone, on any number of listeners."""
 
     def __init__(self, clone: Storage, export_name: str = "", read_only: bool = False,
                  description: str = "liveclone", io_threads: int = IO_THREADS,
-                 tls: ssl.SSLContext | None = None) -> None:
-        """``tls``: a server context; clients must then STARTTLS before anything else."""
+                 tls: ssl.SSLContext | None = None, limits: Limits | None = None) -> None:
+        """``tls``: a server context; clients must then STARTTLS before anything else.
+        ``limits``: what clients may make the server spend (defaults: ``Limits()``)."""
         self.clone = clone
         self.tls = tls
+        self.limits = limits or Limits()
         self.export = p.Export(export_name, clone.size, read_only=read_only,
                                description=description,
-                               preferred_block=min(max(4096, clone.region_size), 1 << 20))
+                               preferred_block=min(max(4096, clone.region_size), 1 << 20),
+                               max_block=self.limits.max_block)
         self.stats = ServerStats()
         self.uris: list[str] = []
+        # Lowered by start() to what the open-file limit leaves room for.
+        self.max_connections = self.limits.max_connections
         self._io_threads = io_threads
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._servers: list[asyncio.AbstractServer] = []
-        self._unix_paths: list[str] = []
-        self._connections: set[_Connection] = set()
+        self._listeners: list[Listener] = []
+        # Invariant: every accepted socket not yet closed, from accept() to
+        # connection_lost; never more than max_connections (+1 while an evicted one
+        # closes).
+        self._slots = 0
+        self._connections: dict[_Connection, None] = {}  # connected, oldest first
+        self._opening: set[asyncio.Task[Any]] = set()  # accepted, transport being made
+        # Invariant: memory == sum of held over _connections; it is kept at most
+        # limits.max_memory by admitting requests only when their answer fits.
+        self.memory = 0
+        self._blocked: set[_Connection] = set()  # waiting for memory to be freed
+        self._retry: asyncio.TimerHandle | None = None  # the next look at _blocked
+        self._retry_soon = False  # a look at _blocked is queued with call_soon
+        self.log = LogThrottle(log)
         # Invariant: every storage call started and not yet finished, so that
         # stop() can wait for them before the caller closes the clone.
         self._pending: set[asyncio.Future[Any]] = set()
 
-    async def start(self, unix_path: str | None = None,
-                    tcp: tuple[str, int] | None = None) -> list[str]:
-        """Listen on a unix socket (mode 0600) and/or TCP; return the new URIs."""
-        if unix_path is None and tcp is None:
-            raise ValueError("give unix_path or tcp")
+    async def start(self, unix_path: str | None = None, tcp: tuple[str, int] | None = None,
+                    listeners: Sequence[Listener] = ()) -> list[str]:
+        """Serve on a unix socket (made mode 0600), on TCP, and/or on sockets bound
+        beforehand; return the new URIs."""
+        new_listeners = list(listeners)
+        if unix_path is not None:
+            new_listeners.append(listen_unix(unix_path))
+        if tcp is not None:
+            new_listeners.extend(listen_tcp(*tcp))
+        if not new_listeners:
+            raise ValueError("give unix_path, tcp or listeners")
         loop = asyncio.get_running_loop()
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self._io_threads, thread_name_prefix="nbd-io")
+        if not self._listeners:
+            self._fit_connections_to_fds()
+            pin_mmap_threshold()  # so that RSS follows the memory held (limits.py)
         new: list[str] = []
-        if unix_path is not None:
-            unix_path = os.path.abspath(unix_path)
-            sock = bind_unix(unix_path)
-            self._unix_paths.append(unix_path)
-            self._servers.append(await loop.create_unix_server(self._connection, sock=sock))
-            new.append(unix_uri(unix_path, self.export.name, self.tls is not None))
-        if tcp is not None:
-            server = await loop.create_server(self._connection, tcp[0], tcp[1],
-                                              reuse_address=True)
-            self._servers.append(server)
-            host, port = server.sockets[0].getsockname()[:2]
-            new.append(tcp_uri(host, port, self.export.name, self.tls is not None))
+        for listener in new_listeners:
+            listener.sock.setblocking(False)
+            self._listeners.append(listener)
+            loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
+            new.append(listener.uri(self.export.name, self.tls is not None))
         self.uris.extend(new)
         return new
+
+    def _fit_connections_to_fds(self) -> None:
+        room = fd_headroom()
+        if room is not None and room < self.max_connections:
+            self.max_connections = max(1, room)
+            log.warning("NBD: at most %d connections, not %d: the open-file limit "
+                        "(ulimit -n) leaves no room for more", self.max_connections,
+                        self.limits.max_connections)
+
+    # -- accepting -------------------------------------------------------------------
+
+    def _accept(self, lsock: socket.socket) -> None:
+        for _ in range(ACCEPT_BATCH):
+            if self._slots >= self.max_connections and self._evicting():
+                return  # accept again once the evicted one's descriptor is closed
+            try:
+                sock, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as e:
+                if e.errno not in _OUT_OF_RESOURCES:
+                    raise
+                self.log("accept", logging.WARNING,
+                         "NBD: cannot accept a client: %s; retrying in %.1f s",
+                         e.strerror or e, ACCEPT_RETRY)
+                self._rest(lsock)
+                return
+            if self._slots >= self.max_connections:
+                victim = next((c for c in self._connections if c.negotiating
+                               and not c.closing), None)
+                if victim is None:
+                    sock.close()
+                    self.stats.refused += 1
+                    self.log("refused", logging.WARNING,
+                             "NBD: refusing a client: %d connections are open, the most "
+                             "allowed (--max-connections)", self._slots)
+                    continue
+                self.stats.evicted += 1
+                self.log("evicted", logging.WARNING,
+                         "NBD: %d connections are open, the most allowed "
+                         "(--max-connections): closing the oldest one still negotiating "
+                         "to let a new client in", self._slots)
+                victim.abort()
+            self._slots += 1
+            self.stats.connections += 1
+            self._open(sock)
+
+    def _evicting(self) -> bool:
+        """True while a connection closed to make room has not let go of its socket."""
+        return any(c.closing for c in self._connections)
+
+    def _rest(self, lsock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(lsock.fileno())
+
+        def again() -> None:
+            if any(x.sock is lsock for x in self._listeners):
+                loop.add_reader(lsock.fileno(), self._accept, lsock)
+
+        loop.call_later(ACCEPT_RETRY, again)
+
+    def _open(self, sock: socket.socket) -> None:
+        made: list[_Connection] = []
+
+        def factory() -> _Connection:
+            made.append(_Connection(self))
+            return made[0]
+
+        async def connect() -> None:
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(factory, sock)
+            except BaseException as e:
+                if not made or made[0].transport is None:
+                    sock.close()
+                    self._slots -= 1
+                else:
+                    made[0].abort()
+                if not isinstance(e, (OSError, asyncio.CancelledError)):
+                    raise
+
+        task = asyncio.ensure_future(connect())
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    # -- memory ----------------------------------------------------------------------
+
+    def block(self, conn: _Connection) -> None:
+        """``conn`` waits for memory: look at it again when some is freed."""
+        self._blocked.add(conn)
+        if self._retry is None:
+            self._retry = asyncio.get_running_loop().call_later(RETRY_BLOCKED,
+                                                                self._retry_blocked)
+        self.log("memory", logging.INFO,
+                 "NBD: clients hold %d MiB of %d MiB (--max-memory): a client waits",
+                 self.memory >> 20, self.limits.max_memory >> 20)
+
+    def freed(self) -> None:
+        """Memory was given back: let blocked connections try again at once."""
+        if self._blocked and not self._retry_soon:
+            self._retry_soon = True
+            asyncio.get_running_loop().call_soon(self._retry_blocked)
+
+    def _retry_blocked(self) -> None:
+        self._retry_soon = False
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self._drop_stalled()
+        blocked, self._blocked = self._blocked, set()
+        for conn in blocked:  # (re-)block themselves if they still cannot go on
+            conn.resume()
+
+    def _drop_stalled(self) -> None:
+        """Drop the client holding most memory in answers it has not taken for
+        STALL_LIMIT, if another one waits for memory meanwhile."""
+        now = asyncio.get_running_loop().time()
+        stalled = [c for c in self._connections if c.stalled_for(now) >= STALL_LIMIT]
+        if not stalled:
+            return
+        worst = max(stalled, key=lambda c: c.held)
+        if not any(c is not worst and c.stalled_for(now) < STALL_LIMIT
+                   for c in self._blocked):
+            return  # it only holds itself up
+        self.stats.stalled += 1
+        self.log("stalled", logging.WARNING,
+                 "NBD: dropping a client that took none of its %d MiB of answers for "
+                 "%.0f s while others waited for memory (--max-memory)",
+                 worst.held >> 20, STALL_LIMIT)
+        worst.abort()
+
+    # -- running ---------------------------------------------------------------------
 
     def _connection(self) -> _Connection:
         return _Connection(self)
@@ -187,24 +435,26 @@ class NBDServer:
 
     async def stop(self) -> None:
         """Close the listeners and every connection; wait for storage calls."""
-        for server in self._servers:
-            server.close()
+        loop = asyncio.get_running_loop()
+        for listener in self._listeners:
+            loop.remove_reader(listener.sock.fileno())
+            listener.close()
+        self._listeners.clear()
+        for task in list(self._opening):
+            task.cancel()
+        if self._opening:
+            await asyncio.wait(list(self._opening))
         for conn in list(self._connections):
-            conn.close()
-        for server in self._servers:
-            await server.wait_closed()
-        self._servers.clear()
+            conn.abort()
+        await asyncio.sleep(0)  # let the aborted transports call connection_lost
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
         if self._pending:
             await asyncio.wait(list(self._pending))
-        for path in self._unix_paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-        self._unix_paths.clear()
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            await asyncio.get_running_loop().run_in_executor(None, pool.shutdown)
+            await loop.run_in_executor(None, pool.shutdown)
 
     def run(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Run one storage call in the pool, tracked for stop()."""
@@ -218,6 +468,17 @@ class NBDServer:
 def _block_status(clone: Storage, offset: int, length: int) -> list[tuple[int, int]]:
     """The clone's extents as ``(length, flags)`` descriptors (run in the pool)."""
     return p.extent_flags(clone.block_status(offset, length))
+
+
+def _answer_bytes(c: p.Command) -> int:
+    """Memory the answer to ``c`` may hold while it is made: a READ's bytes twice
+    (a read from the source is copied into the answer; asyncio copies an answer
+    the socket did not take into its own buffer, while ours still lives)."""
+    if c.cmd == Cmd.READ:
+        return 2 * c.length
+    if c.cmd == Cmd.BLOCK_STATUS:
+        return (c.length // 4096 + 2) * BLOCK_STATUS_CHARGE
+    return 0
 
 
 def bind_unix(path: str) -> socket.socket:
@@ -234,14 +495,15 @@ def bind_unix(path: str) -> socket.socket:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(f"{path} exists and is not a socket")
+            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
             pass  # stale: replace it
         else:
-            raise FileExistsError(f"{path} is in use by a running server")
+            raise FileExistsError(errno.EADDRINUSE,
+                                  f"{path} is in use by a running server", path)
         finally:
             probe.close()
     tmpdir = tempfile.mkdtemp(prefix=".lc", dir=os.path.dirname(path))
@@ -271,26 +533,79 @@ class _Connection(asyncio.Protocol):
         self.clone = server.clone
         self.proto = p.ServerConnection([server.export], tls=server.tls is not None)
         self.transport: asyncio.Transport | None = None
-        self.closed = False
-        self._paused_reading = False  # by us, for too many requests in flight
+        self.closed = False  # the socket is gone (connection_lost or equivalent)
+        self.closing = False  # close() or abort() was called
+        self._paused_reading = False  # by us: busy, short of memory, or not read from
         self._write_blocked = False  # by the transport's high-water mark
         self._upgrade: asyncio.Future[None] | None = None  # the STARTTLS handshake
+        self._timers: list[asyncio.TimerHandle] = []
+        # Memory, in bytes. Invariant: held == what this connection adds to
+        # server.memory (updated by _count()); once closed, held is 0 and
+        # _running_bytes, the charge of storage calls still running, stays in
+        # server.memory until each returns.
+        self.held = 0
+        self._out = 0  # bytes queued in the transport when last counted
+        self._answering = False  # inside transport.write() of a charged answer
+        self._pump_queued = False  # a _pump_later is scheduled
+        # Parsed requests not dispatched yet: their answers did not fit.
+        self._waiting: deque[p.Command] = deque()
+        self._waiting_bytes = 0  # WRITE payloads among them
+        self._running = 0  # dispatched and not answered
+        self._running_bytes = 0  # their payloads and the answers they will make
+        # When bytes last left the transport (or it was empty), and how many it held.
+        self._drained_at = 0.0
+        self._out_seen = 0
+        self._looked_at = -1e9
+        # proto.received when the partial WRITE being received was admitted: its
+        # whole payload is then counted (and read in) before it is complete.
+        self._admitted = -1
+
+    @property
+    def negotiating(self) -> bool:
+        return self.proto.state in (p.State.HANDSHAKE, p.State.NEGOTIATING,
+                                    p.State.TLS_HANDSHAKE)
 
     # -- asyncio callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
-        self.server._connections.add(self)
-        self.server.stats.connections += 1
-        self.server.stats.active += 1
+        server = self.server
+        server._connections[self] = None
+        server.stats.active += 1
+        limit = server.limits.handshake_limit
+        if limit:
+            self._timers.append(asyncio.get_running_loop().call_later(
+                limit, self._handshake_expired))
         self._write(self.proto.data_to_send())
+        self._count()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self in self.server._connections:
-            self.server._connections.discard(self)
-            self.server.stats.active -= 1
+        self._gone()
+
+    def _gone(self) -> None:
+        """The socket is closed: give back the slot, the memory and the timers."""
+        if self.closed:
+            return
+        self._answering = False
+        self._count()  # held must match what it added to server.memory
+        self.closed = self.closing = True
+        server = self.server
+        for timer in self._timers:
+            timer.cancel()
+        if self._upgrade is not None:
+            self._upgrade.cancel()
+        # Storage calls still running keep their buffers until they return: their
+        # charge stays counted until then (_finish gives it back).
+        server.memory -= self.held - self._running_bytes
+        self.held = 0
+        self._waiting.clear()
+        server._blocked.discard(self)
+        if self in server._connections:
+            del server._connections[self]
+            server.stats.active -= 1
+        server._slots -= 1
+        server.freed()
 
     def pause_writing(self) -> None:
         self._write_blocked = True
@@ -299,6 +614,7 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._write_blocked = False
         self._update_reading()
+        self.server.freed()
 
     def data_received(self, data: bytes) -> None:
         self._handle(lambda: self.proto.receive_data(data))
@@ -308,24 +624,30 @@ class _Connection(asyncio.Protocol):
         try:
             events = parse()
         except p.RemoteProtocolError as e:
-            log.warning("dropping NBD client: %s", e)
+            self.server.log("dropped", logging.WARNING, "dropping NBD client: %s", e)
             self.server.stats.dropped += 1
             self._write(self.proto.data_to_send())
             self.close()
             return
         for ev in events:
             if type(ev) is p.Command:
-                self._dispatch(ev)
+                if ev.data is not None:
+                    self._waiting_bytes += len(ev.data)
+                self._waiting.append(ev)
             elif type(ev) is p.Rejected:
                 self.server.stats.rejected += 1
                 log.debug("rejected %s: %s", Cmd(ev.cmd).name if ev.cmd in Cmd._value2member_map_
                           else ev.cmd, ev.reason)
+            elif type(ev) is p.ExportChosen:
+                for timer in self._timers:
+                    timer.cancel()
             elif type(ev) is p.StartTLS:
                 self._write(self.proto.data_to_send())  # the ACK goes out in plain text
                 assert self.transport is not None
                 self.transport.pause_reading()  # no byte of the handshake reaches proto
                 self._upgrade = asyncio.ensure_future(self._start_tls())
         self._write(self.proto.data_to_send())
+        self._pump()
         self._after_change()
 
     async def _start_tls(self) -> None:
@@ -333,25 +655,75 @@ class _Connection(asyncio.Protocol):
 
         loop = asyncio.get_running_loop()
         assert self.transport is not None and self.server.tls is not None
+        old = self.transport
         try:
-            transport = await loop.start_tls(self.transport, self, self.server.tls,
-                                             server_side=True)
+            transport = await loop.start_tls(old, self, self.server.tls, server_side=True)
         except (OSError, ssl.SSLError, ConnectionError) as e:
-            log.warning("dropping NBD client: TLS handshake failed: %s", e)
+            self.server.log("tls", logging.WARNING,
+                            "dropping NBD client: TLS handshake failed: %s", e)
             self.server.stats.dropped += 1
-            self.close()
+            self._upgrade = None
+            old.abort()
+            self._gone()  # the TLS layer owned the socket: our connection_lost is not called
             return
         if transport is None or self.closed:
             return
         self.transport = transport
+        self._paused_reading = False  # the TLS transport reads from the start
         self._handle(self.proto.tls_started)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too
 
+    def _handshake_expired(self) -> None:
+        if self.negotiating and not self.closing:
+            self.server.stats.timed_out += 1
+            self.server.log("handshake", logging.WARNING,
+                            "NBD: closing a client that chose no export within %g s "
+                            "(--handshake-limit)", self.server.limits.handshake_limit)
+            self.abort()
+
     # -- requests ----------------------------------------------------------------------
 
-    def _dispatch(self, c: p.Command) -> None:
+    def _fits(self, more: int) -> bool:
+        """Whether ``more`` bytes may be held beside what is held now. A connection
+        with no answer running or queued may always take one (so that its own
+        waiting WRITE payloads never lock it out), within the total."""
+        mine = (self.held + more <= self.server.limits.connection_memory
+                or (self._running_bytes == 0 and self._out == 0))
+        return mine and self.server.memory + more <= self.server.limits.max_memory
+
+    def _pump(self) -> None:
+        """Dispatch waiting requests while their answers fit in memory.
+
+        Requests that make an answer (READ, BLOCK_STATUS) go in order; the others
+        hold nothing more than they already do and go past an answer that waits
+        (NBD lets a server run requests in flight in any order), so that WRITE
+        payloads waiting here always drain and free their memory."""
+        self._count()
+        if not self._waiting:
+            return
+        keep: deque[p.Command] = deque()
+        blocked = False
+        while self._waiting and self._running < INFLIGHT_HIGH and not self.closing:
+            c = self._waiting.popleft()
+            cost = _answer_bytes(c)
+            if cost and (blocked or not self._fits(cost)):
+                blocked = True
+                keep.append(c)
+                continue
+            payload = len(c.data) if c.data is not None else 0
+            self._waiting_bytes -= payload
+            self._running += 1
+            self._running_bytes += cost + payload
+            self._count()
+            self._dispatch(c, cost + payload)
+        keep.extend(self._waiting)
+        self._waiting = keep
+        if blocked:
+            self.server.block(self)
+
+    def _dispatch(self, c: p.Command, charge: int) -> None:
         self.server.stats.requests += 1
         clone, run, cmd = self.clone, self.server.run, c.cmd
         fua = bool(c.flags & wire.CMD_FLAG_FUA)
@@ -359,13 +731,13 @@ class _Connection(asyncio.Protocol):
             # Present, cached data is answered at once; anything else in the pool.
             data = clone.read_nowait(c.offset, c.length)
             if data is not None:
-                self._answer_now(c.cookie, cmd, data)
+                self._answer_now(c.cookie, cmd, charge, data)
                 return
             fut = run(clone.read, c.offset, c.length)
         elif cmd == Cmd.WRITE:
             assert c.data is not None  # validate_request: every WRITE carries its payload
             if not fua and clone.write_nowait(c.offset, c.data):
-                self._answer_now(c.cookie, cmd, None)
+                self._answer_now(c.cookie, cmd, charge, None)
                 return
             fut = run(clone.write, c.offset, c.data, fua)
         elif cmd == Cmd.FLUSH:
@@ -381,25 +753,35 @@ class _Connection(asyncio.Protocol):
             fut = run(_block_status, clone, c.offset, c.length)
         else:  # validate_request lets nothing else through
             raise AssertionError(f"unexpected command {cmd}")
-        fut.add_done_callback(partial(self._finish, c.cookie, cmd))
+        fut.add_done_callback(partial(self._finish, c.cookie, cmd, charge))
 
-    def _answer_now(self, cookie: int, cmd: int, result: Any) -> None:
-        """Answer a request served without the pool, through the same path."""
-        done: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    def _answer_now(self, cookie: int, cmd: int, charge: int, result: Any) -> None:
+        """Answer a request served without the pool, through the same path (on the
+        next turn of the loop, so the caller's reference to the result is gone)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[Any] = loop.create_future()
         done.set_result(result)
-        self._finish(cookie, cmd, done)
+        loop.call_soon(self._finish, cookie, cmd, charge, done)
 
-    def _finish(self, cookie: int, cmd: int, fut: asyncio.Future[Any]) -> None:
+    def _finish(self, cookie: int, cmd: int, charge: int, fut: asyncio.Future[Any]) -> None:
         exc = fut.exception()
-        if self.closed or self.proto.state is p.State.CLOSED:
-            return  # the client is gone (or broke the protocol): nobody to answer
+        if self.closed:  # the client is gone: nobody to answer
+            self._running_bytes -= charge
+            self.server.memory -= charge  # held back by _gone() until now
+            self.server.freed()
+            return
+        if self.proto.state is p.State.CLOSED:  # it broke the protocol: no answer
+            self._running -= 1
+            self._running_bytes -= charge
+            self._count()
+            self.server.freed()
+            return
         reply: p.Reply
         if exc is None:
-            result = fut.result()
             if cmd == Cmd.READ:
-                reply = p.ReadDone(cookie, result)
+                reply = p.ReadDone(cookie, fut.result())
             elif cmd == Cmd.BLOCK_STATUS:
-                reply = p.Extents(cookie, result)
+                reply = p.Extents(cookie, fut.result())
             else:
                 reply = p.Done(cookie)
         else:
@@ -410,19 +792,74 @@ class _Connection(asyncio.Protocol):
             else:
                 log.error("NBD %s failed", Cmd(cmd).name, exc_info=exc)
                 reply = p.Failed(cookie, wire.EIO, "internal server error")
-        self._write(self.proto.send(reply))
+        # The charge covers both copies while the transport takes the answer; its
+        # buffer is counted instead once ours is let go.
+        self._answering = True
+        try:
+            self._write(self.proto.send(reply))
+        finally:
+            self._answering = False
+        self._running -= 1
+        self._running_bytes -= charge  # the transport's buffer is counted instead
         self._after_change()
+        # The answer's buffer is freed when this callback returns: admit more after.
+        self._pump_soon()
+        self.server.freed()
+
+    def _pump_soon(self) -> None:
+        if not self._pump_queued:
+            self._pump_queued = True
+            asyncio.get_running_loop().call_soon(self._pump_later)
+
+    def _pump_later(self) -> None:
+        self._pump_queued = False
+        if not self.closing:
+            self._pump()
+            self._update_reading()
 
     # -- output and flow control ----------------------------------------------------------
 
     def _write(self, parts: list[wire.Buffer]) -> None:
-        if not parts or self.transport is None or self.closed:
+        if not parts or self.transport is None or self.closing:
             return
         if len(parts) > 1 and sum(len(x) for x in parts) < JOIN_BELOW:
             self.transport.write(b"".join(parts))
         else:
             for part in parts:
-                self.transport.write(part)
+                # A view: what the socket does not take at once is then copied
+                # once into the transport's buffer, not sliced into a copy first.
+                self.transport.write(memoryview(part))
+
+    def _count(self) -> None:
+        """Bring this connection's share of ``server.memory`` up to date."""
+        if self.closed or self._answering:
+            return
+        proto = self.proto
+        partial_msg = proto.buffered
+        if self._admitted == proto.received:
+            partial_msg += proto.incomplete
+        out = self.transport.get_write_buffer_size() if self.transport is not None else 0
+        self._out = out
+        held = partial_msg + self._waiting_bytes + self._running_bytes + out
+        server = self.server
+        server.memory += held - self.held
+        self.held = held
+        if server.memory > server.stats.memory_peak:
+            server.stats.memory_peak = server.memory
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds since answers last left for this client (0 if none wait)."""
+        if self.transport is None or self.closing:
+            return 0.0
+        out = self.transport.get_write_buffer_size()
+        # Measured only over looks in a row: a first look (or one after a quiet
+        # spell, when nobody waited) starts the clock.
+        fresh = now - self._looked_at > 4 * RETRY_BLOCKED
+        if fresh or out == 0 or out < self._out_seen:
+            self._drained_at = now
+        self._out_seen = out
+        self._looked_at = now
+        return now - self._drained_at
 
     def _after_change(self) -> None:
         if self.proto.state is p.State.CLOSED:
@@ -430,21 +867,52 @@ class _Connection(asyncio.Protocol):
         else:
             self._update_reading()
 
+    def resume(self) -> None:
+        """Memory may have been freed: dispatch and read again if it now fits."""
+        if not self.closing:
+            self._pump()
+            self._update_reading()
+
     def _update_reading(self) -> None:
-        if self.transport is None or self.closed:
+        if (self.transport is None or self.closing
+                or self.proto.state is p.State.TLS_HANDSHAKE):
             return
-        busy = self._write_blocked or self.proto.inflight >= INFLIGHT_HIGH
-        if busy and not self._paused_reading:
-            self._paused_reading = True
-            self.transport.pause_reading()
-        elif (self._paused_reading and not self._write_blocked
-              and self.proto.inflight <= INFLIGHT_LOW):
+        self._count()
+        proto = self.proto
+        incomplete = proto.incomplete
+        if incomplete and self._admitted != proto.received and self._fits(incomplete):
+            self._admitted = proto.received  # hold all of it: read it in whole
+            self._count()
+        if incomplete:
+            short = self._admitted != proto.received
+        else:
+            limits = self.server.limits
+            short = (self.held >= limits.connection_memory
+                     or self.server.memory >= limits.max_memory)
+        if short:
+            self.server.block(self)
+        busy = self._write_blocked or short or bool(self._waiting)
+        if busy or self._running >= INFLIGHT_HIGH:
+            if not self._paused_reading:
+                self._paused_reading = True
+                self.transport.pause_reading()
+        elif self._paused_reading and self._running <= INFLIGHT_LOW:
             self._paused_reading = False
             self.transport.resume_reading()
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
+        """Close after the queued bytes are sent; cut if the client does not take them."""
+        if self.transport is not None and not self.closing:
+            self.closing = True
             self.transport.close()
+            self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE,
+                                                                      self.abort))
+
+    def abort(self) -> None:
+        """Close at once, dropping whatever is queued."""
+        self.closing = True
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
 
 
 class ServerThread:
@@ -457,10 +925,10 @@ class ServerThread:
                                         daemon=True)
         self._thread.start()
 
-    def start(self, unix_path: str | None = None,
-              tcp: tuple[str, int] | None = None) -> list[str]:
+    def start(self, unix_path: str | None = None, tcp: tuple[str, int] | None = None,
+              listeners: Sequence[Listener] = ()) -> list[str]:
         return asyncio.run_coroutine_threadsafe(
-            self.server.start(unix_path, tcp), self._loop).result()
+            self.server.start(unix_path, tcp, listeners), self._loop).result()
 
     def stop(self) -> None:
         if not self._loop.is_closed():
