@@ -149,3 +149,21 @@ def test_two_clone_commands_at_once(tmp_path: Path) -> None:
         p.stderr.close()
     assert codes == [0, 7]
     assert clone.read_bytes() == data
+
+
+def test_create_cut_short_before_its_map_is_finished(tmp_path: Path) -> None:
+    """kill -9 between linking the new clone file and writing its map leaves an empty
+    file with no map: the next run finishes the create. A non-empty file with no map
+    is someone else's and stays refused."""
+    src = tmp_path / "src.img"
+    data = make_image(src, 2 << 20)
+    clone = tmp_path / "c.img"
+    clone.write_bytes(b"")
+    r = run("clone", str(src), str(clone))
+    assert r.returncode == 0, r.stderr
+    assert clone.read_bytes() == data
+    other = tmp_path / "mine.img"
+    other.write_bytes(b"mine")
+    r = run("clone", str(src), str(other))
+    assert r.returncode == 5 and "not a liveclone clone" in r.stderr
+    assert other.read_bytes() == b"mine"

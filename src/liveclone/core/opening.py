@@ -7,8 +7,10 @@ Order, so two processes can never both own a clone or clobber each other's map:
    anonymous ``O_TMPFILE``, locked, and only then linked to its name, so it never
    appears unlocked; where the filesystem has no ``O_TMPFILE``, ``O_EXCL``;
 2. with the lock held, load the map (finishing an interrupted compaction and
-   undoing a torn commit), or, for a new clone, write the map, size the file, and
-   fsync the directory so the new names survive a power cut;
+   undoing a torn commit), or, for a new clone, write the map, then size the file,
+   and fsync the directory so the new names survive a power cut. The file stays
+   empty until its map exists, so an empty file with no map is a create cut short
+   (``kill -9``, power loss), which the next create finishes;
 3. check the source against the map's record of it (invariants 1, 10).
 
 A failure at any step releases what was taken; a clone created by this call is
@@ -82,16 +84,18 @@ def open_clone(path: str, source: SourceArg = None, *, region_size: int | None =
                         "the file was truncated or replaced. Delete the clone and its map "
                         "and clone again.")
                 os.ftruncate(fd, header.size)  # a create cut short before any data
-        elif created:
+        elif created or (create and os.fstat(fd).st_size == 0):
+            # New, or an empty file with no map: a create cut short before its map
+            # was written (the file stays empty until then), which is finished now.
             src = opened = _resolve(source, needed=True)
             assert src is not None
             header = MapStore.new_header(src.size, region_size or DEFAULT_REGION_SIZE,
                                          src.identity(), time.time())
             mode = _mode_for(src)
             os.fchmod(fd, mode)
-            os.ftruncate(fd, header.size)
             made_map = True
             store = MapStore.create(path, header, mode)  # the superblock marks the clone
+            os.ftruncate(fd, header.size)  # only now: a crash before leaves it empty
             rmap = _empty_map(header.size, header.region_size)
             fsops.fsync(fd)
             fsops.fsync_dir(path)
