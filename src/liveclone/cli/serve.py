@@ -21,7 +21,7 @@ from liveclone.cli.options import (
     stop_on_signals,
 )
 from liveclone.core.copier import Phase
-from liveclone.errors import TargetError, UsageError
+from liveclone.errors import CloneBusyError, TargetError, UsageError
 from liveclone.nbd import limits as nbd_limits
 from liveclone.nbd.limits import Limits
 from liveclone.nbd.protocol import export_name_problem
@@ -86,16 +86,61 @@ def check_socket_dir(path: str) -> None:
                           f"{directory}; give --socket a path in a writable directory")
 
 
-def open_listeners(socket_path: str | None, tcp: tuple[str, int] | None) -> list[Listener]:
-    """Bind the unix socket or TCP port now, so a failure leaves nothing behind."""
+def parse_socket_mode(text: str) -> int:
+    """An octal mode for the socket, never with bits for others (invariant 11)."""
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise UsageError(f"invalid --socket-mode {text!r}: give octal digits, e.g. 0660"
+                         ) from None
+    if mode & ~0o777:
+        raise UsageError(f"invalid --socket-mode {text!r}: only permission bits (0-0777)")
+    if mode & 0o007:
+        raise UsageError(f"--socket-mode {text} would let every user on this machine read "
+                         "and write the clone: give the users a group (--socket-owner "
+                         "USER:GROUP) and use 0660")
+    return mode
+
+
+def parse_socket_owner(text: str) -> tuple[int, int]:
+    """``USER[:GROUP]`` (names or numbers) as (uid, gid); a missing group keeps the
+    socket's (-1)."""
+    import grp
+    import pwd
+
+    user, _, group = text.partition(":")
+    try:
+        uid = int(user) if user.isdigit() else pwd.getpwnam(user).pw_uid if user else -1
+    except KeyError:
+        raise UsageError(f"--socket-owner: no user {user!r} on this machine") from None
+    try:
+        gid = int(group) if group.isdigit() else grp.getgrnam(group).gr_gid if group else -1
+    except KeyError:
+        raise UsageError(f"--socket-owner: no group {group!r} on this machine") from None
+    return uid, gid
+
+
+def open_listeners(socket_path: str | None, tcp: tuple[str, int] | None,
+                   mode: int = 0o600, owner: tuple[int, int] | None = None,
+                   clone_path: str | None = None) -> list[Listener]:
+    """Bind the unix socket or TCP port now, so a failure leaves nothing behind.
+    ``clone_path``: the socket is that clone's default one, so a live server on it
+    means the clone is in use (exit 7)."""
     if socket_path is not None:
         check_socket_dir(socket_path)
         try:
-            return [listen_unix(socket_path)]
+            return [listen_unix(socket_path, mode, owner)]
         except FileExistsError as e:
+            if e.errno == errno.EADDRINUSE and clone_path is not None:
+                raise CloneBusyError(
+                    f"the clone {clone_path} is in use: a liveclone server is listening on "
+                    f"{socket_path}; stop it first (or use `liveclone status`)") from None
             fix = ("stop it or give another --socket path" if e.errno == errno.EADDRINUSE
                    else "remove it or give another --socket path")
             raise UsageError(f"{e.strerror}: {fix}") from None
+        except PermissionError as e:
+            raise UsageError(f"cannot give the socket {socket_path} its owner or mode: "
+                             f"{e.strerror}; --socket-owner needs root") from None
         except OSError as e:
             raise TargetError(f"cannot create the socket {socket_path}: "
                               f"{e.strerror or e}; give another --socket path") from None
@@ -122,6 +167,12 @@ def default_export_name(clone_path: str) -> str:
 @click.argument("clone_path", metavar="CLONE")
 @click.option("--socket", "socket_path", default=None,
               help="Unix socket to listen on, mode 0600 (default: CLONE.sock).")
+@click.option("--socket-owner", default=None, metavar="USER[:GROUP]",
+              help="Owner of the unix socket, e.g. libvirt-qemu (libvirt's QEMU user) or "
+                   "root:kvm.")
+@click.option("--socket-mode", default="0600", show_default=True, metavar="MODE",
+              help="Octal mode of the unix socket; never with bits for others (0660 lets "
+                   "the socket's group in).")
 @click.option("--listen", default=None, metavar="HOST:PORT",
               help="Listen on TCP instead of a unix socket. ':PORT' listens on 127.0.0.1 "
                    "only; other machines can connect only with an explicit address, such "
@@ -154,11 +205,11 @@ def default_export_name(clone_path: str) -> str:
 @region_size_option
 @rate_option
 @copy_on_read_option
-def command(source: str, clone_path: str, socket_path: str | None, listen: str | None,
-            export_name: str | None, tls_dir: str | None, read_only: bool,
-            mountpoint: str | None, max_connections: int, handshake_limit: float,
-            max_memory: int, region_size: int | None, rate: int | None,
-            copy_on_read: bool | None) -> None:
+def command(source: str, clone_path: str, socket_path: str | None, socket_owner: str | None,
+            socket_mode: str, listen: str | None, export_name: str | None,
+            tls_dir: str | None, read_only: bool, mountpoint: str | None,
+            max_connections: int, handshake_limit: float, max_memory: int,
+            region_size: int | None, rate: int | None, copy_on_read: bool | None) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
     Prints the NBD URI on stdout as soon as clients can connect. Reads of regions
@@ -172,7 +223,13 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
     """
     if socket_path is not None and listen is not None:
         raise UsageError("give --socket or --listen, not both")
+    mode = parse_socket_mode(socket_mode)
+    owner = parse_socket_owner(socket_owner) if socket_owner is not None else None
+    if listen is not None and (owner is not None or mode != 0o600):
+        raise UsageError("--socket-owner and --socket-mode are for the unix socket, not "
+                         "--listen")
     tcp = parse_listen(listen) if listen is not None else None
+    default_socket = tcp is None and socket_path is None
     if tcp is None:
         socket_path = os.path.abspath(socket_path if socket_path is not None
                                       else clone_path + SOCKET_SUFFIX)
@@ -192,7 +249,8 @@ def command(source: str, clone_path: str, socket_path: str | None, listen: str |
             raise UsageError(f"--tls-certificates: {e}") from None
     if mountpoint is not None:
         check_mountpoint(mountpoint)
-    listeners = open_listeners(socket_path, tcp)
+    listeners = open_listeners(socket_path, tcp, mode, owner,
+                               os.path.abspath(clone_path) if default_socket else None)
     try:
         if tcp is not None:
             warning = exposure_warning(*tcp, tls=tls is not None)
@@ -236,6 +294,11 @@ async def _serve(session: CloneSession, server: NBDServer, stop: threading.Event
         clone = session.clone
         click.echo(f"liveclone: serving {clone.path} ({format_size(clone.size)}) at {uris[0]}",
                    err=True)
+        if server.export.name and uris[0].startswith("nbd+unix://"):
+            # libguestfs (guestfish -a, virt-*) takes its own form of the same address.
+            sock = uris[0].partition("?socket=")[2]
+            click.echo(f"liveclone: for guestfish and virt-* tools: "
+                       f"nbd:///{server.export.name}?socket={sock}", err=True)
         reported = -1  # last progress decile printed
         while not stop.is_set():
             stats = server.stats

@@ -196,9 +196,10 @@ class Listener:
                 pass
 
 
-def listen_unix(path: str) -> Listener:
+def listen_unix(path: str, mode: int = 0o600, owner: tuple[int, int] | None = None
+                ) -> Listener:
     path = os.path.abspath(path)
-    return Listener(bind_unix(path), path)
+    return Listener(bind_unix(path, mode, owner), path)
 
 
 def listen_tcp(host: str, port: int) -> list[Listener]:
@@ -481,14 +482,18 @@ def _answer_bytes(c: p.Command) -> int:
     return 0
 
 
-def bind_unix(path: str) -> socket.socket:
-    """A listening unix socket at ``path``, mode 0600 from the first moment.
+def bind_unix(path: str, mode: int = 0o600,
+              owner: tuple[int, int] | None = None) -> socket.socket:
+    """A listening unix socket at ``path``, with ``mode`` (0600 by default) and
+    ``owner`` (uid, gid; -1 keeps one) from the first moment.
 
-    It is bound inside a fresh 0700 directory beside ``path`` and renamed into
-    place, so no one else can connect in between, and the process umask is left
-    alone. A stale socket at ``path`` (nobody listening) is replaced; a live one
-    or a non-socket is an error.
+    It is bound inside a fresh 0700 directory beside ``path``, given its mode and
+    owner there, and renamed into place, so no one else can connect in between,
+    and the process umask is left alone. A stale socket at ``path`` (nobody
+    listening) is replaced; a live one or a non-socket is an error. ``mode`` never
+    has bits for others (invariant 11): the caller checks.
     """
+    assert not mode & 0o007, "a socket is never world-accessible"
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -511,7 +516,9 @@ def bind_unix(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.bind(tmp)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, mode)
+        if owner is not None:
+            os.chown(tmp, *owner)
         sock.listen(128)
         os.rename(tmp, path)
     except BaseException:
