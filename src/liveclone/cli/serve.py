@@ -300,6 +300,7 @@ async def _serve(session: CloneSession, server: NBDServer, stop: threading.Event
             click.echo(f"liveclone: for guestfish and virt-* tools: "
                        f"nbd:///{server.export.name}?socket={sock}", err=True)
         reported = -1  # last progress decile printed
+        failure_shown = False  # a copy failure was printed (and has not cleared)
         while not stop.is_set():
             stats = server.stats
             session.extra_status["nbd"] = {
@@ -318,10 +319,13 @@ async def _serve(session: CloneSession, server: NBDServer, stop: threading.Event
                     click.echo("liveclone: copy complete; still serving", err=True)
                 else:
                     click.echo(f"liveclone: copying, {decile * 10}% present", err=True)
-            if session.copier.phase == Phase.FAILED and reported != -2:
+            failed = session.copier.phase == Phase.FAILED
+            if failed and not failure_shown:
                 click.echo(f"liveclone: copy failed: {session.copier.error}; "
                            "still serving the copied regions and the source", err=True)
-                reported = -2
+            elif failure_shown and not failed:
+                click.echo("liveclone: the copy resumed", err=True)
+            failure_shown = failed
             await asyncio.sleep(STATUS_EVERY)
     finally:
         if mount is not None:
