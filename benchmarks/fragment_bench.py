@@ -170,6 +170,7 @@ def main() -> None:
     ap.add_argument("--size", default="1G")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--remote", action="store_true", help="also from nginx over HTTP")
+    ap.add_argument("--remote-only", action="store_true", help="only from nginx over HTTP")
     ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "fragment"))
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -178,8 +179,9 @@ def main() -> None:
     www.mkdir(parents=True, exist_ok=True)
     image = www / "disk.img"
     make_random(image, size)
-    rows = run("local", lambda: LocalFileSource(str(image)), work, size, args.rounds)
-    if args.remote:
+    rows = [] if args.remote_only else \
+        run("local", lambda: LocalFileSource(str(image)), work, size, args.rounds)
+    if args.remote or args.remote_only:
         server = Nginx(www, work / "nginx").start()
         try:
             url = server.url("disk.img")
@@ -191,9 +193,10 @@ def main() -> None:
         f"| {r['kind']} | {format_size(r['rs'])} | {r['n']:,} | {format_size(r['remaining'])} "
         f"| {r['frag_rate']:.0f} MB/s | {r['cont_rate']:.0f} MB/s | **{r['ratio']:.2f}×** "
         f"({r['lo']:.2f}-{r['hi']:.2f}) | ±{r['spread']:.0%} |" for r in rows)
+    flags = " --remote" if args.remote else " --remote-only" if args.remote_only else ""
     body = f"""
-`python benchmarks/fragment_bench.py --size {args.size} --rounds {args.rounds}\
-{' --remote' if args.remote else ''}` — {time.strftime('%Y-%m-%d')}, this 2-vCPU machine
+`python benchmarks/fragment_bench.py --size {args.size} --rounds {args.rounds}{flags}` \
+— {time.strftime('%Y-%m-%d')}, this 2-vCPU machine
 (shared with a soak test using 2-3 cores at times). A clone of {format_size(size)} of random
 data gets N scattered 4 KiB guest writes (`Clone.write`), then a copier finishes it
 (start to complete and committed). Its twin has as many present regions, as one run
@@ -208,7 +211,7 @@ range request. Every finished clone was checked against the source plus the writ
 {table}
 """
     print(body)
-    write_section("Fragmented maps", body)
+    write_section("Fragmented maps" + (" (HTTP)" if args.remote_only else ""), body)
 
 
 if __name__ == "__main__":
