@@ -218,3 +218,71 @@ def test_option_payload_decoders_raise_only_wire_error(data: bytes) -> None:
             decode(data)
         except wire.WireError:
             pass
+
+
+_exports = st.builds(
+    lambda size, ro, min_block, max_block: p.Export("x", size, read_only=ro,
+                                                     min_block=min_block, max_block=max_block),
+    st.integers(0, 1 << 40), st.booleans(), st.sampled_from([1, 512, 4096]),
+    st.sampled_from([4096, 1 << 20, p.DEFAULT_MAX_BLOCK]))
+
+
+@settings(max_examples=1000)
+@given(_exports, st.sampled_from([*Cmd, 77]),
+       st.one_of(st.just(0), st.integers(0, 2**16 - 1)),
+       st.one_of(st.integers(0, 1 << 41), st.integers(0, 2**64 - 1)),
+       st.one_of(st.integers(0, 1 << 21), st.integers(0, 2**32 - 1)),
+       st.booleans(), st.booleans())
+def test_validate_request_fast_path_gives_the_full_answer(
+        export: p.Export, cmd: int, flags: int, offset: int, length: int, structured: bool,
+        meta: bool) -> None:
+    """The fast path of the choke point lets through exactly what every check does."""
+    fast = p.validate_request(export, structured, meta, cmd, flags, offset, length)
+    full = p._validate_request(export, structured, meta, cmd, flags, offset, length)
+    assert fast == full
+
+
+def _pipelined_request(draw: st.DrawFn, cookie: int) -> bytes:
+    cmd = draw(st.sampled_from([Cmd.READ, Cmd.WRITE, Cmd.FLUSH, Cmd.TRIM, Cmd.CACHE]))
+    if cmd == Cmd.FLUSH:
+        return wire.encode_request(cmd, cookie, 0, 0)
+    offset = draw(st.integers(0, SIZE - 1))
+    length = draw(st.integers(1, min(SIZE - offset, 9000)))
+    flags = draw(st.sampled_from([0, 0, wire.CMD_FLAG_FUA]))
+    data = wire.encode_request(cmd, cookie, offset, length, flags)
+    if cmd == Cmd.WRITE:
+        data += bytes([cookie & 0xFF]) * length
+    return data
+
+
+@st.composite
+def _pipelines(draw: st.DrawFn) -> list[bytes]:
+    n = draw(st.integers(1, 40))
+    return [_pipelined_request(draw, cookie) for cookie in range(1, n + 1)]
+
+
+@settings(max_examples=300)
+@given(_pipelines(), st.lists(st.integers(1, 70000), max_size=8))
+def test_pipelined_requests_parse_in_one_pass(reqs: list[bytes], cuts: list[int]) -> None:
+    """A buffer holding many requests gives all their Commands from one
+    receive_data, the same as feeding them one by one or split anywhere; nothing
+    is left buffered; WRITE payloads are whole."""
+    one_by_one = BUILDERS[State.TRANSMISSION]()
+    expected = [ev for r in reqs for ev in one_by_one.receive_data(r)]
+    whole = BUILDERS[State.TRANSMISSION]()
+    events = whole.receive_data(b"".join(reqs))
+    assert events == expected and len(events) == len(reqs)
+    assert (whole.buffered, whole.received, whole.inflight) == (0, len(reqs), len(reqs))
+    assert out(whole) == out(one_by_one)
+    split = BUILDERS[State.TRANSMISSION]()
+    data = b"".join(reqs)
+    got: list[p.Event] = []
+    pos = 0
+    for n in sorted(set(cuts)) + [len(data)]:
+        got += split.receive_data(data[pos:n])
+        pos = max(pos, n)
+    assert got == expected
+    for ev in events:
+        assert isinstance(ev, p.Command)
+        if ev.cmd == Cmd.WRITE:
+            assert ev.data == bytes([ev.cookie & 0xFF]) * ev.length

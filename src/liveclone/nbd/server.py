@@ -69,7 +69,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 from urllib.parse import quote
 
 from liveclone.nbd import protocol as p
@@ -90,6 +90,9 @@ INFLIGHT_HIGH = 128
 INFLIGHT_LOW = 32
 # Answers smaller than this are joined into one write; bigger ones go out as is.
 JOIN_BELOW = 64 << 10
+JOIN_MAX = 1 << 20  # most bytes joined into one write
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
 ACCEPT_BATCH = 32  # accepts per wake-up of a listener
 ACCEPT_RETRY = 0.5  # seconds a listener rests after EMFILE and the like
 RETRY_BLOCKED = 0.05  # seconds between looks at connections waiting for memory
@@ -244,6 +247,9 @@ class NBDServer:
                                preferred_block=min(max(4096, clone.region_size), 1 << 20),
                                max_block=self.limits.max_block)
         self.stats = ServerStats()
+        # The bounds of self.limits, looked up for every request.
+        self.connection_memory = self.limits.connection_memory
+        self.max_memory = self.limits.max_memory
         self.uris: list[str] = []
         # Lowered by start() to what the open-file limit leaves room for.
         self.max_connections = self.limits.max_connections
@@ -554,6 +560,11 @@ class _Connection(asyncio.Protocol):
         self._out = 0  # bytes queued in the transport when last counted
         self._answering = False  # inside transport.write() of a charged answer
         self._pump_queued = False  # a _pump_later is scheduled
+        # Answers made and not yet sent: (cookie, cmd, charge, result, exception).
+        # Invariant: each is counted in _running and _running_bytes until _flush
+        # sends it; a _flush is due (this turn or the next) whenever it is not empty.
+        self._ready: list[tuple[int, int, int, Any, BaseException | None]] = []
+        self._flush_queued = False  # a _flush is scheduled with call_soon
         # Parsed requests not dispatched yet: their answers did not fit.
         self._waiting: deque[p.Command] = deque()
         self._waiting_bytes = 0  # WRITE payloads among them
@@ -575,8 +586,8 @@ class _Connection(asyncio.Protocol):
     # -- asyncio callbacks -----------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's do not subclass asyncio.Transport).
+        self.transport = cast(asyncio.Transport, transport)
         server = self.server
         server._connections[self] = None
         server.stats.active += 1
@@ -696,9 +707,10 @@ class _Connection(asyncio.Protocol):
         """Whether ``more`` bytes may be held beside what is held now. A connection
         with no answer running or queued may always take one (so that its own
         waiting WRITE payloads never lock it out), within the total."""
-        mine = (self.held + more <= self.server.limits.connection_memory
+        server = self.server
+        mine = (self.held + more <= server.connection_memory
                 or (self._running_bytes == 0 and self._out == 0))
-        return mine and self.server.memory + more <= self.server.limits.max_memory
+        return mine and server.memory + more <= server.max_memory
 
     def _pump(self) -> None:
         """Dispatch waiting requests while their answers fit in memory.
@@ -723,37 +735,50 @@ class _Connection(asyncio.Protocol):
             self._waiting_bytes -= payload
             self._running += 1
             self._running_bytes += cost + payload
-            self._count()
+            self._charge(cost)  # what _count() would find: the payload only moved
             self._dispatch(c, cost + payload)
         keep.extend(self._waiting)
         self._waiting = keep
         if blocked:
             self.server.block(self)
+        if self._ready:
+            self._flush()
+
+    def _charge(self, more: int) -> None:
+        """Add ``more`` to what this connection holds (as ``_count`` would)."""
+        if self.closed or self._answering or not more:
+            return
+        server = self.server
+        self.held += more
+        server.memory += more
+        if server.memory > server.stats.memory_peak:
+            server.stats.memory_peak = server.memory
 
     def _dispatch(self, c: p.Command, charge: int) -> None:
         self.server.stats.requests += 1
         clone, run, cmd = self.clone, self.server.run, c.cmd
-        fua = bool(c.flags & wire.CMD_FLAG_FUA)
-        if cmd == Cmd.READ:
-            # Present, cached data is answered at once; anything else in the pool.
+        if cmd == _READ:
+            # Present, cached data is answered in this turn of the loop, together
+            # with every other answer ready by then; anything else in the pool.
             data = clone.read_nowait(c.offset, c.length)
             if data is not None:
-                self._answer_now(c.cookie, cmd, charge, data)
+                self._ready.append((c.cookie, cmd, charge, data, None))
                 return
             fut = run(clone.read, c.offset, c.length)
-        elif cmd == Cmd.WRITE:
+        elif cmd == _WRITE:
             assert c.data is not None  # validate_request: every WRITE carries its payload
+            fua = bool(c.flags & wire.CMD_FLAG_FUA)
             if not fua and clone.write_nowait(c.offset, c.data):
-                self._answer_now(c.cookie, cmd, charge, None)
+                self._ready.append((c.cookie, cmd, charge, None, None))
                 return
             fut = run(clone.write, c.offset, c.data, fua)
         elif cmd == Cmd.FLUSH:
             fut = run(clone.flush)
         elif cmd == Cmd.TRIM:
-            fut = run(clone.trim, c.offset, c.length, fua)
+            fut = run(clone.trim, c.offset, c.length, bool(c.flags & wire.CMD_FLAG_FUA))
         elif cmd == Cmd.WRITE_ZEROES:
-            fut = run(clone.write_zeroes, c.offset, c.length, fua,
-                      bool(c.flags & wire.CMD_FLAG_NO_HOLE))
+            fut = run(clone.write_zeroes, c.offset, c.length,
+                      bool(c.flags & wire.CMD_FLAG_FUA), bool(c.flags & wire.CMD_FLAG_NO_HOLE))
         elif cmd == Cmd.CACHE:
             fut = run(clone.cache, c.offset, c.length)
         elif cmd == Cmd.BLOCK_STATUS:
@@ -762,55 +787,69 @@ class _Connection(asyncio.Protocol):
             raise AssertionError(f"unexpected command {cmd}")
         fut.add_done_callback(partial(self._finish, c.cookie, cmd, charge))
 
-    def _answer_now(self, cookie: int, cmd: int, charge: int, result: Any) -> None:
-        """Answer a request served without the pool, through the same path (on the
-        next turn of the loop, so the caller's reference to the result is gone)."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[Any] = loop.create_future()
-        done.set_result(result)
-        loop.call_soon(self._finish, cookie, cmd, charge, done)
-
     def _finish(self, cookie: int, cmd: int, charge: int, fut: asyncio.Future[Any]) -> None:
+        """A storage call of the pool returned: its answer joins the others ready,
+        all sent together at the end of this turn of the loop."""
         exc = fut.exception()
+        self._ready.append((cookie, cmd, charge, None if exc else fut.result(), exc))
+        if not self._flush_queued:
+            self._flush_queued = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Send every answer ready, in one write (large READ data apart), then give
+        back their charges. The charge of each covers both copies while the
+        transport takes it; its buffer is counted instead once ours are let go."""
+        self._flush_queued = False
+        ready, self._ready = self._ready, []
+        if not ready:
+            return
+        charges = 0
+        answered = 0
         if self.closed:  # the client is gone: nobody to answer
-            self._running_bytes -= charge
-            self.server.memory -= charge  # held back by _gone() until now
+            for item in ready:
+                charges += item[2]
+            del ready
+            self._running_bytes -= charges
+            self.server.memory -= charges  # held back by _gone() until now
             self.server.freed()
             return
-        if self.proto.state is p.State.CLOSED:  # it broke the protocol: no answer
-            self._running -= 1
-            self._running_bytes -= charge
-            self._count()
-            self.server.freed()
-            return
-        reply: p.Reply
-        if exc is None:
-            if cmd == Cmd.READ:
-                reply = p.ReadDone(cookie, fut.result())
-            elif cmd == Cmd.BLOCK_STATUS:
-                reply = p.Extents(cookie, fut.result())
+        out: list[wire.Buffer] = []
+        proto = self.proto
+        stats = self.server.stats
+        for cookie, cmd, charge, result, exc in ready:
+            charges += charge
+            answered += 1
+            if proto.state is p.State.CLOSED:  # it broke the protocol: no answer
+                continue
+            reply: p.Reply
+            if exc is None:
+                if cmd == _READ:
+                    reply = p.ReadDone(cookie, result)
+                elif cmd == Cmd.BLOCK_STATUS:
+                    reply = p.Extents(cookie, result)
+                else:
+                    reply = p.Done(cookie)
             else:
-                reply = p.Done(cookie)
-        else:
-            self.server.stats.errors += 1
-            if isinstance(exc, OSError):
-                log.info("NBD %s failed: %s", Cmd(cmd).name, exc)
-                reply = p.Failed(cookie, p.nbd_error(exc.errno), str(exc))
-            else:
-                log.error("NBD %s failed", Cmd(cmd).name, exc_info=exc)
-                reply = p.Failed(cookie, wire.EIO, "internal server error")
-        # The charge covers both copies while the transport takes the answer; its
-        # buffer is counted instead once ours is let go.
+                stats.errors += 1
+                if isinstance(exc, OSError):
+                    log.info("NBD %s failed: %s", Cmd(cmd).name, exc)
+                    reply = p.Failed(cookie, p.nbd_error(exc.errno), str(exc))
+                else:
+                    log.error("NBD %s failed", Cmd(cmd).name, exc_info=exc)
+                    reply = p.Failed(cookie, wire.EIO, "internal server error")
+            out += proto.send(reply)
+        del ready
         self._answering = True
         try:
-            self._write(self.proto.send(reply))
+            self._write(out)
         finally:
             self._answering = False
-        self._running -= 1
-        self._running_bytes -= charge  # the transport's buffer is counted instead
+        del out
+        self._running -= answered
+        self._running_bytes -= charges  # the transport's buffer is counted instead
         self._after_change()
-        # The answer's buffer is freed when this callback returns: admit more after.
-        self._pump_soon()
+        self._pump_soon()  # admit more now that these answers' memory is free
         self.server.freed()
 
     def _pump_soon(self) -> None:
@@ -827,15 +866,35 @@ class _Connection(asyncio.Protocol):
     # -- output and flow control ----------------------------------------------------------
 
     def _write(self, parts: list[wire.Buffer]) -> None:
+        """Queue ``parts`` in as few transport writes as it takes: small parts are
+        joined (one send for a whole batch of 4 KiB answers), a large one goes as
+        a view of its own, copied by the transport only if the socket does not
+        take it at once."""
         if not parts or self.transport is None or self.closing:
             return
-        if len(parts) > 1 and sum(len(x) for x in parts) < JOIN_BELOW:
-            self.transport.write(b"".join(parts))
-        else:
-            for part in parts:
-                # A view: what the socket does not take at once is then copied
-                # once into the transport's buffer, not sliced into a copy first.
-                self.transport.write(memoryview(part))
+        transport = self.transport
+        if len(parts) == 1:
+            transport.write(memoryview(parts[0]))
+            return
+        group: list[wire.Buffer] = []
+        size = 0
+        for part in parts:
+            n = len(part)
+            if n >= JOIN_BELOW:
+                if group:
+                    transport.write(b"".join(group))
+                    group = []
+                    size = 0
+                transport.write(memoryview(part))
+                continue
+            if size + n > JOIN_MAX and group:
+                transport.write(b"".join(group))
+                group = []
+                size = 0
+            group.append(part)
+            size += n
+        if group:
+            transport.write(b"".join(group) if len(group) > 1 else memoryview(group[0]))
 
     def _count(self) -> None:
         """Bring this connection's share of ``server.memory`` up to date."""
@@ -893,9 +952,9 @@ class _Connection(asyncio.Protocol):
         if incomplete:
             short = self._admitted != proto.received
         else:
-            limits = self.server.limits
-            short = (self.held >= limits.connection_memory
-                     or self.server.memory >= limits.max_memory)
+            server = self.server
+            short = (self.held >= server.connection_memory
+                     or server.memory >= server.max_memory)
         if short:
             self.server.block(self)
         busy = self._write_blocked or short or bool(self._waiting)
