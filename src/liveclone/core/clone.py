@@ -231,17 +231,23 @@ class Clone:
         worker thread. With copy-on-read, absent regions always take that path."""
         self.lifecycle.check_open()
         buf = bytearray(length)
+        if self.complete:  # present regions never change back: no lock needed
+            try:
+                got = os.preadv(self._fd, [buf], offset, fsops.RWF_NOWAIT)
+            except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no NOWAIT here
+                return None
+            if got < length:
+                return None
+            self._count_read(offset, length, 0, False)
+            return buf
         view = memoryview(buf)
         src_fd = -1
-        if self.complete:  # present regions never change back: no lock needed
-            runs: list[tuple[int, int, bool]] = [(offset, offset + length, True)]
-        else:
-            runs = list(self._byte_runs(offset, length))
-            if any(not present for _, _, present in runs):
-                local = self.source.fileno() if self.source is not None else None
-                if local is None or self.copy_on_read:
-                    return None
-                src_fd = local
+        runs = list(self._byte_runs(offset, length))
+        if any(not present for _, _, present in runs):
+            local = self.source.fileno() if self.source is not None else None
+            if local is None or self.copy_on_read:
+                return None
+            src_fd = local
         for start, stop, present in runs:
             fd = self._fd if present else src_fd
             try:
