@@ -1,16 +1,22 @@
 """NBD export benchmark: liveclone serve vs qemu-nbd vs nbdkit file, with fio.
 
-    .venv/bin/python benchmarks/nbd_bench.py --size 4G [--runtime 10] [--write-results]
+    .venv/bin/python benchmarks/nbd_bench.py --size 1G [--runtime 4] [--rounds 5]
+        [--base-src DIR] [--tests '4K randread QD32,...'] [--write-results]
 
 Serves the same raw random-data file with: liveclone on a complete clone,
 liveclone on a fresh clone still copying (copier held to 1 MiB/s, so reads come
 from the source), ``qemu-nbd`` and ``nbdkit file`` (these two on a copy of the
-file, since the write test changes it). Each fio test runs against each server in
-turn (interleaved), over a unix socket with fio's nbd engine. Then the time from
-spawning ``liveclone serve`` on a new clone to the first 4 KiB read answered, for
-a 1 GiB and a 1 TiB sparse source, beside the same for qemu-nbd and nbdkit.
-With ``--write-results`` the "NBD export" section of benchmarks/results.md is
-replaced (other sections are kept). Not a test: nothing here asserts.
+file, since the write tests change it), and, with ``--base-src``, an older
+liveclone's ``src`` directory (e.g. from ``git archive``) on the complete clone.
+Each round runs every test against every server in a shuffled order, over a unix
+socket with fio's nbd engine, every image read back into the page cache first
+(other jobs on a shared machine drop caches). Per round and test, liveclone
+(complete) / peer is a ratio; the report gives the median ratio over the rounds
+and its min-max, which is the machine's noise. Then the time from spawning each
+server to its first 4 KiB read answered, for a 1 GiB and a 1 TiB sparse source,
+interleaved the same way. With ``--write-results`` the "NBD export" section of
+benchmarks/results.md is replaced (other sections are kept). Not a test: nothing
+here asserts.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import socket
 import statistics
@@ -46,10 +53,17 @@ HEADING = "NBD export"
 TESTS = [  # name, fio arguments
     ("4K randread QD1", ["--rw=randread", "--bs=4k", "--iodepth=1"]),
     ("4K randread QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"]),
+    ("4K randwrite QD1", ["--rw=randwrite", "--bs=4k", "--iodepth=1"]),
     ("4K randwrite QD32", ["--rw=randwrite", "--bs=4k", "--iodepth=32"]),
     ("1M seq read QD8", ["--rw=read", "--bs=1M", "--iodepth=8"]),
+    # Four connections (fio opens one per job), QD8 each.
+    ("4K randread 4 conn QD8", ["--rw=randread", "--bs=4k", "--iodepth=8", "--numjobs=4",
+                                "--group_reporting"]),
 ]
 SERVERS = ["liveclone (complete)", "liveclone (copying)", "qemu-nbd", "nbdkit file"]
+BASE = "liveclone (base)"
+PEERS = ["qemu-nbd", "nbdkit file"]
+TTFR_KINDS = ["liveclone (copying)", "qemu-nbd", "nbdkit file"]
 
 
 def make_random_file(path: Path, size: int) -> None:
@@ -84,12 +98,22 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     stop_process(proc, 30)
 
 
+BASE_SRC: str | None = None  # --base-src: an older liveclone's src directory
+
+
 def spawn(kind: str, image: Path, clone: Path, sock: Path) -> subprocess.Popen[bytes]:
     sock.unlink(missing_ok=True)
     if kind.startswith("liveclone"):
         rate = ["--rate", "1M"] if "copying" in kind else []
-        return subprocess.Popen([LIVECLONE, "serve", str(image), str(clone), "--socket",
-                                 str(sock), "--export-name", "", *rate],
+        args = ["serve", str(image), str(clone), "--socket", str(sock), "--export-name", "",
+                *rate]
+        env = None
+        cmd = [LIVECLONE]
+        if kind == BASE:
+            assert BASE_SRC is not None
+            env = {**os.environ, "PYTHONPATH": BASE_SRC}
+            cmd = [sys.executable, "-c", "from liveclone.cli.main import main; main()"]
+        return subprocess.Popen([*cmd, *args], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if kind == "qemu-nbd":
         return subprocess.Popen(["qemu-nbd", "-f", "raw", "-k", str(sock), "-t", "-e", "16",
@@ -116,9 +140,10 @@ def fio(uri: str, args: list[str], size: int, runtime: float) -> dict[str, float
         ["fio", "--name=b", "--ioengine=nbd", f"--uri={uri}", f"--size={size}",
          f"--runtime={runtime}", "--time_based", "--output-format=json", "--randrepeat=0",
          *args], capture_output=True, text=True, check=True)
-    job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
-    side = job["write"] if "write" in "".join(args) else job["read"]
-    return {"iops": side["iops"], "bw": side["bw_bytes"]}
+    jobs = json.loads(res.stdout[res.stdout.index("{"):])["jobs"]
+    key = "write" if "write" in "".join(args) else "read"
+    return {"iops": sum(j[key]["iops"] for j in jobs),
+            "bw": sum(j[key]["bw_bytes"] for j in jobs)}
 
 
 def recv_exact(s: socket.socket, n: int) -> bytes:
@@ -187,18 +212,43 @@ def warm(path: Path) -> None:
             pass
 
 
+def run_fio(kind: str, fio_args: list[str], src: Path, peer: Path, done: Path, work: Path,
+            size: int, runtime: float) -> dict[str, float]:
+    image = src if kind.startswith("liveclone") else peer
+    clone = work / "live.img" if "copying" in kind else done
+    if "copying" in kind:  # a fresh clone for every run: still mostly absent
+        for p in work.glob("live.img*"):
+            p.unlink()
+    for path in (src, peer, done):  # the same page-cache state for every server
+        warm(path)
+    with running(kind, image, clone, work / "b.sock") as uri:
+        return fio(uri, fio_args, size, runtime)
+
+
 def main() -> None:
+    global BASE_SRC
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--size", default="4G", help="size of the served image (default 4G)")
-    ap.add_argument("--runtime", type=float, default=10, help="seconds per fio run")
-    ap.add_argument("--ttfr-runs", type=int, default=5, help="runs per time-to-first-read")
+    ap.add_argument("--size", default="1G", help="size of the served image (default 1G)")
+    ap.add_argument("--runtime", type=float, default=4, help="seconds per fio run")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--tests", default=None,
+                    help="comma-separated test names (default: all)")
+    ap.add_argument("--base-src", default=None,
+                    help="an older liveclone's src directory, run as a fifth server")
+    ap.add_argument("--ttfr-runs", type=int, default=7, help="runs per time-to-first-read")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "nbd"))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
     size = parse_size(args.size)
     work = Path(args.work)
+    tests = [t for t in TESTS if args.tests is None or t[0] in args.tests.split(",")]
+    servers = list(SERVERS)
+    if args.base_src:
+        BASE_SRC = os.path.abspath(args.base_src)
+        servers.insert(1, BASE)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    rng = random.Random()
     try:
         src = work / "source.img"
         peer = work / "peer.img"
@@ -207,33 +257,32 @@ def main() -> None:
         shutil.copyfile(src, peer)
         done = work / "done.img"
         subprocess.run([LIVECLONE, "clone", "--no-progress", str(src), str(done)], check=True)
-        for image in (src, peer, done):  # the same page-cache state for every server
-            warm(image)
-        results: dict[tuple[str, str], dict[str, float]] = {}
-        for test, fio_args in TESTS:
-            for kind in SERVERS:
-                image = src if kind.startswith("liveclone") else peer
-                clone = done if "complete" in kind else work / "live.img"
-                if "copying" in kind:  # a fresh clone for every test: still mostly absent
-                    for p in work.glob("live.img*"):
-                        p.unlink()
-                with running(kind, image, clone, work / "b.sock") as uri:
-                    r = fio(uri, fio_args, size, args.runtime)
-                results[(test, kind)] = r
-                print(f"{test:20} {kind:22} {r['iops']:10.0f} IOPS {r['bw'] / 1e6:8.1f} MB/s",
-                      file=sys.stderr)
-        ttfr: dict[tuple[str, str], float] = {}
+        results: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for rnd in range(args.rounds):
+            cells = [(test, kind) for test in tests for kind in servers]
+            rng.shuffle(cells)
+            for (test, fio_args), kind in cells:
+                r = run_fio(kind, fio_args, src, peer, done, work, size, args.runtime)
+                results.setdefault((test, kind), []).append(r)
+                print(f"round {rnd + 1} {test:24} {kind:22} {r['iops']:10.0f} IOPS "
+                      f"{r['bw'] / 1e6:8.1f} MB/s", file=sys.stderr)
+        ttfr: dict[tuple[str, str], list[float]] = {}
         for label, tsize in (("1 GiB", 1 << 30), ("1 TiB", 1 << 40)):
             sparse = work / f"sparse-{label.replace(' ', '')}.img"
             with open(sparse, "wb") as f:
                 f.truncate(tsize)
                 f.write(os.urandom(4096))
-            for kind in ("liveclone (copying)", "qemu-nbd", "nbdkit file"):
-                times = [time_to_first_read(kind, sparse, work) for _ in range(args.ttfr_runs)]
-                ttfr[(label, kind)] = statistics.median(times)
-                print(f"first read {label} {kind}: {ttfr[(label, kind)] * 1000:.0f} ms",
-                      file=sys.stderr)
-        body = report(results, ttfr, size, args.runtime, args.ttfr_runs)
+            for _ in range(args.ttfr_runs):
+                kinds = list(TTFR_KINDS)
+                rng.shuffle(kinds)
+                for kind in kinds:
+                    t = time_to_first_read(kind, sparse, work)
+                    ttfr.setdefault((label, kind), []).append(t)
+            for kind in TTFR_KINDS:
+                times = ttfr[(label, kind)]
+                print(f"first read {label} {kind}: {statistics.median(times) * 1000:.0f} ms "
+                      f"({min(times) * 1000:.0f}-{max(times) * 1000:.0f})", file=sys.stderr)
+        body = report(results, ttfr, tests, servers, size, args)
         print(f"{HEADING}\n\n{body}")
         if args.write_results:
             write_section(HEADING, body)
@@ -241,41 +290,58 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(results: dict[tuple[str, str], dict[str, float]],
-           ttfr: dict[tuple[str, str], float], size: int, runtime: float, runs: int) -> str:
+def _value(test: str, r: dict[str, float]) -> float:
+    return r["bw"] if "1M" in test else r["iops"]
+
+
+def _cell(test: str, v: float) -> str:
+    return f"{v / 1e6:.0f} MB/s" if "1M" in test else f"{v / 1000:.1f}k"
+
+
+def report(results: dict[tuple[str, str], list[dict[str, float]]],
+           ttfr: dict[tuple[str, str], list[float]], tests: list[tuple[str, list[str]]],
+           servers: list[str], size: int, args: argparse.Namespace) -> str:
+    rounds = args.rounds
     lines = [
         f"`python benchmarks/nbd_bench.py --size {format_size(size).replace(' ', '')} "
-        f"--runtime {runtime:g}` — {date.today().isoformat()}, one interleaved run per "
-        "cell, fio's nbd engine over a unix socket, warm page cache, on this 2-vCPU "
-        "machine (shared: expect ±50% noise). `copying`: a fresh clone whose copier is held "
-        "to 1 MiB/s, so nearly every read goes to the source and every write first fills "
-        "its 64 KiB region. Ratio = liveclone (complete) / peer.",
+        f"--runtime {args.runtime:g} --rounds {rounds}` — {date.today().isoformat()}, fio's "
+        "nbd engine over a unix socket, every image read back into the page cache before "
+        f"each run, {rounds} rounds, each running every (test, server) cell once in a "
+        "shuffled order, on this 2-vCPU machine. Cells: median over the rounds (IOPS, or "
+        "MB/s for 1M). Ratios: liveclone (complete) / peer within each round, median over "
+        "the rounds, and in brackets their min-max, which is the noise of the machine. "
+        "`copying`: a fresh clone whose copier is held to 1 MiB/s, so nearly every read "
+        "goes to the source and every write first fills its 64 KiB region.",
         "",
-        "| test | " + " | ".join(SERVERS) + " | vs qemu-nbd | vs nbdkit |",
-        "|---|" + "---|" * (len(SERVERS) + 2),
+        "| test | " + " | ".join(servers) + " | vs qemu-nbd | vs nbdkit |",
+        "|---|" + "---|" * (len(servers) + 2),
     ]
-    for test, _ in TESTS:
-        cells = []
-        for kind in SERVERS:
-            r = results[(test, kind)]
-            cells.append(f"{r['bw'] / 1e6:.0f} MB/s" if "1M" in test
-                         else f"{r['iops'] / 1000:.1f}k IOPS")
-        ours = results[(test, SERVERS[0])]["iops"]
-        q = ours / results[(test, "qemu-nbd")]["iops"]
-        k = ours / results[(test, "nbdkit file")]["iops"]
-        lines.append(f"| {test} | " + " | ".join(cells) + f" | {q:.2f}× | {k:.2f}× |")
+    for test, _ in tests:
+        cells = [_cell(test, statistics.median(_value(test, r) for r in results[(test, k)]))
+                 for k in servers]
+        ours = [_value(test, r) for r in results[(test, SERVERS[0])]]
+        ratios = []
+        for peer in PEERS:
+            rs = [a / _value(test, b) for a, b in zip(ours, results[(test, peer)],
+                                                     strict=True)]
+            ratios.append(f"{statistics.median(rs):.2f}× ({min(rs):.2f}-{max(rs):.2f})")
+        lines.append(f"| {test} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
+    runs = len(next(iter(ttfr.values())))
     lines += [
         "",
-        f"Time from spawning the server to the first 4 KiB read answered (median of {runs}; "
-        "liveclone includes creating the clone and its map, and Python start-up):",
+        f"Time from spawning the server to the first 4 KiB read answered (median of {runs}, "
+        "min-max in brackets, servers interleaved; liveclone includes Python start-up and "
+        "creating the clone and its map):",
         "",
-        "| source | liveclone serve (new clone) | qemu-nbd | nbdkit file |",
-        "|---|---|---|---|",
+        "| source | " + " | ".join(k.replace("liveclone (copying)", "liveclone serve (new clone)")
+                                   for k in TTFR_KINDS) + " |",
+        "|---|" + "---|" * len(TTFR_KINDS),
     ]
     for label in ("1 GiB", "1 TiB"):
         lines.append(f"| {label} sparse | " + " | ".join(
-            f"{ttfr[(label, k)] * 1000:.0f} ms"
-            for k in ("liveclone (copying)", "qemu-nbd", "nbdkit file")) + " |")
+            f"{statistics.median(ttfr[(label, k)]) * 1000:.0f} ms "
+            f"({min(ttfr[(label, k)]) * 1000:.0f}-{max(ttfr[(label, k)]) * 1000:.0f})"
+            for k in TTFR_KINDS) + " |")
     return "\n".join(lines) + "\n"
 
 
