@@ -21,6 +21,12 @@ check ps procps
 check mkfs.xfs xfsprogs
 check losetup mount
 check strace strace
+# The boot-loader, libvirt and libguestfs tests (tests/integration/test_boot_loader.py,
+# test_libvirt.py, test_guestfish.py).
+check extlinux extlinux
+check libvirtd libvirt-daemon
+check virsh libvirt-clients
+check guestfish libguestfs-tools
 [ -e /usr/include/fuse3/fuse.h ] || need+=(libfuse3-dev)
 # libfuse2 beside libfuse3, as grub-common and libguestfs0 bring it to most hosts:
 # the tests prove that liveclone's FUSE layer still binds libfuse3.

@@ -21,7 +21,12 @@ from liveclone.cli.options import (
 from liveclone.errors import UsageError
 from liveclone.session import CloneSession
 from liveclone.units import format_size
-from liveclone.vm import VM, VMConfig, choose_accel
+from liveclone.vm import VM, VMConfig, choose_accel, record_kvm
+from liveclone.vm.watch import Outcome, watch
+
+# Under --accel auto, a KVM VM that shows no console output and no disk I/O in this
+# long is judged hung and restarted under TCG (see vm/watch.py).
+KVM_GRACE = 10.0
 
 
 @click.command("boot", context_settings={"ignore_unknown_options": False})
@@ -40,7 +45,16 @@ from liveclone.vm import VM, VMConfig, choose_accel
 @click.option("--append", help="Kernel command line (with --kernel).")
 @click.option("--accel", type=click.Choice(["auto", "kvm", "tcg"]), default="auto",
               show_default=True,
-              help="auto: KVM if a probe boot works under it, else TCG.")
+              help="auto: KVM if a probe boot works under it, else TCG; a VM that "
+                   "fails under KVM is restarted once under TCG.")
+@click.option("--firmware", type=click.Choice(["bios", "uefi"]), default="bios",
+              show_default=True,
+              help="Without --kernel the VM boots the disk's own boot loader: bios "
+                   "(SeaBIOS) or uefi (OVMF, Debian package ovmf).")
+@click.option("--watchdog", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              metavar="SECONDS",
+              help="Report when the VM shows no progress (no console output, no disk "
+                   "I/O) for this long, with what to try. 0: never.")
 @click.option("--mountpoint", type=click.Path(file_okay=False),
               help="With --via file: mount here (default: a temporary directory).")
 @region_size_option
@@ -48,12 +62,13 @@ from liveclone.vm import VM, VMConfig, choose_accel
 @copy_on_read_option
 def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, memory: str,
             cpus: int, kernel: str | None, initrd: str | None, append: str | None,
-            accel: str, mountpoint: str | None, region_size: int | None,
-            rate: int | None, copy_on_read: bool | None) -> None:
+            accel: str, firmware: str, watchdog: float, mountpoint: str | None,
+            region_size: int | None, rate: int | None, copy_on_read: bool | None) -> None:
     """Boot a VM from CLONE (created from SOURCE, or resumed) at once.
 
     The clone is the VM's first virtio disk before its data is copied; the copy
-    goes on while the VM runs. The serial console is this terminal. When the VM
+    goes on while the VM runs. Without --kernel the VM boots the disk's own boot
+    loader. The serial console is this terminal. When the VM
     exits, the copy stops and the map is committed; `liveclone clone SOURCE CLONE`
     finishes it. Exits with QEMU's status.
     """
@@ -72,29 +87,48 @@ def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, 
             disk = stack.enter_context(_fuse_disk(session, mountpoint))
         else:
             disk = stack.enter_context(_nbd_disk(session))
-        session.extra_status["vm"] = {"via": via, "accel": chosen, "disk": disk}
+        boot_from = "kernel" if kernel else f"the disk's boot loader ({firmware})"
         click.echo(f"liveclone: booting {clone_path} via {via} ({disk}), accel {chosen}, "
-                   f"{session.clone.regions_present}/{session.clone.regions_total} regions "
-                   "copied", err=True)
-        vm = VM(VMConfig(disk=disk, memory=memory, cpus=cpus, kernel=kernel, initrd=initrd,
-                         append=append, accel=chosen, extra=list(qemu_args),
-                         interactive=interactive)).start()
-        stack.callback(vm.kill)
-        status = _wait_vm(vm, stop)
+                   f"from {boot_from}, {session.clone.regions_present}/"
+                   f"{session.clone.regions_total} regions copied", err=True)
+        while True:
+            session.extra_status["vm"] = {"via": via, "accel": chosen, "disk": disk,
+                                          "firmware": firmware}
+            config = VMConfig(disk=disk, memory=memory, cpus=cpus, kernel=kernel,
+                              initrd=initrd, append=append, accel=chosen, firmware=firmware,
+                              extra=list(qemu_args), interactive=interactive)
+            vm = VM(config)
+            try:
+                vm.start()
+                outcome = _watch(vm, stop, watchdog,
+                                 KVM_GRACE if accel == "auto" and chosen == "kvm" else None)
+            finally:
+                vm.close()
+            if outcome.fault is None:
+                break
+            if accel == "auto" and chosen == "kvm" and not stop.is_set():
+                record_kvm(kernel, False)  # the cached "KVM works" proved wrong
+                click.echo(f"liveclone: the VM failed under KVM: {outcome.fault}. "
+                           "Restarting it under TCG (remembered for this host; "
+                           "--accel tcg skips KVM)", err=True)
+                chosen = "tcg"
+                continue
+            click.echo(f"liveclone: error: the VM stopped: {outcome.fault} (accel {chosen})"
+                       + ("; try --accel tcg" if chosen == "kvm" else "")
+                       + ". QEMU was stopped.", err=True)
+            outcome.status = 1
+            break
+        assert outcome.status is not None
+        status = outcome.status
     _report(session, source, clone_path, status)
     sys.exit(status)
 
 
-def _wait_vm(vm: VM, stop: threading.Event) -> int:
-    """Wait for QEMU; on SIGINT/SIGTERM ask it to quit, once, and keep waiting."""
-    asked = False
-    while True:
-        status = vm.wait(0.2)
-        if status is not None:
-            return status if status >= 0 else 128 - status
-        if stop.is_set() and not asked:
-            vm.terminate()
-            asked = True
+def _watch(vm: VM, stop: threading.Event, watchdog: float, kvm_grace: float | None
+           ) -> Outcome:
+    """Watch the VM (faults, boot watchdog); messages go to stderr."""
+    return watch(vm, stop, watchdog=watchdog or None, kvm_grace=kvm_grace,
+                 report=lambda text: click.echo(text, err=True))
 
 
 def _report(session: CloneSession, source: str, clone_path: str, status: int) -> None:

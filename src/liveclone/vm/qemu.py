@@ -11,6 +11,16 @@ no root, until it panics (``panic=-1`` + ``-no-reboot`` make QEMU exit), or,
 without a kernel, a 512-byte boot sector that writes to ``isa-debug-exit``. The
 answer is cached per host boot, QEMU binary and kernel in
 ``$XDG_CACHE_HOME/liveclone/accel.json``, since a hanging probe costs its deadline.
+A probe can pass where a real boot fails (a host whose KVM runs a boot sector but
+stops at SYSLINUX with "KVM internal error"), so the VM is also watched over QMP
+(``vm/watch.py``) and :func:`record_kvm` corrects the cache when KVM proves wrong.
+
+Firmware. Without ``--kernel`` the VM boots from the clone's own boot loader:
+SeaBIOS (``bios``, QEMU's default) or OVMF (``uefi``, Debian's ``ovmf`` package:
+its code read-only, and a private copy of its variable store for each run).
+
+Each VM runs with a private directory holding its QMP socket and a copy of its
+serial console (the chardev's ``logfile``): the watchdog reads both for progress.
 """
 
 from __future__ import annotations
@@ -25,9 +35,15 @@ import tempfile
 from dataclasses import dataclass, field
 
 from liveclone.errors import UsageError
+from liveclone.vm.qmp import QMPClient, QMPError
 
 QEMU = "qemu-system-x86_64"
 PROBE_TIMEOUT = 10.0
+DISK_ID = "clone0"  # the -drive id; query-blockstats reports it as the device
+
+# OVMF's code and variable-store templates, best first (Debian's ovmf package).
+OVMF_PAIRS = (("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+              ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"))
 
 # mov al, 1; out 0xf4, al; hlt; jmp $-1 — QEMU exits with status (1 << 1) | 1.
 _BOOT_SECTOR = bytes([0xB0, 0x01, 0xE6, 0xF4, 0xF4, 0xEB, 0xFD])
@@ -45,15 +61,37 @@ class VMConfig:
     initrd: str | None = None
     append: str | None = None
     accel: str = "tcg"
+    firmware: str = "bios"  # bios (SeaBIOS) or uefi (OVMF)
     extra: list[str] = field(default_factory=list)
     interactive: bool = False  # stdin is a terminal: multiplex the monitor on it
+    qmp_socket: str | None = None  # -qmp unix:PATH,server=on,wait=off
+    console_log: str | None = None  # the serial console is also appended here
+    efi_vars: str | None = None  # with uefi: the writable variable store
 
     def command(self) -> list[str]:
+        console = "stdio,id=con0"
+        if self.interactive:
+            console += ",mux=on"
+        if self.console_log:
+            console += f",logfile={_drive_escape(self.console_log)},logappend=on"
         cmd = [qemu_binary(), "-accel", self.accel,
                "-cpu", "host" if self.accel == "kvm" else "max",
                "-m", self.memory, "-smp", str(self.cpus),
                "-nodefaults", "-display", "none", "-no-reboot",
-               "-serial", "mon:stdio" if self.interactive else "stdio"]
+               "-chardev", console, "-serial", "chardev:con0"]
+        if self.interactive:
+            cmd += ["-mon", "chardev=con0,mode=readline"]
+        if self.qmp_socket:
+            cmd += ["-qmp", f"unix:{_drive_escape(self.qmp_socket)},server=on,wait=off"]
+        if self.firmware == "uefi":
+            code, _ = ovmf_files()
+            cmd += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,"
+                              f"file={_drive_escape(code)}"]
+            if self.efi_vars:
+                cmd += ["-drive", f"if=pflash,format=raw,unit=1,"
+                                  f"file={_drive_escape(self.efi_vars)}"]
+        elif self.firmware != "bios":
+            raise UsageError(f"unknown firmware {self.firmware!r}: use bios or uefi")
         if self.kernel:
             cmd += ["-kernel", self.kernel]
             if self.initrd:
@@ -69,8 +107,17 @@ class VMConfig:
         device = "virtio-blk-pci,drive=clone0"
         if not self.kernel:
             device += ",bootindex=0"  # -kernel's option ROM takes boot index 0 itself
-        cmd += ["-drive", f"{drive},if=none,id=clone0", "-device", device]
+        cmd += ["-drive", f"{drive},if=none,id={DISK_ID}", "-device", device]
         return cmd + list(self.extra)
+
+
+def ovmf_files() -> tuple[str, str]:
+    """OVMF's (code, variable-store template), or UsageError naming the package."""
+    for code, template in OVMF_PAIRS:
+        if os.path.exists(code) and os.path.exists(template):
+            return code, template
+    raise UsageError("--firmware uefi needs OVMF, which is not installed "
+                     "(Debian: apt-get install ovmf)")
 
 
 def _drive_escape(path: str) -> str:
@@ -120,12 +167,7 @@ def probe_kvm(kernel: str | None = None) -> bool:
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         return False
     key = _probe_key(kernel)
-    cache = _cache_file()
-    try:
-        with open(cache) as f:
-            known = json.load(f)
-    except (OSError, ValueError):
-        known = {}
+    known = _load_cache()
     if key in known:
         return bool(known[key])
     base = [qemu_binary(), "-accel", "kvm", "-cpu", "host", "-m", "128", "-nodefaults",
@@ -142,6 +184,22 @@ def probe_kvm(kernel: str | None = None) -> bool:
             works = _probe_run(base + ["-device", "isa-debug-exit,iobase=0xf4,iosize=4",
                                        "-drive", f"file={img},format=raw,if=floppy",
                                        "-boot", "a"], _DEBUG_EXIT_OK, None)
+    _store(key, works)
+    return works
+
+
+def _load_cache() -> dict[str, bool]:
+    try:
+        with open(_cache_file()) as f:
+            known = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _store(key: str, works: bool) -> None:
+    cache = _cache_file()
+    known = _load_cache()
     known[key] = works
     try:
         os.makedirs(os.path.dirname(cache), exist_ok=True)
@@ -151,7 +209,11 @@ def probe_kvm(kernel: str | None = None) -> bool:
         os.replace(tmpname, cache)
     except OSError:
         pass  # the cache only saves time
-    return works
+
+
+def record_kvm(kernel: str | None, works: bool) -> None:
+    """Correct the cached probe answer: a real boot showed whether KVM works."""
+    _store(_probe_key(kernel), works)
 
 
 def choose_accel(requested: str, kernel: str | None) -> str:
@@ -167,11 +229,20 @@ def choose_accel(requested: str, kernel: str | None) -> str:
 
 
 class VM:
-    """A QEMU child process whose serial console is our stdin/stdout."""
+    """A QEMU child process whose serial console is our stdin/stdout, with its QMP
+    monitor connected and its console copied to a log the watchdog reads."""
 
     def __init__(self, config: VMConfig) -> None:
         self.config = config
         self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp = QMPClient()
+        self._dir = tempfile.mkdtemp(prefix="liveclone-vm-")  # 0700: ours alone
+        config.qmp_socket = os.path.join(self._dir, "qmp.sock")
+        config.console_log = os.path.join(self._dir, "console.log")
+        if config.firmware == "uefi":
+            _, template = ovmf_files()
+            config.efi_vars = os.path.join(self._dir, "efivars.fd")
+            shutil.copyfile(template, config.efi_vars)
 
     def start(self) -> VM:
         sys.stdout.flush()
@@ -179,7 +250,19 @@ class VM:
         self.proc = subprocess.Popen(self.config.command(),
                                      stdin=None if self.config.interactive
                                      else subprocess.DEVNULL)
+        assert self.config.qmp_socket is not None
+        try:
+            self.qmp.connect(self.config.qmp_socket, alive=lambda: self.poll() is None)
+        except QMPError:
+            if self.poll() is None:
+                self.kill()
+                raise
+            # QEMU exited at once (a bad option): its status and message say why.
         return self
+
+    def poll(self) -> int | None:
+        assert self.proc is not None
+        return self.proc.poll()
 
     def wait(self, timeout: float | None = None) -> int | None:
         """The exit status, or None if still running after ``timeout``."""
@@ -187,6 +270,34 @@ class VM:
         try:
             return self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
+            return None
+
+    def console_bytes(self) -> int:
+        """How much the guest has written to its serial console so far."""
+        try:
+            return os.stat(self.config.console_log or "").st_size
+        except OSError:
+            return 0
+
+    def disk_operations(self) -> int | None:
+        """Reads + writes + flushes the guest has sent to the clone, per QMP; None if
+        the monitor did not answer."""
+        try:
+            stats = self.qmp.execute("query-blockstats", timeout=2.0)
+        except QMPError:
+            return None
+        for dev in stats or []:
+            if dev.get("device") == DISK_ID:
+                s = dev.get("stats", {})
+                return int(s.get("rd_operations", 0)) + int(s.get("wr_operations", 0)) \
+                    + int(s.get("flush_operations", 0))
+        return None
+
+    def run_state(self) -> str | None:
+        """QEMU's run state (running, paused, internal-error, guest-panicked...)."""
+        try:
+            return str(self.qmp.execute("query-status", timeout=2.0).get("status"))
+        except (QMPError, AttributeError):
             return None
 
     def terminate(self) -> None:
@@ -198,3 +309,9 @@ class VM:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def close(self) -> None:
+        """Kill QEMU if it still runs, drop the monitor and the private directory."""
+        self.kill()
+        self.qmp.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
