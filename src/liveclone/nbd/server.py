@@ -849,7 +849,8 @@ class _Connection(asyncio.Protocol):
         self._running -= answered
         self._running_bytes -= charges  # the transport's buffer is counted instead
         self._after_change()
-        self._pump_soon()  # admit more now that these answers' memory is free
+        if self._waiting:  # admit more now that these answers' memory is free
+            self._pump_soon()
         self.server.freed()
 
     def _pump_soon(self) -> None:
