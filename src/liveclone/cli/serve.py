@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import ipaddress
 import os
 import socket
 import threading
@@ -58,6 +57,8 @@ def exposure_warning(host: str, port: int, tls: bool) -> str | None:
     """What to tell the user about listening on ``host`` without TLS, or None."""
     if tls or host == "localhost":
         return None
+    import ipaddress  # only for --listen: not on the way to a unix socket's first read
+
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:

@@ -18,7 +18,6 @@ event per interval, then a count of the ones left out.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import resource
@@ -95,10 +94,16 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     if _pinned:
         return True
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        # The symbols already loaded into this process: libc's among them, found
+        # without find_library (which runs ldconfig: milliseconds at every start).
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
-        return False
+        try:
+            from ctypes.util import find_library
+
+            mallopt = ctypes.CDLL(find_library("c") or "libc.so.6").mallopt
+        except (OSError, AttributeError):
+            return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     _pinned = bool(mallopt(M_MMAP_THRESHOLD, threshold))
     return _pinned
