@@ -249,6 +249,10 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     rng = random.Random()
+    # Compiled modules, as an installed wheel has them: an editable install under
+    # PYTHONDONTWRITEBYTECODE would otherwise compile every edited module at each start.
+    for tree in [ROOT / "src", *([Path(BASE_SRC)] if BASE_SRC else [])]:
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(tree)], check=True)
     try:
         src = work / "source.img"
         peer = work / "peer.img"
