@@ -105,11 +105,15 @@ def test_changed_source_is_refused_on_resume(tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     make_image(src, 8 << 20)
     clone = tmp_path / "c.img"
-    p = subprocess.Popen([LIVECLONE, "clone", str(src), str(clone), "--rate", "2M"],
+    p = subprocess.Popen([LIVECLONE, "clone", str(src), str(clone), "--rate", "1M"],
                          stderr=subprocess.DEVNULL)
-    import time
-
-    time.sleep(1.0)
+    # Stop it once something is committed (however slowly this machine starts it).
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        st = run("status", "--json", str(clone))
+        if st.returncode == 0 and json.loads(st.stdout)["regions_committed"] > 0:
+            break
+        time.sleep(0.1)
     p.terminate()
     p.wait()
     before = clone.read_bytes()
