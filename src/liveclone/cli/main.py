@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": ("serve", "command"),
     "mount": ("mount", "command"),
     "boot": ("boot", "command"),
+    "libvirt-xml": ("libvirt_xml", "command"),
 }
 
 
