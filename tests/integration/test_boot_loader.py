@@ -43,6 +43,9 @@ def liveclone_boot(src: Path, clone: Path, *args: str, env: dict[str, str] | Non
             out, err = proc.communicate(timeout=60)
             pytest.fail(f"liveclone boot still ran after {timeout} s; stdout:\n{out}\n"
                         f"stderr:\n{err}")
+        except BaseException:  # pytest-timeout, Ctrl-C: never wait on a hung boot
+            proc.kill()
+            raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
@@ -92,20 +95,8 @@ def test_kvm_that_fails_mid_boot_falls_back_to_tcg(tmp_path: Path, boot_disk: Bo
     and corrects the cache."""
     if not os.access("/dev/kvm", os.R_OK | os.W_OK):
         pytest.skip("no /dev/kvm: --accel auto never tries KVM here, so cannot fall back")
-    from liveclone.vm.qemu import _cache_file, record_kvm
-
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
-    os.environ["XDG_CACHE_HOME"], saved = env["XDG_CACHE_HOME"], os.environ.get(
-        "XDG_CACHE_HOME")
-    try:
-        record_kvm(None, True)  # the lie: "KVM works here"
-        cache = Path(_cache_file())
-    finally:
-        if saved is None:
-            del os.environ["XDG_CACHE_HOME"]
-        else:
-            os.environ["XDG_CACHE_HOME"] = saved
-    assert list(json.loads(cache.read_text()).values()) == [True]
+    cache = _cache_kvm_works(env)
     src, clone = tmp_path / "src.qcow2", tmp_path / "clone.img"
     shutil.copyfile(boot_disk.qcow2, src)
     t0 = time.monotonic()
@@ -116,6 +107,18 @@ def test_kvm_that_fails_mid_boot_falls_back_to_tcg(tmp_path: Path, boot_disk: Bo
     assert RESULT_OK in r.stdout, r.stdout + r.stderr
     assert list(json.loads(cache.read_text()).values()) == [False]  # corrected
     assert time.monotonic() - t0 < 200
+
+
+def _cache_kvm_works(env: dict[str, str]) -> Path:
+    """Write the lie "KVM works here" into the accelerator cache that ``env`` (its
+    XDG_CACHE_HOME and PATH) selects; return the cache file."""
+    code = ("from liveclone.vm.qemu import _cache_file, record_kvm; record_kvm(None, True); "
+            "print(_cache_file())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    cache = Path(out.strip())
+    assert list(json.loads(cache.read_text()).values()) == [True]
+    return cache
 
 
 def _boot_sector(code: bytes) -> bytes:
@@ -164,3 +167,64 @@ def test_watchdog_reports_a_boot_that_makes_no_progress(tmp_path: Path) -> None:
             proc.wait()
         if proc.stderr is not None:
             proc.stderr.close()
+
+
+FAKE_KVM_QEMU = r'''#!__PYTHON__
+"""qemu-system-x86_64 as a host whose KVM fails mid-boot: under -accel kvm it prints
+the console's first line, then QEMU's "KVM internal error", and stops the vCPU
+without exiting (QMP: STOP, run state internal-error), as SYSLINUX under KVM did on
+the host of issue 14. Any other accelerator runs the real QEMU."""
+import json, os, socket, sys
+argv = sys.argv[1:]
+if argv[argv.index("-accel") + 1] != "kvm":
+    os.execv("__QEMU__", ["__QEMU__", *argv])
+path = argv[argv.index("-qmp") + 1][len("unix:"):].split(",")[0]
+srv = socket.socket(socket.AF_UNIX)
+srv.bind(path)
+srv.listen(1)
+print("SeaBIOS (version fake)", flush=True)
+print("KVM internal error. Suberror: 1\nemulation failure", file=sys.stderr, flush=True)
+conn, _ = srv.accept()
+f = conn.makefile("rwb")
+def send(msg):
+    f.write(json.dumps(msg).encode() + b"\r\n")
+    f.flush()
+send({"QMP": {"version": {}, "capabilities": []}})
+for line in f:
+    cmd = json.loads(line)
+    ret = {}
+    if cmd["execute"] == "query-status":
+        ret = {"status": "internal-error", "running": False}
+    elif cmd["execute"] == "query-blockstats":
+        ret = [{"device": "clone0", "stats": {"rd_operations": 3}}]
+    send({"return": ret, "id": cmd.get("id")})
+    if cmd["execute"] == "qmp_capabilities":
+        send({"event": "STOP", "data": {}, "timestamp": {"seconds": 0, "microseconds": 0}})
+'''
+
+
+def test_kvm_internal_error_restarts_under_tcg(tmp_path: Path, boot_disk: BootDisk) -> None:
+    """The failure of issue 14 as QEMU shows it: KVM passes the probe, then a real
+    boot stops in "KVM internal error" with QEMU still running. --accel auto sees the
+    STOP over QMP, restarts under TCG, says so, and the boot completes."""
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        pytest.skip("no /dev/kvm: --accel auto never tries KVM here, so cannot fall back")
+    real = shutil.which("qemu-system-x86_64")
+    assert real is not None
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "qemu-system-x86_64"
+    fake.write_text(FAKE_KVM_QEMU.replace("__PYTHON__", sys.executable)
+                    .replace("__QEMU__", real))
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}",
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    _cache_kvm_works(env)
+    src, clone = tmp_path / "src.qcow2", tmp_path / "clone.img"
+    shutil.copyfile(boot_disk.qcow2, src)
+    r = liveclone_boot(src, clone, "--via", "nbd", env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "KVM internal error" in r.stderr  # QEMU's own words reach the user
+    assert "the VM failed under KVM: KVM internal error (emulation failure)" in r.stderr
+    assert "Restarting it under TCG" in r.stderr
+    assert RESULT_OK in r.stdout, r.stdout + r.stderr
