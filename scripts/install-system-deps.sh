@@ -24,6 +24,7 @@ check strace strace
 # The boot-loader, libvirt and libguestfs tests (tests/integration/test_boot_loader.py,
 # test_libvirt.py, test_guestfish.py).
 check extlinux extlinux
+[ -e /usr/share/OVMF ] || need+=(ovmf)
 check libvirtd libvirt-daemon
 check virsh libvirt-clients
 check guestfish libguestfs-tools

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from guest.bootdisk import BOOT_TEXT, BootDisk, build_boot_disk
-from guest.build import RESULT_OK
+from guest.build import RESULT_OK, build_guest, verify_script
 from guest.checks import debugfs_cat, e2fsck, finish_copy
 
 LIVECLONE = [sys.executable, "-m", "liveclone.cli.main"]
@@ -227,4 +227,19 @@ def test_kvm_internal_error_restarts_under_tcg(tmp_path: Path, boot_disk: BootDi
     assert "KVM internal error" in r.stderr  # QEMU's own words reach the user
     assert "the VM failed under KVM: KVM internal error (emulation failure)" in r.stderr
     assert "Restarting it under TCG" in r.stderr
+    assert RESULT_OK in r.stdout, r.stdout + r.stderr
+
+
+def test_uefi_firmware(tmp_path: Path) -> None:
+    """--firmware uefi runs OVMF (its code read-only, a private copy of its variable
+    store): here with --kernel, which OVMF loads; the guest checks its files."""
+    assert os.path.exists("/usr/share/OVMF"), "ovmf missing: run scripts/install-system-deps.sh"
+    guest = build_guest()
+    src, clone = tmp_path / "src.img", tmp_path / "clone.img"
+    shutil.copyfile(guest.disk, src)
+    r = liveclone_boot(src, clone, "--firmware", "uefi", "--accel", "tcg", "--kernel",
+                       str(guest.kernel), "--initrd", str(guest.initrd), "--append",
+                       guest.append(verify_script()))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "\x1b[2J" in r.stdout  # OVMF's console clears the screen; SeaBIOS prints nothing
     assert RESULT_OK in r.stdout, r.stdout + r.stderr
