@@ -10,15 +10,15 @@ started with ``-d``. They run in a private mount namespace whose ``/etc/libvirt`
 ``/var/cache/libvirt`` are directories of the test, so the host's libvirt (if
 any) is neither used nor changed.
 
-QEMU runs as libvirt-qemu, so the serve socket (0600, root) must be made its:
-``chown libvirt-qemu:`` on the socket, in a directory it can traverse. (``serve
---socket-owner`` will do that; until it lands the test does it itself.)
+QEMU runs as libvirt-qemu, so the serve socket (0600) is given to it with ``serve
+--socket-owner libvirt-qemu``, in a directory it can traverse.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pwd
 import shutil
 import signal
 import subprocess
@@ -158,14 +158,15 @@ def test_libvirt_boots_a_copying_clone(tmp_path: Path, libvirt: Libvirt,
     sock = share / "clone.sock"
     console = share / "console.log"
     serve = subprocess.Popen([*LIVECLONE, "serve", str(src), str(clone), "--socket", str(sock),
-                              "--rate", "256K"], stdin=subprocess.DEVNULL,
+                              "--socket-owner", QEMU_USER, "--rate", "256K"],
+                             stdin=subprocess.DEVNULL,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     name = f"lc-{os.getpid()}"
     try:
         assert serve.stdout is not None
         uri = serve.stdout.readline().strip()
         assert uri.startswith("nbd+unix://"), uri
-        shutil.chown(sock, QEMU_USER, QEMU_USER)  # until serve --socket-owner lands
+        assert sock.stat().st_uid == pwd.getpwnam(QEMU_USER).pw_uid
         r = subprocess.run([*LIVECLONE, "libvirt-xml", str(clone)], capture_output=True,
                            text=True, check=True)
         disk = ET.fromstring(r.stdout)  # stdout is the XML and nothing else
