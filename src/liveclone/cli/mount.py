@@ -7,12 +7,12 @@ import sys
 import click
 
 from liveclone.cli.options import (
-    check_mountpoint,
     copy_on_read_option,
     rate_option,
     region_size_option,
     stop_on_signals,
 )
+from liveclone.mountpoint import check_mountpoint
 from liveclone.session import CloneSession
 
 

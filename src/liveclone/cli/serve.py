@@ -13,7 +13,6 @@ import click
 
 from liveclone.cli.options import (
     SIZE,
-    check_mountpoint,
     copy_on_read_option,
     rate_option,
     region_size_option,
@@ -21,6 +20,7 @@ from liveclone.cli.options import (
 )
 from liveclone.core.copier import Phase
 from liveclone.errors import CloneBusyError, TargetError, UsageError
+from liveclone.mountpoint import check_mountpoint
 from liveclone.nbd import limits as nbd_limits
 from liveclone.nbd.limits import Limits
 from liveclone.nbd.protocol import export_name_problem

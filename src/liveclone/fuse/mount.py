@@ -70,6 +70,7 @@ from typing import Any, TypeVar
 from liveclone.core.clone import Clone
 from liveclone.errors import UsageError
 from liveclone.fuse.libfuse import libfuse3, mfusepy
+from liveclone.mountpoint import check_mountpoint
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -417,17 +418,5 @@ def start_mount(clone: Clone, mountpoint: str, read_only: bool = False,
 
     ``direct_io=True`` keeps the file out of the kernel page cache, for a process
     that also changes the clone by another route (an NBD export) while mounted."""
-    try:
-        st = os.stat(mountpoint)
-    except OSError as e:
-        if e.errno == errno.ENOTCONN:
-            raise UsageError(f"{mountpoint} is a stale FUSE mount (its process died); "
-                             f"run `fusermount3 -u -z {mountpoint}` and retry") from None
-        raise UsageError(f"mount point {mountpoint}: {e.strerror}; create it first") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise UsageError(f"{mountpoint} is already a mount point: stop the process serving "
-                         "it, or if that process died, run "
-                         f"`fusermount3 -u -z {mountpoint}`")
+    check_mountpoint(mountpoint)
     return MountHandle(clone, mountpoint, read_only, name, allow_other, direct_io).start()
