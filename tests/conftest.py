@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,3 +45,16 @@ def source_image(tmp_path: Path) -> tuple[Path, bytes]:
 
 def allocated(path: Path) -> int:
     return os.stat(path).st_blocks * 512
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str, options: str = "") -> Iterator[Path]:
+    """A real tmpfs of ``size`` (e.g. "6m") mounted on the new directory ``where``: a disk
+    that fills up (or, with options "ro", one that cannot be written)."""
+    where.mkdir()
+    opts = ",".join(o for o in (options, f"size={size}") if o)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from liveclone.core.copier import DEFAULT_WORKERS
-from tests.conftest import LIVECLONE, make_image
+from tests.conftest import LIVECLONE, make_image, tmpfs
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -148,13 +148,8 @@ def test_corrupt_map_is_reported_not_guessed(tmp_path: Path, damage: str) -> Non
 @pytest.fixture
 def small_fs(tmp_path: Path) -> Iterator[Path]:
     """A real 6 MiB tmpfs: a disk that fills up."""
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "6m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_full_disk_stops_cleanly_and_resumes(tmp_path: Path, small_fs: Path) -> None:
@@ -186,17 +181,12 @@ def test_full_disk_stops_cleanly_and_resumes(tmp_path: Path, small_fs: Path) -> 
 def test_unwritable_target_directory(tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     make_image(src, 1 << 20)
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)], check=True)
-    try:
+    with tmpfs(tmp_path / "ro", "1m", "ro") as ro:
         r = run("clone", str(src), str(ro / "c.img"))
         assert r.returncode == 9, r.stderr
         assert f"directory {ro} is not writable" in r.stderr
         r = run("clone", str(src), str(tmp_path / "missing-dir" / "c.img"))
         assert r.returncode == 9 and "does not exist" in r.stderr
-    finally:
-        subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o640, 0o644, 0o444])

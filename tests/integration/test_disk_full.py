@@ -14,20 +14,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LIVECLONE
+from tests.conftest import LIVECLONE, tmpfs
 
 SIZE = 24 << 20
 
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tmpfs(tmp_path / "small", "12m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def _status(clone: Path) -> dict[str, object]:
