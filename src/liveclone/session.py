@@ -18,6 +18,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from liveclone.core import fsops
@@ -42,16 +43,18 @@ def pause_path(clone_path: str) -> str:
 
 
 def open_clone(source_spec: str | None, clone_path: str,
-               region_size: int | None = None) -> Clone:
+               region_size: int | None = None,
+               opener: Callable[[str], Source] = open_source) -> Clone:
     """Resume the clone at ``clone_path`` if it exists, else create it from
-    ``source_spec``. A complete clone needs no source: a missing one is not opened."""
+    ``source_spec``. A complete clone needs no source: a missing one is not opened.
+    ``opener`` opens the source (``open_source``, or a ``SourceCache``'s ``open``)."""
 
     def source(needed: bool) -> Source | None:
         if needed or (source_spec and os.path.exists(source_spec)):
             if source_spec is None:
                 raise UsageError(f"the clone {clone_path} is not complete (or not made "
                                  "yet): give its SOURCE")
-            return open_source(source_spec)
+            return opener(source_spec)
         return None
 
     return core_open_clone(clone_path, source, region_size=region_size, create=True)
@@ -63,10 +66,12 @@ class CloneSession:
     def __init__(self, source_spec: str | None, clone_path: str,
                  region_size: int | None = None, rate: float | None = None,
                  copy: bool = True, copy_on_read: bool | None = None,
-                 persistent: bool = True) -> None:
+                 persistent: bool = True,
+                 opener: Callable[[str], Source] = open_source) -> None:
         """``persistent``: a long-running service keeps retrying regions whose source
-        reads fail; a one-shot copy (``liveclone clone``) reports them and stops."""
-        self.clone = open_clone(source_spec, clone_path, region_size)
+        reads fail; a one-shot copy (``liveclone clone``) reports them and stops.
+        ``opener``: how the source is opened, e.g. ``SourceCache.open`` (the daemon)."""
+        self.clone = open_clone(source_spec, clone_path, region_size, opener)
         source = self.clone.source
         if copy_on_read is None:  # default: on for remote sources, whose reads are dear
             copy_on_read = source is not None and source.fileno() is None
