@@ -36,6 +36,12 @@ class SourceChangedError(SourceError):
     exit_code = 4
 
 
+class SourceUnreachableError(SourceError):
+    """A remote source did not answer at all (connection refused, timed out): unlike a
+    refusal (404, 403), it says nothing about the image, so a complete cached copy of
+    it may still serve (``sources.cache``)."""
+
+
 class NotACloneError(LivecloneError):
     """The CLONE path exists but has no liveclone map beside it."""
 

@@ -47,12 +47,20 @@ stop = stop_process
 class Nginx:
     """nginx serving ``root`` on a loopback port, configured and run from ``workdir``."""
 
-    def __init__(self, root: Path, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, workdir: Path, port: int | None = None,
+                 access_log: bool = False, limit_rate: str | None = None) -> None:
+        """``access_log``: log each request's status and body bytes to
+        ``self.access_log`` (see ``bytes_sent``). ``limit_rate``: nginx's per-connection
+        send rate, e.g. "1m", for a source slow enough to be caught mid-copy."""
         self.root, self.workdir = root, workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
+        self.access_log = workdir / "access.log"
         self.conf = workdir / "nginx.conf"
+        log = (f"log_format sent '$status $body_bytes_sent $request_uri';\n"
+               f"    access_log {self.access_log} sent;") if access_log else "access_log off;"
+        rate = f"limit_rate {limit_rate};" if limit_rate else ""
         self.conf.write_text(f"""
 user root;
 worker_processes 2;
@@ -60,7 +68,8 @@ pid {workdir}/nginx.pid;
 error_log {workdir}/error.log warn;
 events {{ worker_connections 256; }}
 http {{
-    access_log off;
+    {log}
+    {rate}
     client_body_temp_path {workdir}/body;
     proxy_temp_path {workdir}/proxy;
     fastcgi_temp_path {workdir}/fastcgi;
@@ -78,6 +87,13 @@ http {{
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
+
+    def bytes_sent(self) -> int:
+        """Body bytes sent so far, the sum of ``$body_bytes_sent`` in the access log
+        (nginx writes each line when its request ends)."""
+        if not self.access_log.exists():
+            return 0
+        return sum(int(line.split()[1]) for line in self.access_log.read_text().splitlines())
 
     def start(self) -> Nginx:
         self.proc = subprocess.Popen(

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import urllib3
 
-from liveclone.errors import SourceChangedError, SourceError
+from liveclone.errors import SourceChangedError, SourceError, SourceUnreachableError
 from liveclone.sources.base import sample_fingerprint
 from liveclone.sources.retry import RemoteSource, Retrier, RetryPolicy, TransientError
 
@@ -51,7 +51,7 @@ class HttpSource(RemoteSource):
                 self._probe, "opening", policy=OPEN_POLICY)
         except OSError as e:
             self._pool.clear()
-            raise SourceError(
+            raise SourceUnreachableError(
                 f"cannot reach HTTP source {self._shown}: {e.__cause__ or e}. "
                 "Check the URL and that the server is up"
             ) from None

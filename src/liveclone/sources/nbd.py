@@ -14,7 +14,7 @@ import functools
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-from liveclone.errors import SourceError
+from liveclone.errors import SourceError, SourceUnreachableError
 from liveclone.nbdwire.client import (
     Address,
     NbdCommandError,
@@ -47,7 +47,7 @@ class NbdSource(RemoteSource):
         try:
             self.pool = self.retrier.call(self._connect, "connecting", policy=OPEN_POLICY)
         except OSError as e:
-            raise SourceError(
+            raise SourceUnreachableError(
                 f"cannot reach {what} {spec}: {e.__cause__ or e}. Check the URI and that "
                 "the NBD server is running"
             ) from None

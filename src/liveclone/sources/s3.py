@@ -14,7 +14,12 @@ import re
 from typing import Any
 from urllib.parse import urlsplit
 
-from liveclone.errors import MissingDependencyError, SourceChangedError, SourceError
+from liveclone.errors import (
+    MissingDependencyError,
+    SourceChangedError,
+    SourceError,
+    SourceUnreachableError,
+)
 from liveclone.sources.retry import RemoteSource, Retrier, RetryPolicy, TransientError
 
 S3_INSTALL = "pip install 'liveclone[s3]'"
@@ -63,7 +68,7 @@ class S3Source(RemoteSource):
             self.size, self._etag, self._last_modified = self.retrier.call(
                 self._probe, "opening", policy=OPEN_POLICY)
         except OSError as e:
-            raise SourceError(
+            raise SourceUnreachableError(
                 f"cannot reach S3 source {uri} at {self._client.meta.endpoint_url}: "
                 f"{e.__cause__ or e}. Check AWS_ENDPOINT_URL / AWS_REGION and the network"
             ) from None
