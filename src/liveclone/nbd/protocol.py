@@ -26,7 +26,7 @@ changes ``state``.
 from __future__ import annotations
 
 import errno as _errno
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
@@ -147,6 +147,56 @@ class Export:
         else:
             flags |= wire.TF_SEND_TRIM | wire.TF_SEND_WRITE_ZEROES | wire.TF_SEND_FAST_ZERO
         object.__setattr__(self, "flags", flags)
+
+
+class ExportTable:
+    """The exports a server offers, by name: what NBD_OPT_LIST lists and what
+    INFO, GO and EXPORT_NAME open. Connections share one table, so exports added
+    or removed later are seen by every negotiation from then on; an export that a
+    connection already chose stays its own (the I/O layer closes it when the
+    export goes). ``default``: what the name "" opens (None: "" is unknown)."""
+
+    def __init__(self, exports: Iterable[Export] = (), default: str | None = None) -> None:
+        self._exports: dict[str, Export] = {}
+        for export in exports:
+            self.add(export)
+        self.default = default
+
+    def add(self, export: Export) -> None:
+        if export.name in self._exports:
+            raise ValueError(f"an export named {export.name!r} exists")
+        self._exports[export.name] = export
+
+    def remove(self, name: str) -> Export:
+        return self._exports.pop(name)
+
+    def get(self, name: str) -> Export | None:
+        return self._exports.get(name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._exports
+
+    def __iter__(self) -> Iterator[Export]:
+        return iter(list(self._exports.values()))
+
+    def __len__(self) -> int:
+        return len(self._exports)
+
+    def lookup(self, name: str) -> tuple[Export | None, int, str]:
+        """(export, error reply, message) for a name a client asked for."""
+        if name == "":
+            if self.default is None:
+                return None, Rep.ERR_UNKNOWN, ("this server has no default export: "
+                                               "give an export name (NBD_OPT_LIST lists them)")
+            name = self.default
+        else:
+            why = export_name_problem(name)
+            if why:
+                return None, Rep.ERR_INVALID, f"export name refused: {why}"
+        export = self._exports.get(name)
+        if export is None:
+            return None, Rep.ERR_UNKNOWN, f"no export named {name!r}"
+        return export, 0, ""
 
 
 def export_name_problem(name: str) -> str | None:
@@ -375,14 +425,18 @@ class _InFlight:
 class ServerConnection:
     """One client's NBD session, from greeting to close. Not thread-safe."""
 
-    def __init__(self, exports: Sequence[Export], tls: bool = False) -> None:
-        """``tls``: TLS is offered and required (NBD_OPT_STARTTLS before anything else)."""
-        if not exports:
-            raise ValueError("a server needs at least one export")
+    def __init__(self, exports: Sequence[Export] | ExportTable, tls: bool = False) -> None:
+        """``exports``: a list (its first is what the name "" opens), or a table
+        shared with other connections (its exports may change between
+        negotiations). ``tls``: TLS is offered and required (NBD_OPT_STARTTLS
+        before anything else)."""
+        if not isinstance(exports, ExportTable):
+            if not exports:
+                raise ValueError("a server needs at least one export")
+            exports = ExportTable(exports, default=exports[0].name)
         self.tls = tls
         self.tls_active = False
-        self.exports = {e.name: e for e in exports}
-        self.default_export = exports[0]  # what the name "" opens
+        self.exports = exports
         self.state = State.HANDSHAKE
         # Bytes we produced ourselves (handshake, rejections), not yet taken.
         self._outbox: list[Buffer] = [wire.encode_greeting(
@@ -622,15 +676,7 @@ class ServerConnection:
 
     def _lookup(self, name: str) -> tuple[Export | None, int, str]:
         """(export, error reply, message) for a name a client asked for."""
-        if name == "":
-            return self.default_export, 0, ""
-        why = export_name_problem(name)
-        if why:
-            return None, Rep.ERR_INVALID, f"export name refused: {why}"
-        export = self.exports.get(name)
-        if export is None:
-            return None, Rep.ERR_UNKNOWN, f"no export named {name!r}"
-        return export, 0, ""
+        return self.exports.lookup(name)
 
     def _enter_transmission(self, export: Export, events: list[Event]) -> None:
         self.export = export
@@ -682,7 +728,7 @@ class ServerConnection:
         if payload:
             self._reply(option, Rep.ERR_INVALID, "LIST takes no data")
             return
-        for export in self.exports.values():
+        for export in self.exports:
             self._reply(option, Rep.SERVER, wire.encode_rep_server(export.name,
                                                                    export.description))
         self._reply(option, Rep.ACK)

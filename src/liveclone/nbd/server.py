@@ -50,7 +50,21 @@ export in-process (``liveclone boot`` launching QEMU on it):
           uri = t.start(unix_path=path)[0]
           subprocess.run(["qemu-system-x86_64", "-drive", f"file={uri},format=raw"])
 
-The caller owns the clone: stop the server before closing the clone.
+* Many exports on one server (``liveclone daemon``): no clone at construction,
+  then ``add_export(name, clone)`` and ``await remove_export(name)`` at any time
+  on the server's loop. Every export is listed by NBD_OPT_LIST and opened by its
+  name; the name "" opens nothing. Removing an export closes the connections
+  that chose it and waits for their storage calls, so the caller may then close
+  that clone; the other exports are not touched::
+
+      server = NBDServer()
+      await server.start(unix_path="/run/liveclone/nbd.sock")
+      server.add_export("vm1", clone1)
+      server.add_export("vm2", clone2, read_only=True)
+      await server.remove_export("vm1")
+
+The caller owns the clone: stop the server (or remove its export) before closing
+the clone.
 """
 
 from __future__ import annotations
@@ -231,21 +245,42 @@ def listen_tcp(host: str, port: int) -> list[Listener]:
     return out
 
 
-class NBDServer:
-    """One export of one clone, on any number of listeners."""
+class _Entry:
+    """One export and the storage behind it, with the connections that chose it
+    and their storage calls still running (what ``remove_export`` waits for)."""
 
-    def __init__(self, clone: Storage, export_name: str = "", read_only: bool = False,
-                 description: str = "liveclone", io_threads: int = IO_THREADS,
-                 tls: ssl.SSLContext | None = None, limits: Limits | None = None) -> None:
-        """``tls``: a server context; clients must then STARTTLS before anything else.
-        ``limits``: what clients may make the server spend (defaults: ``Limits()``)."""
-        self.clone = clone
+    __slots__ = ("export", "storage", "connections", "pending")
+
+    def __init__(self, export: p.Export, storage: Storage) -> None:
+        self.export = export
+        self.storage = storage
+        self.connections: set[_Connection] = set()
+        self.pending: set[asyncio.Future[Any]] = set()
+
+
+class NBDServer:
+    """Exports of clones, on any number of listeners: one export given at
+    construction (``serve``), or any number added and removed while it runs."""
+
+    def __init__(self, clone: Storage | None = None, export_name: str = "",
+                 read_only: bool = False, description: str = "liveclone",
+                 io_threads: int = IO_THREADS, tls: ssl.SSLContext | None = None,
+                 limits: Limits | None = None) -> None:
+        """``clone``: the one export's storage, which the name "" opens too; None
+        for a server whose exports come with ``add_export``. ``tls``: a server
+        context; clients must then STARTTLS before anything else. ``limits``: what
+        clients may make the server spend (defaults: ``Limits()``)."""
         self.tls = tls
         self.limits = limits or Limits()
-        self.export = p.Export(export_name, clone.size, read_only=read_only,
-                               description=description,
-                               preferred_block=min(max(4096, clone.region_size), 1 << 20),
-                               max_block=self.limits.max_block)
+        # Shared with every connection's protocol: NBD_OPT_LIST and lookups see
+        # exports added and removed later. Invariant: same names as _entries.
+        self.exports = p.ExportTable()
+        self._entries: dict[str, _Entry] = {}
+        self.clone = clone
+        self._export: p.Export | None = None
+        if clone is not None:
+            self._export = self.add_export(export_name, clone, read_only, description)
+            self.exports.default = export_name
         self.stats = ServerStats()
         # The bounds of self.limits, looked up for every request.
         self.connection_memory = self.limits.connection_memory
@@ -273,6 +308,56 @@ class NBDServer:
         # stop() can wait for them before the caller closes the clone.
         self._pending: set[asyncio.Future[Any]] = set()
 
+    # -- exports ---------------------------------------------------------------------
+
+    @property
+    def export(self) -> p.Export:
+        """The export of the clone given at construction."""
+        if self._export is None:
+            raise AttributeError("this server was made without a clone: see add_export")
+        return self._export
+
+    def add_export(self, name: str, clone: Storage, read_only: bool = False,
+                   description: str = "liveclone") -> p.Export:
+        """Offer ``clone`` as the export ``name`` from now on (on the server's loop,
+        or before ``start``). Raises ValueError for a bad or taken name."""
+        if name in self._entries:
+            raise ValueError(f"an export named {name!r} exists")
+        export = p.Export(name, clone.size, read_only=read_only, description=description,
+                          preferred_block=min(max(4096, clone.region_size), 1 << 20),
+                          max_block=self.limits.max_block)
+        self.exports.add(export)
+        self._entries[name] = _Entry(export, clone)
+        return export
+
+    async def remove_export(self, name: str) -> None:
+        """Stop offering ``name``: new clients cannot open it, the connections that
+        chose it are closed, and their storage calls are waited for. Then the
+        caller may close its clone. Raises KeyError for an unknown name."""
+        entry = self._entries.pop(name)
+        self.exports.remove(name)
+        if self._export is entry.export:
+            self._export = None
+            self.exports.default = None
+        for conn in list(entry.connections):
+            conn.abort()
+        await asyncio.sleep(0)  # let the aborted transports call connection_lost
+        if entry.pending:
+            await asyncio.wait(list(entry.pending))
+
+    def uri(self, name: str) -> list[str]:
+        """The URIs of export ``name`` on every listener."""
+        return [listener.uri(name, self.tls is not None) for listener in self._listeners]
+
+    def connections_of(self, name: str) -> int:
+        entry = self._entries.get(name)
+        return len(entry.connections) if entry is not None else 0
+
+    def _chosen(self, export: p.Export) -> _Entry | None:
+        """The entry of an export a client just chose (None if it went meanwhile)."""
+        entry = self._entries.get(export.name)
+        return entry if entry is not None and entry.export is export else None
+
     async def start(self, unix_path: str | None = None, tcp: tuple[str, int] | None = None,
                     listeners: Sequence[Listener] = ()) -> list[str]:
         """Serve on a unix socket (made mode 0600), on TCP, and/or on sockets bound
@@ -296,7 +381,8 @@ class NBDServer:
             listener.sock.setblocking(False)
             self._listeners.append(listener)
             loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
-            new.append(listener.uri(self.export.name, self.tls is not None))
+            new.append(listener.uri(self._export.name if self._export is not None else "",
+                                    self.tls is not None))
         self.uris.extend(new)
         return new
 
@@ -471,6 +557,14 @@ class NBDServer:
         fut.add_done_callback(self._pending.discard)
         return fut
 
+    def _run_for(self, entry: _Entry, fn: Callable[..., Any], *args: Any
+                 ) -> asyncio.Future[Any]:
+        """``run``, also tracked for ``remove_export`` of ``entry``."""
+        fut = self.run(fn, *args)
+        entry.pending.add(fut)
+        fut.add_done_callback(entry.pending.discard)
+        return fut
+
 
 def _block_status(clone: Storage, offset: int, length: int) -> list[tuple[int, int]]:
     """The clone's extents as ``(length, flags)`` descriptors (run in the pool)."""
@@ -543,8 +637,11 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, server: NBDServer) -> None:
         self.server = server
-        self.clone = server.clone
-        self.proto = p.ServerConnection([server.export], tls=server.tls is not None)
+        # The export chosen, its storage, and how its calls run: set on ExportChosen.
+        self.entry: _Entry | None = None
+        self.clone: Storage = cast(Storage, None)
+        self.run: Callable[..., asyncio.Future[Any]] = server.run
+        self.proto = p.ServerConnection(server.exports, tls=server.tls is not None)
         self.transport: asyncio.Transport | None = None
         self.closed = False  # the socket is gone (connection_lost or equivalent)
         self.closing = False  # close() or abort() was called
@@ -622,6 +719,8 @@ class _Connection(asyncio.Protocol):
         if self in server._connections:
             del server._connections[self]
             server.stats.active -= 1
+        if self.entry is not None:
+            self.entry.connections.discard(self)
         server._slots -= 1
         server.freed()
 
@@ -659,6 +758,14 @@ class _Connection(asyncio.Protocol):
             elif type(ev) is p.ExportChosen:
                 for timer in self._timers:
                     timer.cancel()
+                entry = self.server._chosen(ev.export)
+                if entry is None:  # removed in this very turn: nothing to serve
+                    self.abort()
+                    return
+                self.entry = entry
+                self.clone = entry.storage
+                self.run = partial(self.server._run_for, entry)
+                entry.connections.add(self)
             elif type(ev) is p.StartTLS:
                 self._write(self.proto.data_to_send())  # the ACK goes out in plain text
                 assert self.transport is not None
@@ -756,7 +863,7 @@ class _Connection(asyncio.Protocol):
 
     def _dispatch(self, c: p.Command, charge: int) -> None:
         self.server.stats.requests += 1
-        clone, run, cmd = self.clone, self.server.run, c.cmd
+        clone, run, cmd = self.clone, self.run, c.cmd
         if cmd == _READ:
             # Present, cached data is answered in this turn of the loop, together
             # with every other answer ready by then; anything else in the pool.
