@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from liveclone.core.copier import Phase
-from liveclone.core.metadata import MapStore
+from liveclone.core.metadata import MapHeader, MapStore
 from liveclone.session import status_path
 from liveclone.units import format_size
 
@@ -34,14 +34,23 @@ def read_status(clone_path: str) -> dict[str, Any]:
         except ValueError:
             time.sleep(0.02)
     running = bool(live.get("running")) and _alive(live.get("pid"))
-    present = rmap.present_count
+    return combine_status(clone_path, header, rmap.count, rmap.present_count, live, running)
+
+
+def combine_status(clone_path: str, header: MapHeader, regions: int, committed: int,
+                   live: dict[str, Any], running: bool) -> dict[str, Any]:
+    """The status object: the committed map's facts merged with what the running
+    process reports (``live``, a ``CloneSession.status()``). ``read_status`` reads
+    both from disk; the daemon passes its own in-memory ones, so ``liveclone status
+    --json`` and its API give one and the same object."""
+    present = committed
     if running:
         present = max(present, int(live.get("regions_present", 0)))
     if live.get("phase") == Phase.FAILED and (running or live.get("running") is False):
         # Failed, even if the map reads complete: a failed journal sync leaves the
         # map's durability unknown until the next open settles it.
         phase = Phase.FAILED
-    elif present == rmap.count:
+    elif present == regions:
         phase = Phase.COMPLETE
     elif running:
         phase = live.get("phase", Phase.COPYING)
@@ -51,9 +60,9 @@ def read_status(clone_path: str) -> dict[str, Any]:
         "phase": phase,
         "running": running,
         "clone": clone_path,
-        "regions_total": rmap.count,
+        "regions_total": regions,
         "regions_present": present,
-        "regions_committed": rmap.present_count,
+        "regions_committed": committed,
         "region_size": header.region_size,
         "bytes_total": header.size,
         "bytes_present": min(present * header.region_size, header.size),

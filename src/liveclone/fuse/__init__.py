@@ -1,5 +1,5 @@
-"""FUSE frontend: a mount where the clone appears as a regular file."""
+"""FUSE frontend: a mount where a clone (or a directory of clones) appears as regular files."""
 
-from liveclone.fuse.mount import MountHandle, start_mount
+from liveclone.fuse.mount import MountHandle, start_dir_mount, start_mount
 
-__all__ = ["MountHandle", "start_mount"]
+__all__ = ["MountHandle", "start_dir_mount", "start_mount"]

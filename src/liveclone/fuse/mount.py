@@ -1,7 +1,10 @@
-"""A FUSE mount where a clone appears as one regular file, served by its ``Clone``.
+"""A FUSE mount where a clone appears as a regular file, served by its ``Clone``.
 
 The filesystem holds a root directory with a single file, ``<clone file name>``,
-whose bytes are the clone's (source ⊕ writes, DESIGN invariant 3). It is built on
+whose bytes are the clone's (source ⊕ writes, DESIGN invariant 3). A directory
+mount (``start_dir_mount``, for ``liveclone daemon --mount``) holds any number of
+clones instead, one file each, added and removed while it runs: a removed file
+waits for the calls still running on it, so its clone can then be closed. It is built on
 mfusepy, ctypes bindings to libfuse3's high-level API (bound to libfuse3 even where
 libfuse2 is installed too: see ``libfuse``): ``fuse_main_real`` runs
 libfuse's multithreaded loop in a background thread, and each libfuse worker
@@ -55,6 +58,7 @@ still holding the file get ENOTCONN, as with a crashed server.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import functools
@@ -64,7 +68,7 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from liveclone.core.clone import Clone
@@ -147,27 +151,104 @@ def _errno_only(fn: Callable[..., T]) -> Callable[..., T]:
     return guarded
 
 
+class _File:
+    """One clone shown as a file. ``inflight`` counts the calls running on it (under
+    CloneFS._lock); a removed file takes no new ones and is let go at 0."""
+
+    def __init__(self, clone: Clone, name: str, ino: int, read_only: bool) -> None:
+        self.clone = clone
+        self.name = name
+        self.ino = ino
+        self.read_only = read_only
+        self.mtime = time.time_ns()
+        self.inflight = 0
+        self.removed = False
+
+
 class CloneFS(mfusepy.Operations):  # type: ignore[misc]
-    """One directory, one file: the clone. Callbacks run in libfuse worker threads."""
+    """One directory of clone files (one file for ``mount`` and ``serve --mount``).
+    Callbacks run in libfuse worker threads."""
 
     use_ns = True  # times in nanoseconds (mfusepy warns otherwise)
     # read/write/fsync/fallocate/release need no path: libfuse skips building it.
     flag_nopath = True
     flag_nullpath_ok = True
 
-    def __init__(self, clone: Clone, name: str, read_only: bool, direct_io: bool) -> None:
-        self.clone = clone
-        self.name = name
-        self.file_path = "/" + name
+    def __init__(self, clone: Clone | None, name: str, read_only: bool,
+                 direct_io: bool) -> None:
+        """``clone``: the one file's clone, named ``name``; None for a directory whose
+        files come with ``add``. ``read_only``: the whole mount."""
         self.read_only = read_only
         self.direct_io = direct_io
         self.started = time.time_ns()
-        self._mtime = self.started
         self.reads = 0
         self.writes = 0
         self.last_error: str | None = None
         self.fuse_ptr: int | None = None  # libfuse's ``struct fuse *``, set by init
         self.ready = threading.Event()
+        self.single = clone is not None
+        self._lock = threading.Condition()
+        # --- guarded by _lock --------------------------------------------------------
+        self._files: dict[str, _File] = {}  # by name
+        self._by_ino: dict[int, _File] = {}  # by inode number, the open files' fh
+        self._next_ino = 2
+        # --- end ------------------------------------------------------------------------
+        self.name = name
+        self.file_path = "/" + name
+        if clone is not None:
+            self.add(name, clone, read_only)
+
+    @property
+    def clone(self) -> Clone:
+        """The one file's clone (single-file mounts)."""
+        return self._files[self.name].clone
+
+    # -- the directory -----------------------------------------------------------------
+
+    def add(self, name: str, clone: Clone, read_only: bool = False) -> None:
+        with self._lock:
+            if name in self._files:
+                raise ValueError(f"a file named {name!r} exists")
+            f = _File(clone, name, self._next_ino, read_only or self.read_only)
+            self._next_ino += 1
+            self._files[name] = f
+            self._by_ino[f.ino] = f
+
+    def remove(self, name: str) -> None:
+        """Take the file away and wait for the calls running on it. Blocks."""
+        with self._lock:
+            f = self._files.pop(name)
+            del self._by_ino[f.ino]
+            f.removed = True
+            while f.inflight:
+                self._lock.wait()
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return list(self._files)
+
+    def _lookup(self, path: str | None) -> _File:
+        with self._lock:
+            f = self._files.get(path[1:]) if path and path.startswith("/") else None
+        if f is None:
+            raise _fail(errno.ENOENT)
+        return f
+
+    @contextlib.contextmanager
+    def _using(self, fh: int) -> Iterator[_File]:
+        """The open file ``fh`` while a call runs on it (EIO once it was removed)."""
+        with self._lock:
+            f = self._by_ino.get(fh)
+            if f is None:
+                raise _fail(errno.EIO)
+            f.inflight += 1
+        try:
+            yield f
+        finally:
+            with self._lock:
+                f.inflight -= 1
+                if f.removed and not f.inflight:
+                    self._lock.notify_all()
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -175,33 +256,43 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
         # Runs in a libfuse thread during FUSE_INIT, inside a request context.
         self.fuse_ptr = _libfuse.fuse_get_context().contents.value
         if config is not None:
-            # The size never changes; let the kernel keep attributes a while.
-            config.attr_timeout = 60.0
-            config.entry_timeout = 60.0
+            # The size never changes; let the kernel keep attributes a while. In a
+            # directory whose files come and go, a removed name lasts at most 1 s.
+            config.attr_timeout = config.entry_timeout = 60.0 if self.single else 1.0
         self.ready.set()
 
     # -- metadata -------------------------------------------------------------------
 
-    def _attr(self, path: str | None) -> dict[str, int]:
+    def _attr(self, f: _File | None) -> dict[str, int]:
         common = {"st_uid": os.getuid(), "st_gid": os.getgid(), "st_blksize": 4096,
                   "st_atime": self.started, "st_ctime": self.started,
-                  "st_mtime": self._mtime}
-        if path == "/":
+                  "st_mtime": self.started if f is None else f.mtime}
+        if f is None:
             return {**common, "st_ino": 1, "st_mode": stat.S_IFDIR | 0o755, "st_nlink": 2}
-        if path is None or path == self.file_path:
-            size = self.clone.size
-            return {**common, "st_ino": 2, "st_nlink": 1, "st_size": size,
-                    "st_mode": stat.S_IFREG | (0o444 if self.read_only else 0o644),
-                    "st_blocks": (size + 511) // 512}
-        raise _fail(errno.ENOENT)
+        size = f.clone.size
+        return {**common, "st_ino": f.ino, "st_nlink": 1, "st_size": size,
+                "st_mode": stat.S_IFREG | (0o444 if f.read_only else 0o644),
+                "st_blocks": (size + 511) // 512}
+
+    def _file_of(self, path: str | None, fh: Any) -> _File:
+        """The file a call names by path, or (nopath calls) by its open handle."""
+        if path is None:
+            with self._lock:
+                f = self._by_ino.get(getattr(fh, "fh", fh) or 0)
+            if f is None:
+                raise _fail(errno.EIO)
+            return f
+        return self._lookup(path)
 
     @_errno_only
     def getattr(self, path: str | None, fh: Any = None) -> dict[str, int]:
-        return self._attr(path)
+        if path == "/":
+            return self._attr(None)
+        return self._attr(self._file_of(path, fh))
 
     @_errno_only
     def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
-        if path == "/" or length != self.clone.size:
+        if path == "/" or length != self._file_of(path, fh).clone.size:
             # A disk image has a fixed size; O_TRUNC and ftruncate cannot change it.
             raise _fail(errno.EPERM)
         return 0
@@ -214,7 +305,9 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 
     @_errno_only
     def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> int:
-        self._mtime = times[1] if times is not None else time.time_ns()
+        if path != "/":
+            self._file_of(path, None).mtime = times[1] if times is not None \
+                else time.time_ns()
         return 0
 
     @_errno_only
@@ -225,13 +318,15 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 
     @_errno_only
     def readdir(self, path: str | None, fh: Any) -> list[str]:
-        return [".", "..", self.name]
+        return [".", "..", *self.names()]
 
     @_errno_only
     def statfs(self, path: str) -> dict[str, int]:
+        with self._lock:
+            sizes = [f.clone.size for f in self._files.values()]
         return {"f_bsize": 4096, "f_frsize": 4096,
-                "f_blocks": (self.clone.size + 4095) // 4096,
-                "f_bfree": 0, "f_bavail": 0, "f_files": 2, "f_ffree": 0,
+                "f_blocks": sum((n + 4095) // 4096 for n in sizes),
+                "f_bfree": 0, "f_bavail": 0, "f_files": len(sizes) + 1, "f_ffree": 0,
                 "f_favail": 0, "f_namemax": 255}
 
     # -- data -----------------------------------------------------------------------
@@ -240,68 +335,71 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
     def open(self, path: str, fi: Any) -> int:
         if path == "/":
             raise _fail(errno.EISDIR)
-        if path != self.file_path:
-            raise _fail(errno.ENOENT)
+        f = self._lookup(path)
         flags = fi.flags
-        if self.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
+        if f.read_only and flags & os.O_ACCMODE != os.O_RDONLY:
             raise _fail(errno.EROFS)
-        if flags & os.O_TRUNC and self.clone.size:
+        if flags & os.O_TRUNC and f.clone.size:
             raise _fail(errno.EPERM)
-        fi.fh = 2
+        fi.fh = f.ino
         fi.direct_io = int(self.direct_io)
         fi.keep_cache = int(not self.direct_io)
         return 0
 
     @_errno_only
     def read(self, path: str | None, size: int, offset: int, fi: Any) -> Any:
-        end = min(offset + size, self.clone.size)
-        if end <= offset:
-            return b""
-        self.reads += 1
-        buf = self.clone.read(offset, end - offset)
+        with self._using(fi.fh) as f:
+            end = min(offset + size, f.clone.size)
+            if end <= offset:
+                return b""
+            self.reads += 1
+            buf = f.clone.read(offset, end - offset)
         # mfusepy memmoves the result into libfuse's buffer; a ctypes view of the
         # bytearray saves copying it to bytes first.
         return (ctypes.c_char * len(buf)).from_buffer(buf)
 
     @_errno_only
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        if self.read_only:
-            raise _fail(errno.EROFS)
-        if not data:
-            return 0
-        if offset >= self.clone.size:
-            raise _fail(errno.ENOSPC)
-        n = min(len(data), self.clone.size - offset)
-        self.writes += 1
-        self.clone.write(offset, memoryview(data)[:n])
-        self._mtime = time.time_ns()
-        return n
+        with self._using(fi.fh) as f:
+            if f.read_only:
+                raise _fail(errno.EROFS)
+            if not data:
+                return 0
+            if offset >= f.clone.size:
+                raise _fail(errno.ENOSPC)
+            n = min(len(data), f.clone.size - offset)
+            self.writes += 1
+            f.clone.write(offset, memoryview(data)[:n])
+            f.mtime = time.time_ns()
+            return n
 
     @_errno_only
     def fallocate(self, path: str | None, mode: int, offset: int, length: int,
                   fi: Any) -> int:
         """The mapping is in the module docstring."""
-        if self.read_only:
-            raise _fail(errno.EROFS)
-        if offset < 0 or length <= 0:
-            raise _fail(errno.EINVAL)
-        if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-            raise _fail(errno.EOPNOTSUPP)
-        size = self.clone.size
-        if offset + length > size and not mode & FALLOC_FL_KEEP_SIZE:
-            raise _fail(errno.EPERM)  # would grow the file: a disk has a fixed size
-        length = min(offset + length, size) - offset
-        if length <= 0 or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
-            return 0  # nothing in the file, or preallocation: it is all allocated
-        self.clone.write_zeroes(offset, length, no_hole=bool(mode & FALLOC_FL_ZERO_RANGE))
-        self._mtime = time.time_ns()
-        return 0
+        with self._using(fi.fh) as f:
+            if f.read_only:
+                raise _fail(errno.EROFS)
+            if offset < 0 or length <= 0:
+                raise _fail(errno.EINVAL)
+            if mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                raise _fail(errno.EOPNOTSUPP)
+            size = f.clone.size
+            if offset + length > size and not mode & FALLOC_FL_KEEP_SIZE:
+                raise _fail(errno.EPERM)  # would grow the file: a disk has a fixed size
+            length = min(offset + length, size) - offset
+            if length <= 0 or not mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+                return 0  # nothing in the file, or preallocation: it is all allocated
+            f.clone.write_zeroes(offset, length, no_hole=bool(mode & FALLOC_FL_ZERO_RANGE))
+            f.mtime = time.time_ns()
+            return 0
 
     @_errno_only
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
-        if not self.read_only:
-            self.clone.flush()
-        return 0
+        with self._using(fi.fh) as f:
+            if not f.read_only:
+                f.clone.flush()
+            return 0
 
     def flush(self, path: str | None, fi: Any) -> int:
         return 0  # close(): nothing to do; durability is fsync's job
@@ -313,11 +411,12 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 class MountHandle:
     """A mount running libfuse's loop in a background thread. ``stop()`` unmounts."""
 
-    def __init__(self, clone: Clone, mountpoint: str, read_only: bool,
+    def __init__(self, clone: Clone | None, mountpoint: str, read_only: bool,
                  name: str | None, allow_other: bool, direct_io: bool) -> None:
+        """``clone`` None: a directory mount, whose files come with ``add``."""
         self.clone = clone
         self.mountpoint = os.path.abspath(mountpoint)
-        self.name = name or os.path.basename(clone.path)
+        self.name = name or (os.path.basename(clone.path) if clone is not None else "")
         self.path = os.path.join(self.mountpoint, self.name)
         self.fs = CloneFS(clone, self.name, read_only, direct_io)
         self._options: dict[str, Any] = {
@@ -367,6 +466,19 @@ class MountHandle:
             raise UsageError(f"cannot mount FUSE on {self.mountpoint}: {why}")
         return self
 
+    def add(self, name: str, clone: Clone, read_only: bool = False) -> str:
+        """Show ``clone`` as ``MOUNTPOINT/name`` (a directory mount); its path."""
+        self.fs.add(name, clone, read_only)
+        return os.path.join(self.mountpoint, name)
+
+    def remove(self, name: str) -> None:
+        """Take ``MOUNTPOINT/name`` away; blocks until no call runs on it, so its
+        clone may be closed. Programs that still hold it open get EIO."""
+        self.fs.remove(name)
+        ptr = self.fs.fuse_ptr
+        if self.running and ptr is not None:
+            _libfuse.fuse_invalidate_path(ptr, ("/" + name).encode())
+
     @property
     def running(self) -> bool:
         return not self._done.is_set()
@@ -408,6 +520,14 @@ class MountHandle:
             os.statvfs(self.mountpoint)
         except OSError:
             pass  # the loop ended on its own meanwhile
+
+
+def start_dir_mount(mountpoint: str, allow_other: bool = False) -> MountHandle:
+    """Mount an empty directory of clones on ``mountpoint`` (``MountHandle.add`` and
+    ``remove`` change it while it runs). Files are opened with ``direct_io``: their
+    clones are also written over NBD, so the kernel must not cache their pages."""
+    check_mountpoint(mountpoint)
+    return MountHandle(None, mountpoint, False, None, allow_other, direct_io=True).start()
 
 
 def start_mount(clone: Clone, mountpoint: str, read_only: bool = False,
