@@ -37,14 +37,14 @@ of a crash and is removed. The clone itself is crash-safe (invariant 7): after
 ``max_bytes`` bounds the directory: before an entry is made or reopened, least-
 recently-used entries that no clone holds are evicted until it fits. An entry
 counts what it holds on disk, and an incomplete open entry also the rest of its
-size (what it may still grow to). An entry held by a clone is never evicted; when
-the bound cannot be met anyway, the source is read directly, uncached, and
-``status()["warning"]`` (and the log) says so.
+size (what it may still grow to); a new one, its size and ``ENTRY_EXTRA``. An
+entry held by a clone is never evicted; when the bound cannot be met anyway, the
+source is read directly, uncached, and ``status()["warning"]`` (and the log) says
+so.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -58,8 +58,8 @@ from typing import Any, cast
 
 from liveclone.core import fsops
 from liveclone.core.metadata import MapStore
+from liveclone.dirlock import lock_directory
 from liveclone.errors import (
-    CloneBusyError,
     CloneFailedError,
     CorruptMetadataError,
     SourceError,
@@ -74,10 +74,12 @@ from liveclone.units import format_size
 
 log = logging.getLogger(__name__)
 
-LOCK_NAME = ".lock"
 META_NAME = "meta.json"
 IMAGE_NAME = "image"
 KEY_CHARS = 32  # hex digits of the identity digest that name an entry
+# What an entry not made yet is expected to hold besides its image: the map's
+# journal (256 KiB reserved ahead of its end), the map, status and meta files.
+ENTRY_EXTRA = 512 << 10
 
 
 def entry_key(identity: dict[str, Any]) -> str:
@@ -93,18 +95,14 @@ def spec_digest(spec: str) -> str:
 
 
 def _allocated(path: str) -> int:
-    """Bytes a directory's files hold on disk (sparse files count their data only)."""
-    total = 0
+    """Bytes a file, or a directory's files, hold on disk (sparse: data only)."""
     try:
+        if not os.path.isdir(path):
+            return os.stat(path).st_blocks * 512
         names = os.listdir(path)
     except FileNotFoundError:
         return 0
-    for name in names:
-        try:
-            total += os.stat(os.path.join(path, name)).st_blocks * 512
-        except FileNotFoundError:
-            pass
-    return total
+    return sum(_allocated(os.path.join(path, name)) for name in names)
 
 
 @dataclass
@@ -173,24 +171,8 @@ class SourceCache:
             raise TargetError(f"the cache size must be positive, not {max_bytes}")
         self.dir = os.path.abspath(cache_dir)
         self.max_bytes = max_bytes
-        try:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(self.dir, LOCK_NAME),
-                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise TargetError(f"cannot use cache directory {self.dir}: {e.strerror}; "
-                              "give a writable directory") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
-            os.close(self._lock_fd)
-            raise CloneBusyError(
-                f"the cache directory {self.dir} is in use by another liveclone process "
-                f"(pid {holder or 'unknown'}); give each daemon its own cache directory"
-            ) from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = lock_directory(self.dir, f"the cache directory {self.dir}",
+                                       "give each daemon its own cache directory")
         self._lock = threading.Lock()
         # --- guarded by _lock ----------------------------------------------------
         self._entries: dict[str, _Entry] = {}  # every entry on disk, by key
@@ -228,7 +210,7 @@ class SourceCache:
                 self._check_open()
                 entry = self._entries.get(key)
                 if entry is None:
-                    if not self._make_room(upstream.size, None):
+                    if not self._make_room(upstream.size + ENTRY_EXTRA, None):
                         return self._uncached(upstream)
                     entry = self._new_entry(key, spec, identity, upstream.size)
                     self.misses += 1
@@ -530,8 +512,10 @@ class _EntryReader(Source):
         end = min(offset + length, self.size)
         if end <= offset:
             return bytes(max(length, 0))
-        self._cache._start_copier(self._entry)
-        data = self._clone.read(offset, end - offset)
+        try:
+            data = self._clone.read(offset, end - offset)
+        finally:  # after the first read, which need not share the source with it
+            self._cache._start_copier(self._entry)
         if len(data) < length:
             data += bytes(length - len(data))
         # A bytearray: every caller only slices it or takes its length, and a copy
