@@ -29,6 +29,10 @@ COMMANDS = {
     "mount": ("mount", "command"),
     "boot": ("boot", "command"),
     "libvirt-xml": ("libvirt_xml", "command"),
+    "daemon": ("daemon", "command"),
+    "add": ("clones", "add"),
+    "ls": ("clones", "ls"),
+    "rm": ("clones", "rm"),
 }
 
 

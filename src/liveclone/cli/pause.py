@@ -11,6 +11,7 @@ import os
 
 import click
 
+from liveclone.cli.clones import api_option, daemon_for
 from liveclone.core.metadata import MapStore
 from liveclone.session import pause_path
 
@@ -23,8 +24,16 @@ def _check_clone(clone_path: str) -> bool:
 
 @click.command("pause")
 @click.argument("clone_path", metavar="CLONE")
-def pause(clone_path: str) -> None:
-    """Pause the background copy of CLONE (guests keep running)."""
+@api_option
+def pause(clone_path: str, api: str | None) -> None:
+    """Pause the background copy of CLONE (guests keep running). CLONE is a clone
+    file, or the name of a daemon's clone."""
+    daemon = daemon_for(clone_path, api)
+    if daemon is not None:
+        phase = daemon.pause(clone_path)["status"]["phase"]
+        click.echo(f"liveclone: paused the copy of {clone_path} ({phase}); `liveclone "
+                   f"resume {clone_path}` continues it", err=True)
+        return
     if _check_clone(clone_path):
         click.echo(f"liveclone: {clone_path} is complete: nothing to pause", err=True)
         return
@@ -36,8 +45,15 @@ def pause(clone_path: str) -> None:
 
 @click.command("resume")
 @click.argument("clone_path", metavar="CLONE")
-def resume(clone_path: str) -> None:
-    """Resume the background copy of CLONE after `liveclone pause`."""
+@api_option
+def resume(clone_path: str, api: str | None) -> None:
+    """Resume the background copy of CLONE after `liveclone pause`. CLONE is a clone
+    file, or the name of a daemon's clone."""
+    daemon = daemon_for(clone_path, api)
+    if daemon is not None:
+        phase = daemon.resume(clone_path)["status"]["phase"]
+        click.echo(f"liveclone: resumed the copy of {clone_path} ({phase})", err=True)
+        return
     _check_clone(clone_path)
     try:
         os.unlink(pause_path(clone_path))

@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from liveclone.cli.clones import api_option, daemon_for
 from liveclone.core.copier import Phase
 from liveclone.core.metadata import MapHeader, MapStore
 from liveclone.session import status_path
@@ -94,9 +95,13 @@ def _alive(pid: object) -> bool:
 @click.command("status")
 @click.argument("clone_path", metavar="CLONE")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def command(clone_path: str, as_json: bool) -> None:
-    """Show how far CLONE's copy is, and what its running process reports."""
-    st = read_status(clone_path)
+@api_option
+def command(clone_path: str, as_json: bool, api: str | None) -> None:
+    """Show how far CLONE's copy is, and what its running process reports.
+
+    CLONE is a clone file, or the name of a daemon's clone."""
+    daemon = daemon_for(clone_path, api)
+    st = daemon.get(clone_path)["status"] if daemon is not None else read_status(clone_path)
     if as_json:
         click.echo(json.dumps(st, sort_keys=True))
         return
@@ -114,5 +119,6 @@ def command(clone_path: str, as_json: bool) -> None:
                      + (f", {eta:.0f} s left" if eta is not None else ""))
     if st.get("last_error"):
         lines.append(f"error:   {st['last_error']}")
-    lines.append(f"created: {time.ctime(st['created'])}")
+    if st.get("created"):
+        lines.append(f"created: {time.ctime(st['created'])}")
     click.echo("\n".join(lines))
