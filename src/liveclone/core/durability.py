@@ -26,6 +26,7 @@ from liveclone.core.lifecycle import Lifecycle
 from liveclone.core.metadata import COMPACT_RECORDS, MapStore
 from liveclone.core.ownership import Run
 from liveclone.core.regions import RegionMap
+from liveclone.errors import CloneClosedError
 
 # Invariant 6: commit at least this often while bits are pending.
 COMMIT_INTERVAL = 1.0
@@ -168,6 +169,8 @@ class Durability:
                 self.flush()
             except OSError:
                 return  # the lifecycle holds the failure and its reason
+            except CloneClosedError:
+                return  # closing began after the wait: close's own flush commits
 
     def stop(self) -> None:
         self._stop.set()
