@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from liveclone.core import fsops
+from liveclone.core.digests import Digester
 from liveclone.core.durability import Durability
 from liveclone.core.fill import FillEngine
 from liveclone.core.lifecycle import Lifecycle, State
@@ -83,6 +84,7 @@ class Clone:
         self.last_error: str | None = None  # the last harmless error worth showing
         self._durability = Durability(fd, store, RegionMap(rmap.count, rmap.to_bytes()),
                                       self.lifecycle)
+        self._digests = store.digests  # a slot per region: copied digest, or "guest"
         self._own = Ownership(rmap, self._durability.note_present)
         self._fill = FillEngine(fd, source, self.region_size, self._count_source_bytes)
         self.lifecycle.to(State.RUNNING)
@@ -165,8 +167,9 @@ class Clone:
         spans = [(a << shift, min(b << shift, size)) for a, b in runs]
         progress = [spans[0][0]]
         read = copied = 0
+        digester = Digester(size, self.region_size)
         try:
-            read, copied = self._fill.copy(spans, progress, bulk)
+            read, copied = self._fill.copy(spans, progress, bulk, digester)
         finally:
             # Keep the whole regions copied before a failure (a full disk mid-batch
             # must not throw away what was written).
@@ -183,11 +186,19 @@ class Clone:
                 if stop > start:
                     fsops.drop_cached(self._fd, start, stop - start)
             finally:
-                with self._stats_lock:
-                    for a, b in done:  # copied, so never reported skipped
-                        self._reported.set(a, b)
-                    self.stats.bytes_copied += copied
-                self._own.release(runs, done)
+                try:
+                    # Their digest slots before their bits (core.digests); a region
+                    # whose slot could not be written stays absent.
+                    self._durability.record_digests(digester.out, done)
+                except BaseException:
+                    done = []
+                    raise
+                finally:
+                    with self._stats_lock:
+                        for a, b in done:  # copied, so never reported skipped
+                            self._reported.set(a, b)
+                        self.stats.bytes_copied += copied
+                    self._own.release(runs, done)
         return sum(b - a for a, b in runs), read
 
     # -- the guest's operations -------------------------------------------------
@@ -276,7 +287,10 @@ class Clone:
         self.lifecycle.check_writable()
         if len(data) > NOWAIT_WRITE_MAX:
             return False
-        if not self.complete and self._own.any_absent(*self._span(offset, len(data))):
+        span = self._span(offset, len(data))
+        if not self.complete and self._own.any_absent(*span):
+            return False
+        if not self._digests.marked(*span):  # the first write there needs write intent
             return False
         fsops.pwrite_all(self._fd, data, offset)
         self._count_write(len(data))
@@ -321,6 +335,7 @@ class Clone:
         self.lifecycle.check_writable()
         first, end = self._span(offset, length)
         with self._guest(), self._own.owning(first, end) as own:
+            self._mark_guest(first, end, own.runs)
             for a, b in own.runs:
                 for r in {a, b - 1}:
                     rs, re_ = self.geometry.bounds(r)
@@ -330,9 +345,25 @@ class Clone:
                         self._fill.copy([(max(offset + length, rs), re_)])
             apply()
             own.made_present = True
+            self._digests.note_marked(own.runs)
             self._count_write(length)
         if fua:
             self.flush()
+
+    def _mark_guest(self, first: int, end: int, owned: list[Run]) -> None:
+        """Digest slots of the regions a guest changes say "guest" (core.digests):
+        those of owned absent regions travel with their bits; present regions get
+        theirs durably before their bytes change (write intent)."""
+        present, at = [], first
+        for a, b in owned:  # owned: the absent runs of [first, end), sorted
+            if a > at:
+                present.append((at, a))
+            at = b
+        if at < end:
+            present.append((at, end))
+        if present:
+            self._durability.guest_intent(present)
+        self._durability.guest_made_present(owned)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._modify(offset, len(data), fua, lambda: fsops.pwrite_all(self._fd, data, offset))
@@ -363,8 +394,10 @@ class Clone:
             if inner_end > inner_start:
                 first, end = self._span(inner_start, inner_end - inner_start)
                 with self._own.owning(first, end) as own:
+                    self._mark_guest(first, end, own.runs)
                     fsops.punch_hole(self._fd, inner_start, inner_end - inner_start)
                     own.made_present = True
+                    self._digests.note_marked(own.runs)
             else:
                 inner_start = inner_end = offset
             # Partly covered edges: punch only where present, under ownership so a
@@ -376,6 +409,7 @@ class Clone:
                 with self._own.owning(*self._span(start, stop - start)):
                     for s, e, present in self._byte_runs(start, stop - start):
                         if present:
+                            self._durability.guest_intent([self._span(s, e - s)])
                             fsops.punch_hole(self._fd, s, e - s)
         if fua:
             self.flush()

@@ -1,8 +1,9 @@
 """Durability: pending and committed maps, the commit thread, and the failed mode.
 
 Invariant 6, data first, then map. A ``flush`` takes the runs made present since
-the last commit, makes the clone file's data durable (fdatasync), and only then
-commits those runs to the journal (``MapStore.commit``). FLUSH and FUA are
+the last commit, makes the clone file's data durable (fdatasync), then their digest
+slots (``core.digests``), and only then commits those runs to the journal
+(``MapStore.commit``). FLUSH and FUA are
 acknowledged only after that. Without a FLUSH, a commit runs at least once a
 second while runs are pending.
 
@@ -125,6 +126,12 @@ class Durability:
         except OSError as e:
             raise self._fail("fdatasync of the clone file", e) from None
         try:
+            # step 1b: then the digest slots of those regions, written before their
+            # bits were set: a committed bit never vouches for a slot not durable
+            self._store.digests.sync()
+        except OSError as e:
+            raise self._fail("fdatasync of the digest file", e) from None
+        try:
             self._store.commit(_merge(ranges))  # step 2: then the map
         except OSError as e:
             raise self._fail("the journal commit", e) from None
@@ -145,6 +152,34 @@ class Durability:
             with self._lock:
                 self.note = None if done else \
                     "map compaction postponed (could not write the new superblock)"
+
+    # -- digest slots (core.digests): written before the bits they go with -------------
+    # A failed write or sync of the digest file is the failed mode, as the journal's
+    # is (invariant 9): the slots' state on disk is then unknown.
+
+    def record_digests(self, digests: list[tuple[int, int]], runs: list[Run]) -> None:
+        """Slots of regions a fill copied, before their bits are set."""
+        try:
+            self._store.digests.record(digests, runs)
+        except OSError as e:
+            raise self._fail("writing the digest file", e) from None
+
+    def guest_made_present(self, runs: list[Run]) -> None:
+        """"guest" slots of absent regions a guest is about to make present."""
+        try:
+            self._store.digests.guest_made_present(runs)
+        except OSError as e:
+            raise self._fail("writing the digest file", e) from None
+
+    def guest_intent(self, runs: list[Run]) -> None:
+        """Write intent: before a guest changes present regions, their digest slots
+        say "guest", durably (``DigestStore.guest_intent``). Raises OSError(EIO) in
+        the failed mode, and enters it if the write or sync fails."""
+        self._lifecycle.check_writable()
+        try:
+            self._store.digests.guest_intent(runs)
+        except OSError as e:
+            raise self._fail("writing or syncing the digest file", e) from None
 
     def _fail(self, step: str, e: OSError) -> OSError:
         reason = f"{step} failed ({e.strerror or e}). {_FIX}"

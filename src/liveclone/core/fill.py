@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from liveclone.core import fsops
+from liveclone.core.digests import Digester
 from liveclone.sources.base import Extent, Source
 
 T = TypeVar("T")
@@ -126,12 +127,15 @@ class FillEngine:
         return data
 
     def copy(self, runs: list[tuple[int, int]], progress: list[int] | None = None,
-             bulk: bool = False) -> tuple[int, int]:
+             bulk: bool = False, digests: Digester | None = None) -> tuple[int, int]:
         """Copy source bytes of each ``(start, end)`` byte run into the clone file;
         ``runs`` are sorted and apart. Return the source bytes read (with the gaps
         read along) and, of them, the bytes of the runs (source holes are not
         read). ``progress[0]``, if given, is kept at an offset below which every
-        byte of the runs is written, so a failed copy keeps what it did."""
+        byte of the runs is written, so a failed copy keeps what it did.
+        ``digests``, if given, is handed every piece of the runs (source holes as
+        zeros) before the piece is written, from the buffer it was read into: a
+        region's digest is of the bytes copied, at no extra read."""
         source = self.need_source()
         starts = [a for a, _ in runs]
         hole: list[int] = []  # [start, end) of a zero run waiting to be punched
@@ -164,6 +168,8 @@ class FillEngine:
             ext_end = ext.offset + ext.length
             if not ext.data:
                 for a, b in pieces(ext.offset, ext_end):
+                    if digests is not None:
+                        digests.zeros(a, b)
                     punch(a, b)
                 continue
             pos = ext.offset
@@ -181,6 +187,8 @@ class FillEngine:
                     self._count(end - start)
                     for a, b in chunk[g:k]:
                         copied += b - a
+                        if digests is not None:
+                            digests.data(a, data[a - start:b - start])
                         self._put(source, data[a - start:b - start], a, direct, punch,
                                   flush_hole, progress)
                     g = k

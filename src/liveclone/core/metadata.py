@@ -4,7 +4,7 @@ Layout, beside the clone file ``CLONE``:
 
 ``CLONE.lcmap`` — the superblock, replaced atomically, never edited in place::
 
-    0   8  magic  b"LVCLMAP1"
+    0   8  magic  b"LVCLMAP2" (b"LVCLMAP1": made before digests; upgraded on open)
     8   4  u32    length H of the header JSON
     12  4  u32    length B of the zlib-compressed bitmap
     16  8  u64    generation G
@@ -22,6 +22,14 @@ Layout, beside the clone file ``CLONE``:
                            u64 commit sequence, u64 k, u32 CRC32 of the k ranges, u32 0
     ..            zeros (space reserved with fallocate so a full disk cannot stop a commit)
 
+``CLONE.lcdigest`` — one slot per region: the digest of what a fill copied, or
+"guest" (see ``core.digests``). A LVCLMAP2 superblock promises this file exists. A
+LVCLMAP1 map (no digest file) is upgraded when opened for writing: an empty digest
+file is made, then the superblock is rewritten as LVCLMAP2 (a compaction), so an
+older liveclone, which would not keep the digests, refuses the map from then on. A
+missing digest file under LVCLMAP2 is made again, empty (its regions verify as
+"unverified", never as a mismatch); a damaged one is refused.
+
 What *committed* means: region r is committed present iff its bit is set in the
 superblock bitmap, or a **complete** commit of a journal of the same generation
 covers it. A commit is complete when its trailer is valid, counts its ranges and
@@ -30,7 +38,9 @@ because bits only ever go absent → present (invariant 2).
 
 Commit order (the caller's half comes first, see ``core.durability``):
 
-1. the caller makes the clone data durable (fdatasync of the clone file);
+1. the caller makes the clone data durable (fdatasync of the clone file), then
+   the digest slots (``digests.sync()``): a committed bit never vouches for a slot
+   that is not durable;
 2. ``commit()`` appends the ranges and the trailer after the last complete commit;
 3. ``commit()`` fdatasyncs the journal. Only now are the bits committed.
 
@@ -73,13 +83,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from liveclone.core import fsops
+from liveclone.core.digests import DigestStore, digest_path
 from liveclone.core.regions import RegionMap, check_region_size
 from liveclone.errors import CorruptMetadataError, NotACloneError, TargetError
 
 MAP_SUFFIX = ".lcmap"
 JOURNAL_SUFFIX = ".lcjournal"
 
-_SB_MAGIC = b"LVCLMAP1"
+_SB_MAGIC = b"LVCLMAP2"
+_SB_MAGIC_V1 = b"LVCLMAP1"  # before digests: read, and upgraded when opened for writing
 _SB_HEAD = struct.Struct("<8sIIQ")
 _JR_MAGIC = b"LVCLJRN2"
 _JR_HEAD = struct.Struct("<8s16sQ")  # + zero padding + CRC32 in the last 4 bytes
@@ -150,7 +162,7 @@ def _corrupt(path: str, what: str) -> CorruptMetadataError:
 
 
 def _decode_superblock(path: str, raw: bytes) -> tuple[MapHeader, RegionMap, int]:
-    if len(raw) < _SB_HEAD.size + 4 or raw[:8] != _SB_MAGIC:
+    if len(raw) < _SB_HEAD.size + 4 or raw[:8] not in (_SB_MAGIC, _SB_MAGIC_V1):
         raise _corrupt(path, "bad magic or truncated superblock")
     _, hlen, blen, generation = _SB_HEAD.unpack_from(raw)
     end = _SB_HEAD.size + hlen + blen
@@ -290,8 +302,9 @@ class MapStore:
     """
 
     def __init__(self, clone_path: str, header: MapHeader, generation: int,
-                 jfd: int, replay: _Replay, mode: int) -> None:
+                 jfd: int, replay: _Replay, mode: int, digests: DigestStore) -> None:
         self.clone_path = clone_path
+        self.digests = digests  # the region digests (core.digests); synced before commit
         self.map_path, self.journal_path = map_paths(clone_path)
         self.header = header
         self.mode = mode
@@ -314,6 +327,7 @@ class MapStore:
         rmap = RegionMap((header.size + header.region_size - 1) // header.region_size)
         try:
             fsops.write_file_atomically(journal_path, _journal_header(header.uuid, 0), mode)
+            DigestStore.create(digest_path(clone_path), header.uuid, rmap.count, mode)
             fsops.write_file_atomically(map_path, _encode_superblock(header, rmap, 0), mode)
         except OSError as e:
             raise TargetError(
@@ -385,12 +399,21 @@ class MapStore:
             jfd = os.open(journal_path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
             raise _corrupt(journal_path, "the journal is missing") from None
+        store = None
         try:
             st = os.fstat(jfd)
             raw = os.pread(jfd, st.st_size, 0)
             replay = _replay(journal_path, raw, header, generation, rmap)
-            store = cls(clone_path, header, generation, jfd, replay,
-                        stat.S_IMODE(os.stat(map_path).st_mode))
+            mode = stat.S_IMODE(os.stat(map_path).st_mode)
+            with open(map_path, "rb") as f:
+                upgrade = f.read(8) == _SB_MAGIC_V1
+            dpath = digest_path(clone_path)
+            if not os.path.exists(dpath):
+                # LVCLMAP1 (before digests), or removed by the user after a damaged
+                # header: an empty one; its regions verify as "unverified".
+                DigestStore.create(dpath, header.uuid, rmap.count, mode)
+            digests = DigestStore.open(dpath, header.uuid, rmap.count)
+            store = cls(clone_path, header, generation, jfd, replay, mode, digests)
             if replay.generation != generation:
                 # Compaction stopped between steps 2 and 3: the superblock already
                 # holds every journalled bit. Finish step 3 now.
@@ -401,8 +424,15 @@ class MapStore:
                 fsops.pwrite_all(store._jfd, bytes(replay.torn), replay.end)
                 fsops.fdatasync(store._jfd)
             store._reserve(0)
+            if upgrade and not store.compact(rmap):  # now LVCLMAP2: older versions refuse it
+                raise TargetError(f"cannot upgrade the region map {map_path} to record "
+                                  "digests: its new superblock could not be written; "
+                                  "check the directory's space and permissions")
         except BaseException:
-            os.close(jfd)
+            if store is not None:
+                store.close()
+            else:
+                os.close(jfd)
             raise
         return store, rmap
 
@@ -504,6 +534,7 @@ class MapStore:
             # No room for a reserve now: commits will try again.
 
     def close(self) -> None:
+        self.digests.close()
         if self._jfd >= 0:
             os.close(self._jfd)
             self._jfd = -1

@@ -1,0 +1,333 @@
+"""Region digests: what each copied region held, and which regions the guest changed.
+
+``CLONE.lcdigest`` beside the map holds one fixed-size slot per region::
+
+    0     4096  header: magic b"LVCLDIG1", clone uuid (16 bytes), u32 slot size,
+                u32 length of the algorithm name, the name ("xxh3-64"), zeros, CRC32
+    4096  16×n  slot of region r at 4096 + 16·r:
+                u64 digest   XXH3-64 of the region's bytes (the short last region's
+                             bytes only)
+                u32 kind     0 none, 1 copied from the source, 2 guest
+                u32 CRC32    of (u64 r, u32 kind, u64 digest); an all-zero slot is
+                             "none" without a CRC
+
+A slot is 16 bytes at a 16-byte boundary, so it never straddles a page or a sector:
+a power cut leaves each slot old or new, never a mix. The file is sized and its
+blocks allocated when it is made, so writing a slot never needs space (a full disk
+cannot stop the digests).
+
+**copied**: a fill copied the region from the source; the digest is of the bytes it
+copied (source holes and zero blocks count as the zeros they read as). **guest**:
+the guest wrote, zeroed or trimmed the region, so its bytes are known not to be
+the source's; there is no digest. **none**: nothing recorded (a clone made before
+digests existed).
+
+Invariant (the digest half of invariant 6): a region's slot is written before its
+present bit is set in memory, and a commit fdatasyncs this file after the clone's
+data and before the journal, so a committed present bit never vouches for a slot
+that is not durable. A slot of an absent region means nothing: it is rewritten when
+the region is filled.
+
+Invariant (write intent): before a guest's bytes are written into a region that is
+already present, that region's slot says "guest" and is durable. A crash can then
+leave a guest's unflushed bytes in a copied region (``kill -9`` keeps the page
+cache) without the region ever reading as a mismatch. Each region pays this
+fdatasync once: ``_marked`` remembers the regions whose guest slot is known.
+
+Blocking: every call does file I/O and may block. Thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import uuid
+import zlib
+from collections.abc import Iterable
+
+import xxhash
+
+from liveclone.core import fsops
+from liveclone.core.regions import RegionMap
+from liveclone.errors import CorruptMetadataError
+
+DIGEST_SUFFIX = ".lcdigest"
+ALGORITHM = "xxh3-64"
+HEADER_SIZE = 4096
+SLOT_SIZE = 16
+_MAGIC = b"LVCLDIG1"
+_HEAD = struct.Struct("<8s16sII")
+_SLOT = struct.Struct("<QII")
+_CRC_IN = struct.Struct("<QIQ")
+_ZERO_SLOT = bytes(SLOT_SIZE)
+
+NONE, COPIED, GUEST = 0, 1, 2
+DAMAGED = -1  # a slot whose CRC does not match (reported, never trusted)
+
+Run = tuple[int, int]
+
+digest_of = xxhash.xxh3_64_intdigest
+
+
+def digest_path(clone_path: str) -> str:
+    return clone_path + DIGEST_SUFFIX
+
+
+def encode_slot(region: int, kind: int, digest: int = 0) -> bytes:
+    crc = zlib.crc32(_CRC_IN.pack(region, kind, digest))
+    return _SLOT.pack(digest, kind, crc)
+
+
+def decode_slot(region: int, raw: bytes | memoryview) -> tuple[int, int]:
+    """``(kind, digest)`` of a slot; kind DAMAGED if its CRC is wrong."""
+    if raw == _ZERO_SLOT:
+        return NONE, 0
+    digest, kind, crc = _SLOT.unpack(raw)
+    if kind not in (NONE, COPIED, GUEST) or zlib.crc32(_CRC_IN.pack(region, kind, digest)) != crc:
+        return DAMAGED, 0
+    return kind, digest
+
+
+def _header(uid: str) -> bytes:
+    name = ALGORITHM.encode()
+    head = _HEAD.pack(_MAGIC, uuid.UUID(uid).bytes, SLOT_SIZE, len(name)) + name
+    head = head.ljust(HEADER_SIZE - 4, b"\0")
+    return head + struct.pack("<I", zlib.crc32(head))
+
+
+def check_header(path: str, raw: bytes, uid: str) -> None:
+    """Raise CorruptMetadataError unless ``raw`` is this clone's digest file header."""
+    why = None
+    if len(raw) < HEADER_SIZE or raw[:8] != _MAGIC:
+        why = "bad magic or truncated header"
+    elif zlib.crc32(raw[:HEADER_SIZE - 4]) != struct.unpack_from("<I", raw, HEADER_SIZE - 4)[0]:
+        why = "header checksum mismatch"
+    else:
+        _, uid_bytes, slot, nlen = _HEAD.unpack_from(raw)
+        name = raw[_HEAD.size:_HEAD.size + nlen].decode(errors="replace")
+        if uuid.UUID(bytes=uid_bytes) != uuid.UUID(uid):
+            why = "it belongs to a different clone"
+        elif slot != SLOT_SIZE or name != ALGORITHM:
+            why = f"unknown layout (slot {slot} bytes, algorithm {name!r})"
+    if why:
+        raise CorruptMetadataError(
+            f"the digest file {path} is damaged: {why}. The clone's data and map are "
+            f"intact; to go on without the recorded digests, remove {path} and the map "
+            "will make an empty one (`liveclone verify` then reports those regions as "
+            "unverified).")
+
+
+class ZeroDigests:
+    """The digest of ``n`` zero bytes, computed once per length."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, int] = {}
+
+    def __call__(self, n: int) -> int:
+        d = self._known.get(n)
+        if d is None:
+            h = xxhash.xxh3_64()
+            block = bytes(min(n, 1 << 20))
+            left = n
+            while left:
+                step = min(left, len(block))
+                h.update(block[:step] if step < len(block) else block)
+                left -= step
+            d = self._known[n] = h.intdigest()
+        return d
+
+
+ZEROS = ZeroDigests()
+
+
+class Digester:
+    """Digests of whole regions from pieces of data and zeros given in offset order
+    (a fill's pieces; a verify's reads). ``out`` collects ``(region, digest)``.
+
+    A piece may start or end inside a region: the region's digest is then built
+    from its pieces, and emitted when its last byte is given. A region whose pieces
+    do not follow each other gets no digest (never a wrong one)."""
+
+    def __init__(self, size: int, region_size: int) -> None:
+        self.size = size
+        self.shift = region_size.bit_length() - 1
+        self.rs = region_size
+        self.out: list[tuple[int, int]] = []
+        self._partial: xxhash.xxh3_64 | None = None
+        self._at = -1  # the byte offset the partial region expects next
+
+    def _bounds(self, pos: int) -> tuple[int, int, int]:
+        r = pos >> self.shift
+        start = r << self.shift
+        return r, start, min(start + self.rs, self.size)
+
+    def data(self, offset: int, view: memoryview | bytes) -> None:
+        n, i, pos = len(view), 0, offset
+        out, shift, rs = self.out, self.shift, self.rs
+        while i < n:
+            if self._partial is None and not pos & (rs - 1) and n - i >= rs:
+                # The common case: whole regions, one call each.
+                whole = (n - i) >> shift
+                for k in range(whole):
+                    out.append(((pos >> shift) + k, digest_of(view[i + (k << shift):
+                                                                  i + ((k + 1) << shift)])))
+                i += whole << shift
+                pos += whole << shift
+                continue
+            r, start, end = self._bounds(pos)
+            step = min(n - i, end - pos)
+            if pos == start and step == end - start:  # the short last region, whole
+                out.append((r, digest_of(view[i:i + step])))
+            else:
+                self._feed(pos, start, end, view[i:i + step])
+            i += step
+            pos += step
+
+    def zeros(self, start: int, stop: int) -> None:
+        pos = start
+        while pos < stop:
+            r, rstart, rend = self._bounds(pos)
+            step = min(stop - pos, rend - pos)
+            if pos == rstart and step == rend - rstart and self._partial is None:
+                self.out.append((r, ZEROS(step)))
+            else:
+                zero = bytes(min(step, 1 << 20))
+                for k in range(0, step, len(zero)):
+                    piece = zero[:min(len(zero), step - k)]
+                    self._feed(pos + k, rstart, rend, piece)
+            pos += step
+
+    def _feed(self, pos: int, start: int, end: int, piece: memoryview | bytes) -> None:
+        if pos == start:
+            self._partial = xxhash.xxh3_64()
+        elif self._partial is None or self._at != pos:
+            self._partial = None  # a gap: this region gets no digest
+            return
+        self._partial.update(piece)
+        self._at = pos + len(piece)
+        if self._at == end:
+            self.out.append((start >> self.shift, self._partial.intdigest()))
+            self._partial = None
+
+
+class DigestStore:
+    """The open digest file of one clone. Made and opened by ``MapStore``."""
+
+    def __init__(self, path: str, fd: int, count: int) -> None:
+        self.path = path
+        self._fd = fd
+        self.count = count
+        self._lock = threading.Lock()
+        # Regions whose slot is known to say "guest" and to be durable, or to travel
+        # with the region's present bit (guarded by _lock). Bits only go 0 → 1.
+        self._marked = RegionMap(count)
+
+    # -- creating and opening --------------------------------------------------------
+
+    @staticmethod
+    def create(path: str, uid: str, count: int, mode: int) -> None:
+        """Write an empty digest file with every slot's space allocated. Blocks."""
+        tmp = path + ".tmp"
+        try:
+            fsops.write_new_file(tmp, _header(uid), mode)
+            fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.posix_fallocate(fd, 0, HEADER_SIZE + count * SLOT_SIZE)
+                fsops.fsync(fd)
+            finally:
+                os.close(fd)
+            fsops.rename(tmp, path)
+            fsops.fsync_dir(path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+
+    @classmethod
+    def open(cls, path: str, uid: str, count: int) -> DigestStore:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            check_header(path, os.pread(fd, HEADER_SIZE, 0), uid)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(path, fd, count)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    # -- writing ------------------------------------------------------------------------
+
+    def record(self, digests: list[tuple[int, int]], regions: Iterable[Run]) -> None:
+        """Write the slots of regions a fill copied: the digest from ``digests``
+        where there is one, else "none". Call before their bits are set."""
+        known = dict(digests)
+        for a, b in regions:
+            slots = b"".join(encode_slot(r, COPIED, known[r]) if r in known else _ZERO_SLOT
+                             for r in range(a, b))
+            fsops.pwrite_all(self._fd, slots, HEADER_SIZE + a * SLOT_SIZE)
+
+    def guest_made_present(self, runs: Iterable[Run]) -> None:
+        """Slots of absent regions a guest is about to make present: "guest". No
+        sync: the commit that makes their bits durable syncs them first."""
+        for a, b in runs:
+            self._write_guest(a, b)
+
+    def marked(self, first: int, end: int) -> bool:
+        """True if every region of ``[first, end)`` is known to have a durable guest
+        slot (a write there needs no intent). No I/O."""
+        with self._lock:
+            return self._marked.find_absent(first, end) is None
+
+    def note_marked(self, runs: Iterable[Run]) -> None:
+        """The guest's bytes reached these regions, whose slots say "guest"."""
+        with self._lock:
+            for a, b in runs:
+                self._marked.set(a, b)
+
+    def guest_intent(self, runs: Iterable[Run]) -> bool:
+        """Write intent for present regions a guest is about to change: their slots
+        say "guest" and are durable before this returns. Return True if it synced
+        (the caller turns a failed sync into the failed mode, invariant 9)."""
+        todo: list[Run] = []
+        with self._lock:
+            for a, b in runs:
+                todo.extend((x, y) for x, y, known in self._marked.runs(a, b) if not known)
+        if not todo:
+            return False
+        wrote = False
+        for a, b in todo:
+            raw = os.pread(self._fd, (b - a) * SLOT_SIZE, HEADER_SIZE + a * SLOT_SIZE)
+            need = [r for r in range(a, b)
+                    if decode_slot(r, raw[(r - a) * SLOT_SIZE:(r - a + 1) * SLOT_SIZE])[0]
+                    != GUEST]
+            for r in need:
+                self._write_guest(r, r + 1)
+            wrote = wrote or bool(need)
+        if wrote:
+            fsops.fdatasync(self._fd)
+        self.note_marked(todo)
+        return wrote
+
+    def _write_guest(self, a: int, b: int) -> None:
+        slots = b"".join(encode_slot(r, GUEST) for r in range(a, b))
+        fsops.pwrite_all(self._fd, slots, HEADER_SIZE + a * SLOT_SIZE)
+
+    def sync(self) -> None:
+        """Make every slot written so far durable (a commit's step 1b)."""
+        fsops.fdatasync(self._fd)
+
+
+def read_slots(fd: int, first: int, end: int) -> list[tuple[int, int]]:
+    """``(kind, digest)`` of regions ``[first, end)`` from an open digest file
+    (a reader's: ``verify``). Slots past the end of a short file read as none."""
+    raw = os.pread(fd, (end - first) * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
+    raw = raw.ljust((end - first) * SLOT_SIZE, b"\0")
+    view = memoryview(raw)
+    return [decode_slot(r, view[(r - first) * SLOT_SIZE:(r - first + 1) * SLOT_SIZE])
+            for r in range(first, end)]

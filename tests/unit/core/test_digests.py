@@ -1,0 +1,223 @@
+"""Region digests (core.digests): what the fills record, the guest marks and their
+order against the data, the format upgrade and damage."""
+
+from __future__ import annotations
+
+import os
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from liveclone.core import digests, fsops
+from liveclone.core.copier import Copier
+from liveclone.core.digests import COPIED, GUEST, NONE, Digester, digest_path
+from liveclone.core.metadata import MapStore
+from liveclone.core.opening import open_clone
+from liveclone.errors import CorruptMetadataError
+from liveclone.sources.local import LocalFileSource
+
+RS = 4096
+
+
+def slots(path: str, count: int) -> list[tuple[int, int]]:
+    fd = os.open(digest_path(path), os.O_RDONLY)
+    try:
+        return digests.read_slots(fd, 0, count)
+    finally:
+        os.close(fd)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_digester_equals_a_digest_of_each_region(data: st.DataObject) -> None:
+    """Pieces of data and zeros, cut anywhere, in order: each region's digest is
+    XXH3-64 of its bytes, the short last region's included."""
+    rs = data.draw(st.sampled_from([4096, 8192]))
+    size = data.draw(st.integers(1, 6 * rs))
+    rng = random.Random(data.draw(st.integers(0, 1 << 30)))
+    content = bytearray(rng.randbytes(size))
+    cuts = sorted({0, size, *data.draw(st.lists(st.integers(0, size), max_size=8))})
+    dg = Digester(size, rs)
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        if rng.random() < 0.4:
+            content[a:b] = bytes(b - a)
+            dg.zeros(a, b)
+        else:
+            dg.data(a, memoryview(content)[a:b])
+    want = [(r, xxhash.xxh3_64_intdigest(bytes(content[r * rs:(r + 1) * rs])))
+            for r in range((size + rs - 1) // rs)]
+    assert dg.out == want
+
+
+def test_digester_gives_no_digest_across_a_gap() -> None:
+    dg = Digester(2 * RS, RS)
+    dg.data(0, b"a" * 100)
+    dg.data(200, b"b" * (RS - 200))  # bytes 100-200 never given
+    dg.data(RS, b"c" * RS)
+    assert [r for r, _ in dg.out] == [1]
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> tuple[Path, bytes]:
+    """Data, a zero block inside it, a hole, and a short last region."""
+    rng = random.Random(3)
+    data = bytearray(rng.randbytes(40 * RS + 1000))
+    data[5 * RS:7 * RS] = bytes(2 * RS)
+    data[20 * RS + 100:30 * RS] = bytes(10 * RS - 100)
+    p = tmp_path / "src.img"
+    with open(p, "wb") as f:
+        f.write(data[:20 * RS + 100])
+        f.seek(30 * RS)  # a real hole in the source
+        f.write(data[30 * RS:])
+    return p, bytes(data)
+
+
+def test_copied_regions_carry_the_digest_of_their_bytes(tmp_path: Path,
+                                                        source: tuple[Path, bytes]) -> None:
+    src, data = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        assert Copier(c, batch_bytes=8 * RS).start().wait(30) and c.complete
+        count = c.regions_total
+    got = slots(path, count)
+    for r in range(count):
+        assert got[r] == (COPIED, xxhash.xxh3_64_intdigest(data[r * RS:(r + 1) * RS])), r
+
+
+def test_guest_regions_are_marked_and_copied_ones_keep_their_digest(
+        tmp_path: Path, source: tuple[Path, bytes]) -> None:
+    src, data = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        c.write(3 * RS + 10, b"x" * 10)  # partial write: filled, then written
+        c.write_zeroes(8 * RS, RS)  # a whole absent region: a hole, nothing copied
+        c.trim(12 * RS, 2 * RS)  # whole regions: punched
+        c.fill(15, 17)
+        c.write(16 * RS, b"y")  # a copied region, then written: write intent
+        c.trim(15 * RS + 8, 100)  # part of a copied region punched: marked too
+        c.flush()
+        count = c.regions_total
+    got = slots(path, count)
+    for r in (3, 8, 12, 13, 15, 16):
+        assert got[r][0] == GUEST, r
+    assert got[14] == (NONE, 0)  # never made present
+    assert got[17][0] == NONE
+
+
+def test_a_guest_write_to_a_copied_region_is_marked_durably_before_its_bytes(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Write intent: when the guest's bytes reach a copied region, its slot already
+    says guest and the digest file was synced since (a crash could keep the bytes)."""
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
+    events: list[str] = []
+    real_sync, real_write = fsops.fdatasync, fsops.pwrite_all
+
+    def sync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lcdigest"):
+            events.append("digest synced")
+        real_sync(fd)
+
+    def write(fd: int, data: object, offset: int, progress: object = None) -> None:
+        if fd == c._fd and offset == 6 * RS + 5:  # the guest's bytes
+            slot = slots(path, 7)[6]
+            events.append(f"data written, slot kind {slot[0]}")
+        real_write(fd, data, offset, progress)  # type: ignore[arg-type]
+
+    try:
+        c.fill(0, 10)
+        c.flush()
+        assert slots(path, 7)[6][0] == COPIED
+        monkeypatch.setattr(fsops, "fdatasync", sync)
+        monkeypatch.setattr(fsops, "pwrite_all", write)
+        c.write(6 * RS + 5, b"guest")
+        assert events == ["digest synced", f"data written, slot kind {GUEST}"]
+        events.clear()
+        c.write(6 * RS + 5, b"again")  # known marked: no second sync
+        assert events == [f"data written, slot kind {GUEST}"]
+    finally:
+        c.close()
+
+
+def test_a_commit_syncs_the_digests_after_the_data_and_before_the_map(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
+    order: list[str] = []
+    real = fsops.fdatasync
+
+    def sync(fd: int) -> None:
+        order.append("clone" if fd == c._fd
+                     else os.readlink(f"/proc/self/fd/{fd}").rsplit(".", 1)[-1])
+        real(fd)
+
+    try:
+        c.fill(0, 4)
+        monkeypatch.setattr(fsops, "fdatasync", sync)
+        c.flush()
+    finally:
+        c.close()
+    assert order[:3] == ["clone", "lcdigest", "lcjournal"]
+
+
+def _as_version_1(path: str) -> None:
+    """Make a clone look as one made before digests: a LVCLMAP1 superblock, no
+    digest file."""
+    raw = bytearray(Path(path + ".lcmap").read_bytes())
+    raw[:8] = b"LVCLMAP1"
+    raw[-4:] = struct.pack("<I", zlib.crc32(raw[:-4]))
+    Path(path + ".lcmap").write_bytes(raw)
+    os.unlink(digest_path(path))
+
+
+def test_a_map_from_before_digests_is_upgraded(tmp_path: Path,
+                                               source: tuple[Path, bytes]) -> None:
+    src, data = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        c.fill(0, 10)
+    _as_version_1(path)
+    header, rmap = MapStore.read(path)  # readers take the old map as it is
+    assert rmap.present_count == 10
+    with open_clone(path, LocalFileSource(str(src))) as c:
+        assert c.regions_committed == 10
+        assert Copier(c).start().wait(30) and c.complete
+    assert Path(path + ".lcmap").read_bytes()[:8] == b"LVCLMAP2"
+    got = slots(path, 41)
+    assert all(k == NONE for k, _ in got[:10])  # copied before digests: unverified
+    assert got[20] == (COPIED, xxhash.xxh3_64_intdigest(data[20 * RS:21 * RS]))
+    assert Path(path).read_bytes() == data
+
+
+def test_a_damaged_digest_file_is_refused_with_the_fix(tmp_path: Path,
+                                                       source: tuple[Path, bytes]) -> None:
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        c.fill(0, 3)
+    with open(digest_path(path), "r+b") as f:
+        f.write(b"garbage!")
+    with pytest.raises(CorruptMetadataError, match=r"digest file .* is damaged.*remove"):
+        open_clone(path, LocalFileSource(str(src)))
+    os.unlink(digest_path(path))  # the fix the message names
+    with open_clone(path, LocalFileSource(str(src))) as c:
+        assert c.regions_committed == 3
+    assert slots(path, 3) == [(NONE, 0)] * 3
+
+
+def test_a_damaged_slot_reads_as_damaged_never_as_a_digest() -> None:
+    raw = bytearray(digests.encode_slot(7, COPIED, 12345))
+    assert digests.decode_slot(7, raw) == (COPIED, 12345)
+    assert digests.decode_slot(8, raw)[0] == digests.DAMAGED  # another region's slot
+    raw[2] ^= 1
+    assert digests.decode_slot(7, raw)[0] == digests.DAMAGED
