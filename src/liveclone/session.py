@@ -10,6 +10,11 @@ resume`` removes it. The session follows that file whenever it publishes its
 status, so a running process pauses within STATUS_INTERVAL, and one started on a
 paused clone does not copy until it is resumed. Only the background copy stops:
 guests keep reading and writing, and their partial writes still fill regions.
+
+Boot profiles (``core.profile``): a session may replay a profile (its copier
+fetches the profile's regions first) and record one (the guest's reads, saved as
+``CLONE.lcprofile`` when the recording window closes or the session does). A
+profile recorded for another source is refused before anything is created.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from liveclone.core import fsops
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier, Phase
 from liveclone.core.opening import open_clone as core_open_clone
+from liveclone.core.profile import Profile, ProfileOptions, Recorder
+from liveclone.core.profile import default_path as default_profile_path
 from liveclone.errors import UsageError
 from liveclone.sources import Source, open_source
 
@@ -60,6 +67,21 @@ def open_clone(source_spec: str | None, clone_path: str,
     return core_open_clone(clone_path, source, region_size=region_size, create=True)
 
 
+def _refusing_other_source(opener: Callable[[str], Source], profile: Profile
+                           ) -> Callable[[str], Source]:
+    """``opener``, refusing (UsageError) a source that ``profile`` was not recorded for."""
+
+    def open_checked(spec: str) -> Source:
+        source = opener(spec)
+        problem = profile.identity_problem(source.identity(), source.size)
+        if problem is not None:
+            source.close()
+            raise UsageError(problem)
+        return source
+
+    return open_checked
+
+
 class CloneSession:
     """A clone with its copier running and its status published."""
 
@@ -67,16 +89,29 @@ class CloneSession:
                  region_size: int | None = None, rate: float | None = None,
                  copy: bool = True, copy_on_read: bool | None = None,
                  persistent: bool = True,
-                 opener: Callable[[str], Source] = open_source) -> None:
+                 opener: Callable[[str], Source] = open_source,
+                 profile: ProfileOptions | None = None) -> None:
         """``persistent``: a long-running service keeps retrying regions whose source
         reads fail; a one-shot copy (``liveclone clone``) reports them and stops.
-        ``opener``: how the source is opened, e.g. ``SourceCache.open`` (the daemon)."""
+        ``opener``: how the source is opened, e.g. ``SourceCache.open`` (the daemon).
+        ``profile``: boot profiles to replay and record (``core.profile``)."""
+        profile = profile or ProfileOptions()
+        if profile.replay is not None:  # refused before a clone is made from the source
+            opener = _refusing_other_source(opener, profile.replay)
         self.clone = open_clone(source_spec, clone_path, region_size, opener)
+        if profile.replay is not None:  # a complete clone may be opened without source
+            problem = profile.replay.identity_problem(self.clone.header.source,
+                                                      self.clone.size)
+            if problem is not None:
+                self.clone.close()
+                raise UsageError(problem)
         source = self.clone.source
         if copy_on_read is None:  # default: on for remote sources, whose reads are dear
             copy_on_read = source is not None and source.fileno() is None
         self.clone.copy_on_read = copy_on_read
-        self.copier = Copier(self.clone, rate=rate, persistent=persistent)
+        self.copier = Copier(self.clone, rate=rate, persistent=persistent,
+                             profile=profile.replay, replay_bytes=profile.replay_bytes,
+                             replay_time=profile.replay_time)
         self.started = time.time()
         self._copy = copy
         self._stop = threading.Event()
@@ -84,6 +119,16 @@ class CloneSession:
                                                daemon=True)
         self.extra_status: dict[str, Any] = {}  # frontends add their counters here
         self._mode = os.stat(self.clone.path).st_mode & 0o777
+        self.recorder: Recorder | None = None
+        if profile.record and profile.record_time > 0:
+            self.recorder = Recorder(
+                self.clone.geometry, self.clone.header.source,
+                profile.save_to or default_profile_path(self.clone.path),
+                profile.record_time, profile.record_idle, self._mode)
+            if self.clone.complete:
+                self.recorder.state, self.recorder.error = "skipped", "the clone is complete"
+            else:
+                self.clone.on_read = self.recorder.note
 
     def start(self) -> CloneSession:
         self._follow_pause_file()
@@ -132,6 +177,11 @@ class CloneSession:
             "source_status": source_status,
             "copy_on_read": clone.copy_on_read,
             "last_error": last_error,
+            "copy_order": copier.order_status(),
+            "profile": {
+                "replay": copier.profile_status(),
+                "record": self.recorder.status() if self.recorder is not None else None,
+            },
             "updated": time.time(),
             **self.extra_status,
         }
@@ -170,6 +220,8 @@ class CloneSession:
     def _publish_loop(self) -> None:
         while not self._stop.wait(STATUS_INTERVAL):
             self._follow_pause_file()
+            if self.recorder is not None and not self.recorder.poll():
+                self.clone.on_read = None  # the window closed: reads cost nothing again
             self.write_status()
 
     def _follow_pause_file(self) -> None:
@@ -191,6 +243,9 @@ class CloneSession:
         self.copier.stop()
         if self._status_thread.is_alive():
             self._status_thread.join()
+        if self.recorder is not None:
+            self.clone.on_read = None
+            self.recorder.finish()  # saves what the window had so far
         try:
             self.clone.close()
         finally:

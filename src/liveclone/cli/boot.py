@@ -14,10 +14,12 @@ import click
 
 from liveclone.cli.options import (
     copy_on_read_option,
+    profile_options,
     rate_option,
     region_size_option,
     stop_on_signals,
 )
+from liveclone.core.profile import ProfileOptions
 from liveclone.errors import UsageError
 from liveclone.session import CloneSession
 from liveclone.units import format_size
@@ -60,10 +62,12 @@ KVM_GRACE = 10.0
 @region_size_option
 @rate_option
 @copy_on_read_option
+@profile_options(record=True)
 def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, memory: str,
             cpus: int, kernel: str | None, initrd: str | None, append: str | None,
             accel: str, firmware: str, watchdog: float, mountpoint: str | None,
-            region_size: int | None, rate: int | None, copy_on_read: bool | None) -> None:
+            region_size: int | None, rate: int | None, copy_on_read: bool | None,
+            profile: ProfileOptions) -> None:
     """Boot a VM from CLONE (created from SOURCE, or resumed) at once.
 
     The clone is the VM's first virtio disk before its data is copied; the copy
@@ -80,7 +84,7 @@ def command(source: str, clone_path: str, qemu_args: tuple[str, ...], via: str, 
     interactive = sys.stdin.isatty()
     with stop_on_signals() as stop, ExitStack() as stack:
         session = CloneSession(source, clone_path, region_size, rate,
-                               copy_on_read=copy_on_read)
+                               copy_on_read=copy_on_read, profile=profile)
         stack.callback(session.close)
         session.start()
         if via == "file":

@@ -7,8 +7,14 @@ from collections.abc import Callable
 
 import click
 
-from liveclone.cli.options import rate_option, region_size_option, stop_on_signals
+from liveclone.cli.options import (
+    profile_options,
+    rate_option,
+    region_size_option,
+    stop_on_signals,
+)
 from liveclone.core.copier import Phase
+from liveclone.core.profile import ProfileOptions
 from liveclone.errors import CloneFailedError
 from liveclone.session import CloneSession
 from liveclone.units import format_size
@@ -21,8 +27,9 @@ from liveclone.units import format_size
 @rate_option
 @click.option("--progress/--no-progress", default=None,
               help="Show a progress bar (default: when stderr is a terminal).")
+@profile_options(record=False)
 def command(source: str, clone_path: str, region_size: int | None, rate: int | None,
-            progress: bool | None) -> None:
+            progress: bool | None, profile: ProfileOptions) -> None:
     """Clone SOURCE into CLONE, resuming if CLONE is a clone already.
 
     Exits 0 when the copy is complete. Ctrl-C or SIGTERM commits the map and
@@ -31,7 +38,8 @@ def command(source: str, clone_path: str, region_size: int | None, rate: int | N
     if progress is None:
         progress = sys.stderr.isatty()
     with stop_on_signals() as stop:
-        session = CloneSession(source, clone_path, region_size, rate, persistent=False).start()
+        session = CloneSession(source, clone_path, region_size, rate, persistent=False,
+                               profile=profile).start()
         try:
             step = _waiter(session)
             if progress:

@@ -8,10 +8,12 @@ import click
 
 from liveclone.cli.options import (
     copy_on_read_option,
+    profile_options,
     rate_option,
     region_size_option,
     stop_on_signals,
 )
+from liveclone.core.profile import ProfileOptions
 from liveclone.mountpoint import check_mountpoint
 from liveclone.session import CloneSession
 
@@ -27,9 +29,10 @@ from liveclone.session import CloneSession
 @click.option("--allow-other", is_flag=True,
               help="Let other users open the file (needs user_allow_other in /etc/fuse.conf "
                    "unless run as root).")
+@profile_options(record=True)
 def command(source: str, clone_path: str, mountpoint: str, region_size: int | None,
             rate: int | None, copy_on_read: bool | None, read_only: bool,
-            allow_other: bool) -> None:
+            allow_other: bool, profile: ProfileOptions) -> None:
     """Mount CLONE (created from SOURCE, or resumed) as the file MOUNTPOINT/<CLONE's name>.
 
     Reads of regions not copied yet come from SOURCE, writes go to CLONE, and the
@@ -42,7 +45,7 @@ def command(source: str, clone_path: str, mountpoint: str, region_size: int | No
     check_mountpoint(mountpoint)  # before the clone is created: a failed start leaves nothing
     with stop_on_signals() as stop:
         session = CloneSession(source, clone_path, region_size, rate,
-                               copy_on_read=copy_on_read).start()
+                               copy_on_read=copy_on_read, profile=profile).start()
         try:
             handle = start_mount(session.clone, mountpoint, read_only=read_only,
                                  allow_other=allow_other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -55,6 +56,59 @@ def copy_on_read_option(f: F) -> F:
              "(default: on for remote sources, off for local files).",
     )(f)
 
+
+def profile_options(record: bool) -> Callable[[F], F]:
+    """Boot profile options (``core.profile``), handed to the command as one
+    ``profile: ProfileOptions`` argument. ``record``: the command runs guests, so it
+    records a profile too (``--save-profile``, ``--profile-time``, ``--profile-idle``).
+    The profile to replay is read here, before any clone is created."""
+
+    def decorate(f: F) -> F:
+        @functools.wraps(f)
+        def command(*args: Any, **kw: Any) -> Any:
+            from liveclone.core.profile import ProfileOptions, load
+
+            path = kw.pop("profile_file")
+            options = ProfileOptions(
+                replay=load(path) if path is not None else None,
+                replay_bytes=kw.pop("replay_max"), replay_time=kw.pop("replay_time"),
+                record=record and kw.get("profile_time", 0) > 0,
+                save_to=kw.pop("save_profile", None),
+                record_time=kw.pop("profile_time", 0.0),
+                record_idle=kw.pop("profile_idle", 0.0))
+            return f(*args, profile=options, **kw)
+
+        options = [
+            click.option("--profile", "profile_file", type=click.Path(dir_okay=False),
+                         default=None,
+                         help="Replay this boot profile: copy the regions it lists first, in "
+                              "its order (after reads a guest waits for). It must have been "
+                              "recorded for this source."),
+            click.option("--replay-max", type=SIZE, default="2G", show_default=True,
+                         help="Replay at most this many bytes of the profile."),
+            click.option("--replay-time", type=click.FloatRange(min=0), default=300.0,
+                         show_default=True, metavar="SECONDS",
+                         help="Stop replaying the profile this long after the copy starts."),
+        ]
+        if record:
+            options += [
+                click.option("--save-profile", type=click.Path(dir_okay=False), default=None,
+                             help="Save the recorded boot profile here (default: "
+                                  "CLONE.lcprofile)."),
+                click.option("--profile-time", type=click.FloatRange(min=0), default=120.0,
+                             show_default=True, metavar="SECONDS",
+                             help="Record which regions guests read for this long after "
+                                  "their first read (0: do not record)."),
+                click.option("--profile-idle", type=click.FloatRange(min=0), default=10.0,
+                             show_default=True, metavar="SECONDS",
+                             help="End the recording once guests read no new region for "
+                                  "this long."),
+            ]
+        for option in reversed(options):
+            command = option(command)
+        return command  # type: ignore[return-value]
+
+    return decorate
 
 
 @contextmanager

@@ -14,11 +14,13 @@ import click
 from liveclone.cli.options import (
     SIZE,
     copy_on_read_option,
+    profile_options,
     rate_option,
     region_size_option,
     stop_on_signals,
 )
 from liveclone.core.copier import Phase
+from liveclone.core.profile import ProfileOptions
 from liveclone.errors import CloneBusyError, TargetError, UsageError
 from liveclone.mountpoint import check_mountpoint
 from liveclone.nbd import limits as nbd_limits
@@ -206,11 +208,13 @@ def default_export_name(clone_path: str) -> str:
 @region_size_option
 @rate_option
 @copy_on_read_option
+@profile_options(record=True)
 def command(source: str, clone_path: str, socket_path: str | None, socket_owner: str | None,
             socket_mode: str, listen: str | None, export_name: str | None,
             tls_dir: str | None, read_only: bool, mountpoint: str | None,
             max_connections: int, handshake_limit: float, max_memory: int,
-            region_size: int | None, rate: int | None, copy_on_read: bool | None) -> None:
+            region_size: int | None, rate: int | None, copy_on_read: bool | None,
+            profile: ProfileOptions) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
     Prints the NBD URI on stdout as soon as clients can connect. Reads of regions
@@ -261,7 +265,7 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             # Started (copier and all) by _serve once clients can connect: the first
             # read must not wait behind the copier's start.
             session = CloneSession(source, clone_path, region_size, rate,
-                                   copy_on_read=copy_on_read)
+                                   copy_on_read=copy_on_read, profile=profile)
             try:
                 server = NBDServer(session.clone, export_name=name, read_only=read_only,
                                    tls=tls, limits=limits)

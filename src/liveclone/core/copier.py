@@ -5,7 +5,12 @@ The copier is just another client of the clone. It never writes a region itself;
 copier can never overwrite guest data (invariant 4).
 
 Order: a linear sweep from region 0. Regions asked for by ``prioritize`` (for
-example near recent guest reads) are copied before the sweep goes on. A batch is a
+example near recent guest reads) are copied before the sweep goes on. A boot
+profile (``profile=``, ``core.profile``) is replayed between the two: its regions,
+in recorded order, come after what a guest waits for and before the sweep, capped
+in bytes and time. ``order`` counts the regions each of the three copied, and
+``first_batches`` keeps the kind and first region of the first batches, in the
+order they were handed out, so tests can see the order the copier followed. A batch is a
 span of regions whose cost is ``batch_bytes``: its absent regions, plus the present
 gaps read along with them, plus a price for each gap skipped over
 (``RegionMap.batch_end``), so a batch takes about as long on a map the guest has
@@ -25,6 +30,7 @@ from collections import deque
 
 from liveclone.core.clone import Clone
 from liveclone.core.fill import READ_ALONG, SourceReadError
+from liveclone.core.profile import DEFAULT_REPLAY_BYTES, DEFAULT_REPLAY_TIME, Profile
 from liveclone.core.ratelimit import RateLimiter
 from liveclone.errors import CloneFailedError, NoSpaceError, TargetError
 from liveclone.units import format_size
@@ -53,6 +59,22 @@ GUEST_QUIET = 1.0
 SET_ASIDE_RETRY = 30.0
 # Persistent copiers on a full disk look for free space again at most this often.
 SPACE_RETRY_MAX = 10.0
+# How many batches ``first_batches`` keeps.
+FIRST_BATCHES_KEEP = 64
+
+
+class Kind:
+    """Why a batch was chosen: the three sources of the copier's order."""
+
+    GUEST = "guest"
+    PROFILE = "profile"
+    SWEEP = "sweep"
+
+
+class ReplayState:
+    REPLAYING = "replaying"
+    DONE = "done"  # every run copied, or a cap reached (``stopped_by``)
+    SKIPPED = "skipped"  # nothing to replay: the clone was complete
 
 
 class Phase:
@@ -67,7 +89,9 @@ class Copier:
 
     def __init__(self, clone: Clone, rate: float | None = None,
                  workers: int = DEFAULT_WORKERS, batch_bytes: int = DEFAULT_BATCH,
-                 persistent: bool = False) -> None:
+                 persistent: bool = False, profile: Profile | None = None,
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES,
+                 replay_time: float = DEFAULT_REPLAY_TIME) -> None:
         self.clone = clone
         # persistent: when only failing regions are left, report phase "failed" but
         # try them again every SET_ASIDE_RETRY seconds (for long-running services,
@@ -93,7 +117,26 @@ class Copier:
         self.error: BaseException | None = None  # fatal: the copier stopped on it
         self.started = time.monotonic()
         self._rate_window: deque[tuple[float, int]] = deque()  # (time, bytes_copied)
+        # Regions filled per Kind: each region a fill made present counts once, under
+        # the kind of the batch that filled it.
+        self.order = {Kind.GUEST: 0, Kind.PROFILE: 0, Kind.SWEEP: 0}
+        # Profile replay. Invariant: _profile holds the runs not yet handed out, in
+        # recorded order; it is empty unless replay_state is REPLAYING.
+        self._profile: deque[tuple[int, int]] = deque()
+        # (kind, first region) of the first FIRST_BATCHES_KEEP batches handed out.
+        self.first_batches: list[tuple[str, int]] = []
+        self.profile_regions = 0  # regions in the profile (each once)
+        self.profile_bytes_read = 0  # source bytes read by profile batches
+        self._profile_handed = 0  # regions of profile batches handed out
+        self._profile_inflight = 0  # profile batches handed out and not yet copied
+        self.replay_state: str | None = None  # None: no profile
+        self.replay_stopped_by: str | None = None  # "end", "bytes", "time"
         # --- end ---------------------------------------------------------------
+        self._replay_max_regions = max(1, replay_bytes // clone.region_size)
+        self._replay_time = replay_time
+        self.profile_file = profile.path if profile is not None else None
+        if profile is not None:
+            self._load_profile(profile)
         self._last_touch = (-1, 0)  # (end region of the last guest read, its readahead)
         self._last_batch_seconds = 0.0  # how long the last batch took, to rest as long
         clone.on_absent_read = self._guest_touched
@@ -103,9 +146,25 @@ class Copier:
         self._done = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    def _load_profile(self, profile: Profile) -> None:
+        """Queue the profile's regions, in order, runs that continue one another
+        closely (a gap the fill reads along) merged into one."""
+        runs = profile.region_runs(self.clone.geometry)
+        self.profile_regions = sum(b - a for a, b in runs)
+        if self.clone.complete:
+            self.replay_state = ReplayState.SKIPPED
+            return
+        for a, b in runs:
+            if self._profile and 0 <= a - self._profile[-1][1] <= self.gap_regions:
+                self._profile[-1] = (self._profile[-1][0], b)
+            else:
+                self._profile.append((a, b))
+        self.replay_state = ReplayState.REPLAYING
+
     # -- control -------------------------------------------------------------------
 
     def start(self) -> Copier:
+        self.started = time.monotonic()  # the replay's time cap counts from here
         self._threads = [threading.Thread(target=self._work, args=(i,), name=f"copier-{i}",
                                           daemon=True) for i in range(self.workers)]
         for t in self._threads:
@@ -182,9 +241,29 @@ class Copier:
 
     # -- the work --------------------------------------------------------------------
 
-    def _next_batch(self) -> tuple[int, int] | None:
-        """The next span of regions to fill, or None when nothing is left to try.
-        No lock is held across source I/O (the hole probe may be a network call)."""
+    def profile_status(self) -> dict[str, object] | None:
+        """The replay's progress for ``status``, or None without a profile."""
+        if self.replay_state is None:
+            return None
+        with self._lock:
+            return {
+                "state": self.replay_state, "file": self.profile_file,
+                "regions_total": self.profile_regions,
+                "regions_replayed": self.order[Kind.PROFILE],
+                "bytes_total": self.profile_regions * self.clone.region_size,
+                "bytes_replayed": self.profile_bytes_read,
+                "stopped_by": self.replay_stopped_by,
+            }
+
+    def order_status(self) -> dict[str, object]:
+        """Regions copied per kind, and the first batches' kinds and starts."""
+        with self._lock:
+            return {**self.order, "first_batches": [list(b) for b in self.first_batches]}
+
+    def _next_batch(self) -> tuple[int, int, str] | None:
+        """The next span of regions to fill and its Kind, or None when nothing is left
+        to try. No lock is held across source I/O (the hole probe may be a network
+        call)."""
         clone = self.clone
         while True:  # guest-driven runs first
             try:
@@ -196,17 +275,62 @@ class Copier:
                 stop = clone.batch_end(start, end, self._batch_limit(), self.gap_regions)
                 if stop < end:
                     self._priority.appendleft((stop, end))
-                return start, stop
+                with self._lock:
+                    self._handed(Kind.GUEST, start)
+                return start, stop, Kind.GUEST
         with self._lock:
+            batch = self._next_profile_batch()
+            if batch is not None:
+                self._handed(Kind.PROFILE, batch[0])
+                return batch[0], batch[1], Kind.PROFILE
             start = None if clone.complete else self._sweep_start()
             if start is None:
                 return None
             end = self._cursor = self._batch_end(start)
+            self._handed(Kind.SWEEP, start)
         stretched = self._stretch_over_hole(start, end)
         if stretched > end:
             with self._lock:
                 self._cursor = max(self._cursor, stretched)
-        return start, stretched
+        return start, stretched, Kind.SWEEP
+
+    def _handed(self, kind: str, start: int) -> None:
+        """Note a batch handed out (under _lock: profile and sweep batches are noted
+        in the order they were chosen)."""
+        if len(self.first_batches) < FIRST_BATCHES_KEEP:
+            self.first_batches.append((kind, start))
+
+    def _next_profile_batch(self) -> tuple[int, int] | None:
+        """The next batch of the profile, in recorded order, within the caps. Under
+        _lock."""
+        if self.replay_state != ReplayState.REPLAYING:
+            return None
+        if time.monotonic() - self.started >= self._replay_time:
+            self._end_replay("time")
+            return None
+        while self._profile:
+            first, end = self._profile.popleft()
+            start = self.clone.find_absent(first, end)
+            if start is None:
+                continue
+            budget = min(self._batch_limit(), self._replay_max_regions - self._profile_handed)
+            if budget <= 0:
+                self._end_replay("bytes")
+                return None
+            stop = self.clone.batch_end(start, end, budget, self.gap_regions)
+            if stop < end:
+                self._profile.appendleft((stop, end))
+            self._profile_handed += stop - start
+            self._profile_inflight += 1
+            return start, stop
+        if not self._profile_inflight:
+            self._end_replay("end")
+        return None
+
+    def _end_replay(self, why: str) -> None:
+        self._profile.clear()
+        self.replay_state = ReplayState.DONE
+        self.replay_stopped_by = why
 
     def _sweep_start(self) -> int | None:
         """Where the next sweep batch begins. On the first pass, at the cursor (past
@@ -325,15 +449,28 @@ class Copier:
         batches of BUSY_BATCH, and it rests as long as its last batch took: the guest
         keeps about half of what the copier would use (CPU, disk, GIL) until it goes
         quiet again."""
-        if not self._guest_busy():
-            return True
+        if not self._guest_busy() or self.replay_state == ReplayState.REPLAYING:
+            return True  # a replay fetches what the guest is about to read: no rest
         if index > 0:
             self._stop.wait(GUEST_QUIET)
             return False
         self._stop.wait(min(self._last_batch_seconds, GUEST_QUIET))
         return True
 
-    def _copy(self, first: int, end: int) -> None:
+    def _copy(self, first: int, end: int, kind: str = Kind.SWEEP) -> None:
+        if kind != Kind.PROFILE:
+            self._fill_batch(first, end, kind)
+            return
+        try:
+            self._fill_batch(first, end, kind)
+        finally:
+            with self._lock:
+                self._profile_inflight -= 1
+                if (not self._profile_inflight and not self._profile
+                        and self.replay_state == ReplayState.REPLAYING):
+                    self._end_replay("end")
+
+    def _fill_batch(self, first: int, end: int, kind: str) -> None:
         started = time.monotonic()
         try:
             taken, nbytes = self.clone.fill(first, end, bulk=True)
@@ -355,6 +492,9 @@ class Copier:
         self._last_batch_seconds = time.monotonic() - started
         with self._lock:
             self._failures.pop(first, None)
+            self.order[kind] += taken
+            if kind == Kind.PROFILE:
+                self.profile_bytes_read += nbytes
         if not taken:
             # Every absent region there is owned by another filler: let it finish.
             self._stop.wait(0.002)

@@ -1,0 +1,279 @@
+"""Boot profiles: which regions a guest reads first, recorded once and replayed.
+
+A **profile** is a small JSON file: the identity of the source it was recorded on
+(the ``source`` dict of the clone's map header), the source's size, and the byte
+runs the guest read, in the order it first read them, merged where one run
+continues the last::
+
+    {"format": "liveclone-profile", "version": 1, "size": N, "region_size": R,
+     "source": {...}, "recorded": UNIX_TIME, "runs": [[offset, length], ...]}
+
+Runs are in bytes, so a profile recorded on a clone of one region size replays on
+a clone of another. It is written atomically (tmp + fsync + rename + directory
+fsync): a profile file is the old one or the new one, never half of either.
+
+**Recording** (``Recorder``): the clone calls ``Recorder.note`` with the region
+span of every guest read (``Clone.on_read``). That is the hot path, so ``note`` is
+one ``deque.append``; ``poll`` (the session's status thread, every half second)
+moves the spans into the profile, keeping only regions not read before. Every
+region the guest reads counts, present or not: with the copier running, much of
+what a boot reads was fetched just before by the copier's readahead, and a fresh
+clone replaying the profile needs those regions as much as the others. The window
+opens at the guest's first read and closes after ``max_time`` seconds, or once no
+new region was read for ``idle`` seconds; then the hook is taken off and the
+profile saved. A process that ends earlier saves what it has on ``finish``.
+
+**Replay** is the copier's (``Copier`` with ``profile=``): the profile's regions
+go first, in recorded order, after the reads a guest is waiting for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from liveclone.core import fsops
+from liveclone.core.regions import Geometry, RegionMap
+from liveclone.errors import UsageError
+
+PROFILE_SUFFIX = ".lcprofile"
+FORMAT = "liveclone-profile"
+VERSION = 1
+
+# Recording: the window after the guest's first read, and the idle time that ends it.
+DEFAULT_RECORD_TIME = 120.0
+DEFAULT_RECORD_IDLE = 10.0
+# Replay: at most this many bytes of the profile, and for at most this long.
+DEFAULT_REPLAY_BYTES = 2 << 30
+DEFAULT_REPLAY_TIME = 300.0
+
+Run = tuple[int, int]
+
+
+def default_path(clone_path: str) -> str:
+    return os.path.abspath(clone_path) + PROFILE_SUFFIX
+
+
+def _identity(source: dict[str, Any]) -> dict[str, Any]:
+    """What makes two sources the same image: everything but the name it was given."""
+    return {k: v for k, v in source.items() if k != "path"}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A recorded boot profile. ``runs``: ``(offset, length)`` in bytes, in first-read
+    order; no byte is in two runs."""
+
+    source: dict[str, Any]
+    size: int
+    runs: list[Run]
+    region_size: int = 0  # of the clone it was recorded on (informational)
+    recorded: float = 0.0
+    path: str = ""  # where it was loaded from, for messages
+
+    def identity_problem(self, source: dict[str, Any], size: int) -> str | None:
+        """Why this profile must not be applied to a clone of ``source``, or None."""
+        mine, theirs = _identity(self.source), _identity(source)
+        if mine == theirs and self.size == size:
+            return None
+        keys = sorted(k for k in {*mine, *theirs, "size"} if mine.get(k) != theirs.get(k))
+
+        def facts(ident: dict[str, Any]) -> str:
+            return ", ".join(f"{k} {str(ident.get(k))[:20]}" for k in keys)
+
+        return (f"the profile {self.path} was recorded for another source and is not "
+                f"applied: it is for {self.source.get('path')!r} ({facts(mine)}), this "
+                f"clone's source is {source.get('path')!r} ({facts(theirs)}). Give the "
+                "profile recorded for this source, or run without --profile to record one "
+                "(boot, serve and mount save it as CLONE.lcprofile).")
+
+    def region_runs(self, geometry: Geometry) -> list[Run]:
+        """The runs as regions of ``geometry``, in order, each region once."""
+        seen = RegionMap(geometry.count)
+        out: list[Run] = []
+        for offset, length in self.runs:
+            span = geometry.span(offset, length)
+            for a, b, present in seen.runs(span.start, span.stop):
+                if not present:
+                    _append_run(out, a, b)
+            seen.set(span.start, span.stop)
+        return out
+
+    def to_json(self) -> bytes:
+        return json.dumps({
+            "format": FORMAT, "version": VERSION, "size": self.size,
+            "region_size": self.region_size, "source": self.source,
+            "recorded": self.recorded, "runs": [list(r) for r in self.runs],
+        }, separators=(",", ":")).encode() + b"\n"
+
+
+def _append_run(runs: list[Run], a: int, b: int) -> None:
+    """Add ``[a, b)`` after the last run, merged with it when it continues it."""
+    if runs and runs[-1][1] == a:
+        runs[-1] = (runs[-1][0], b)
+    else:
+        runs.append((a, b))
+
+
+def load(path: str) -> Profile:
+    """Read a profile; a missing, unreadable or damaged file is a UsageError."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read(64 << 20)
+    except OSError as e:
+        raise UsageError(f"cannot read the profile {path}: {e.strerror or e}; give the "
+                         "path of a .lcprofile file") from None
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError("not a liveclone profile")
+        if d.get("version") != VERSION:
+            raise ValueError(f"format version {d.get('version')!r}, this liveclone reads "
+                             f"{VERSION}")
+        runs = [(int(o), int(n)) for o, n in d["runs"]]
+        size = int(d["size"])
+        if any(o < 0 or n <= 0 or o + n > size for o, n in runs):
+            raise ValueError("a run lies outside the image")
+        return Profile(source=dict(d["source"]), size=size, runs=runs,
+                       region_size=int(d.get("region_size", 0)),
+                       recorded=float(d.get("recorded", 0.0)), path=path)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{path} is not a usable liveclone profile ({e}); give a file "
+                         "saved by liveclone (CLONE.lcprofile or --save-profile), or "
+                         "record a new one") from None
+
+
+def save(path: str, profile: Profile, mode: int = 0o600) -> None:
+    """Write ``profile`` to ``path`` atomically: old file or new file, never torn."""
+    fsops.write_file_atomically(path, profile.to_json(), mode)
+
+
+class RecordState:
+    WAITING = "waiting"  # for the guest's first read
+    RECORDING = "recording"
+    DONE = "done"  # saved
+    SKIPPED = "skipped"  # nothing to save, or saving failed (``error`` says why)
+
+
+@dataclass
+class Recorder:
+    """Records a guest's reads into a profile for ``path``; see the module doc.
+
+    ``note`` is the clone's ``on_read`` hook: one append, no lock, no I/O. Everything
+    else runs in one thread at a time (the session's status thread, then ``finish``).
+    """
+
+    geometry: Geometry
+    source: dict[str, Any]
+    path: str
+    max_time: float = DEFAULT_RECORD_TIME
+    idle: float = DEFAULT_RECORD_IDLE
+    mode: int = 0o600
+    state: str = RecordState.WAITING
+    error: str | None = None
+    stopped_by: str | None = None  # "time", "idle", "exit"
+    # Spans noted, not yet looked at (appended by guest threads, drained by poll).
+    _pending: deque[Run] = field(default_factory=deque)
+    # --- poll's own (one thread) ---------------------------------------------------
+    # Invariant: _seen has exactly the regions of _runs; _runs are disjoint, in the
+    # order the guest first read them.
+    _runs: list[Run] = field(default_factory=list)
+    _seen: RegionMap | None = None
+    _started: float | None = None  # monotonic time of the first read
+    _last_new: float = 0.0  # monotonic time a new region was last seen
+    _lock: threading.Lock = field(default_factory=threading.Lock)  # poll vs finish
+
+    def note(self, span: Run) -> None:
+        """The hot-path hook: remember the region span of one guest read."""
+        self._pending.append(span)
+
+    @property
+    def active(self) -> bool:
+        return self.state in (RecordState.WAITING, RecordState.RECORDING)
+
+    @property
+    def regions(self) -> int:
+        return sum(b - a for a, b in self._runs)
+
+    def _drain(self, now: float) -> None:
+        if self._seen is None:
+            self._seen = RegionMap(self.geometry.count)
+        seen, new = self._seen, False
+        while True:
+            try:
+                first, end = self._pending.popleft()
+            except IndexError:
+                break
+            for a, b, present in seen.runs(first, end):
+                if not present:
+                    _append_run(self._runs, a, b)
+                    new = True
+            seen.set(first, end)
+        if new:
+            if self._started is None:
+                self._started = now
+                self.state = RecordState.RECORDING
+            self._last_new = now
+
+    def poll(self, now: float | None = None) -> bool:
+        """Take in what was noted; close the window (and save) when its time is up.
+        True while still recording."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if not self.active:
+                return False
+            self._drain(now)
+            if self._started is None:
+                return True
+            if now - self._started >= self.max_time:
+                self._stop("time")
+            elif now - self._last_new >= self.idle:
+                self._stop("idle")
+            return self.active
+
+    def finish(self) -> None:
+        """The guest's process ends: save what was recorded (if anything)."""
+        with self._lock:
+            if self.active:
+                self._drain(time.monotonic())
+                self._stop("exit")
+
+    def _stop(self, why: str) -> None:
+        self.stopped_by = why
+        if not self._runs:
+            self.state = RecordState.SKIPPED
+            self.error = "the guest read nothing"
+            return
+        shift, size = self.geometry.shift, self.geometry.size
+        runs = [(a << shift, min(b << shift, size) - (a << shift)) for a, b in self._runs]
+        profile = Profile(source=self.source, size=size, runs=runs,
+                          region_size=self.geometry.region_size, recorded=time.time())
+        try:
+            save(self.path, profile, self.mode)
+        except OSError as e:
+            self.state = RecordState.SKIPPED
+            self.error = f"saving the profile {self.path} failed: {e.strerror or e}"
+            return
+        self.state = RecordState.DONE
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "file": self.path, "regions": self.regions,
+                "runs": len(self._runs), "stopped_by": self.stopped_by, "error": self.error}
+
+
+@dataclass(frozen=True)
+class ProfileOptions:
+    """What a session does with boot profiles (``CloneSession(profile=...)``)."""
+
+    replay: Profile | None = None  # replay this one (checked against the source)
+    replay_bytes: int = DEFAULT_REPLAY_BYTES
+    replay_time: float = DEFAULT_REPLAY_TIME
+    record: bool = False  # record the guest's reads (services: boot, serve, mount)
+    save_to: str | None = None  # where to save the recording (default CLONE.lcprofile)
+    record_time: float = DEFAULT_RECORD_TIME
+    record_idle: float = DEFAULT_RECORD_IDLE
