@@ -45,6 +45,13 @@ class RateLimiter:
         # take waits until then and books its bytes from max(_next, now) on.
         self._next = clock()
 
+    def due(self) -> float:
+        """When every byte booked so far is due, on the limiter's clock. A taker that
+        starts its next bytes no sooner (as ``take`` makes its caller wait) keeps
+        the rate; the daemon's copier pool starts no batch before then."""
+        with self._lock:
+            return self._next
+
     def take(self, nbytes: int, stop: threading.Event) -> None:
         """Book ``nbytes`` and wait until the bytes booked before them are due,
         unless ``stop`` is set first. The booking stands if the wait is cut short."""

@@ -173,18 +173,15 @@ class DaemonSession(CloneSession):
                  pool: CopierPool) -> None:
         super().__init__(record.source, record.clone, record.region_size, record.rate,
                          copy_on_read=record.copy_on_read, opener=opener)
-        self.pool = pool
+        # The session made a copier with threads of its own: the pool's instead.
+        self.copier = pool.copier(self.clone, rate=record.rate, persistent=True)
 
     def start(self) -> DaemonSession:
         self._follow_pause_file()
         if self._copy and not self.clone.complete:
-            self.pool.start(self.copier)
+            self.copier.start()
         self.write_status()
         return self
-
-    def close(self) -> None:
-        self.pool.stop(self.copier)
-        super().close()
 
     def publish(self) -> None:
         """What the session's own thread would do every STATUS_INTERVAL. Blocks."""

@@ -217,4 +217,4 @@ async def _main(opts: Options, state: Any, api_sock: socket.socket, listeners: l
         await runner.cleanup()
         await manager.close()
         await server.stop()
-        await loop.run_in_executor(None, pool.close)
+        await loop.run_in_executor(None, pool.close)  # after every copier has stopped
