@@ -36,6 +36,7 @@ from liveclone.core.metadata import map_paths
 from liveclone.daemon.copiers import CopierPool
 from liveclone.daemon.events import EventBus
 from liveclone.daemon.names import NAME_RULE, is_name
+from liveclone.daemon.opener import SourceOpener
 from liveclone.daemon.records import Record, StateDir
 from liveclone.errors import (
     CloneBusyError,
@@ -216,7 +217,8 @@ class Manager:
         self.events = events
         self.mount = mount  # fuse.mount.MountHandle of a directory, or None
         self.cache = cache  # sources.cache.SourceCache, or None
-        self.opener: Callable[[str], Source] = cache.open if cache is not None else open_source
+        self.opener: Callable[[str], Source] = SourceOpener(
+            cache.open if cache is not None else open_source).open
         self.pool = pool
         self.clones: dict[str, Managed] = {}
         self._paths: dict[str, str] = {}  # clone path → name (reserved ones too)
