@@ -25,7 +25,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"
 
-    def start(self, timeout: float = 30.0) -> Daemon:
+    def start(self, timeout: float = 90.0) -> Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [LIVECLONE, "daemon", "--state-dir", str(self.state), "--api", self.api,
