@@ -90,3 +90,11 @@ class MissingDependencyError(LivecloneError):
     message names what to install (an extra such as ``liveclone[s3]``, a Debian package)."""
 
     exit_code = 11
+
+
+class MismatchError(LivecloneError):
+    """``liveclone verify`` found regions of the clone (or, with --against-source, of
+    the source) that differ from the digests recorded when they were copied, or
+    damaged digest slots. The report names the first regions and their offsets."""
+
+    exit_code = 12

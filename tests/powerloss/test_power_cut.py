@@ -20,7 +20,8 @@ def test_power_cuts_lose_nothing_acknowledged(tmp_path: Path) -> None:
     source = tmp_path / "src.img"
     data = make_source(source, SIZE, seed=1)
     failures = []
-    kinds = {"cut": 0, "kill": 0, "cut@journal": 0, "cut@clone": 0, "cut@torn": 0}
+    kinds = {"cut": 0, "kill": 0, "cut@journal": 0, "cut@clone": 0, "cut@torn": 0,
+             "cut@digest": 0}
     acked = 0
     with powerloss_mount(tmp_path, seed=11) as fs:
         for seed in range(TRIALS):

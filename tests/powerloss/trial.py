@@ -15,7 +15,11 @@ A trial:
    ``liveclone clone`` must finish the copy;
 5. check the finished clone byte by byte: every byte is the source's or an
    acknowledged write's as of the last completed flush, or a value some
-   unacknowledged write put there. Nothing else: no garbage, no zeros nobody wrote.
+   unacknowledged write put there. Nothing else: no garbage, no zeros nobody wrote;
+6. verify it against its digests and the source (``core.verify``): no mismatch (a
+   guest's bytes, acknowledged or not, sit only in regions marked "guest"), no
+   damaged or missing digest; then one byte flipped in a copied region behind
+   liveclone's back is found there, and only there.
 """
 
 from __future__ import annotations
@@ -101,7 +105,8 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int,
     """One trial on the mounted plfs ``fs`` (a ``tests.powerloss.PLFS``); a timed cut
     comes up to ``max_wait`` seconds after the guest starts."""
     rng = random.Random(seed)
-    kind = rng.choice(["kill", "cut", "cut", "cut@journal", "cut@torn", "cut@clone"])
+    kind = rng.choice(["kill", "cut", "cut", "cut@journal", "cut@torn", "cut@clone",
+                       "cut@digest"])
     mnt = Path(fs.mountpoint)  # type: ignore[attr-defined]
     clone = mnt / f"c{seed}.img"
     sock = workdir / f"s{seed}.sock"
@@ -171,7 +176,9 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int,
         # while a commit's pages (or its data) are written and not yet synced.
         # cut@torn: at the first sync of a commit that spans pages (some may be kept
         # and others lost: a torn commit, never acknowledged).
-        suffix = clone.name if kind == "cut@clone" else ".lcjournal"
+        # cut@digest: at a sync of the digest slots (a commit's step 1b, or a
+        # guest's write intent).
+        suffix = {"cut@clone": clone.name, "cut@digest": ".lcdigest"}.get(kind, ".lcjournal")
         n, pages = (1, 2) if kind == "cut@torn" else (rng.randrange(1, 40), 0)
         fs.arm(suffix, n, pages)  # type: ignore[attr-defined]
     t.start()
@@ -211,9 +218,38 @@ def run_trial(fs: object, workdir: Path, source: Path, data: bytes, seed: int,
         return res
     res.error = model.check(clone.read_bytes())
     if res.error is None:
-        for suffix in ("", ".lcmap", ".lcjournal", ".lcstatus", ".lcpause"):
+        res.error = check_digests(clone, source, rng)
+    if res.error is None:
+        for suffix in ("", ".lcmap", ".lcjournal", ".lcdigest", ".lcstatus", ".lcpause"):
             try:
                 os.unlink(str(clone) + suffix)
             except FileNotFoundError:
                 pass
     return res
+
+
+def check_digests(clone: Path, source: Path, rng: random.Random) -> str | None:
+    """Step 6: the digests of the finished clone after the crash."""
+    from liveclone.core.verify import verify_clone
+    from liveclone.sources.local import LocalFileSource
+
+    with LocalFileSource(str(source)) as src:
+        rep = verify_clone(str(clone), src)
+    if not rep.ok or rep.unverified_count or rep.matched + rep.guest_count != rep.regions_total:
+        return f"verify after the crash: {rep.to_json()}"
+    guest = {r for a, b in rep.guest_runs for r in range(a, b)}
+    copied = [r for r in range(rep.regions_total) if r not in guest]
+    if not copied:
+        return None
+    r = rng.choice(copied)
+    off = r * rep.region_size + rng.randrange(min(rep.region_size, clone.stat().st_size
+                                                  - r * rep.region_size))
+    with open(clone, "r+b") as f:
+        f.seek(off)
+        old = f.read(1)
+        f.seek(off)
+        f.write(bytes([old[0] ^ 0x5A]))
+    rep = verify_clone(str(clone))
+    if rep.mismatched != [r] or rep.mismatch_count != 1:
+        return f"a byte flipped at {off} (region {r}) was not found alone: {rep.to_json()}"
+    return None

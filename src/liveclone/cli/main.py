@@ -33,6 +33,7 @@ COMMANDS = {
     "add": ("clones", "add"),
     "ls": ("clones", "ls"),
     "rm": ("clones", "rm"),
+    "verify": ("verify", "command"),
 }
 
 

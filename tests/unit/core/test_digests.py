@@ -190,9 +190,11 @@ def test_a_map_from_before_digests_is_upgraded(tmp_path: Path,
     header, rmap = MapStore.read(path)  # readers take the old map as it is
     assert rmap.present_count == 10
     with open_clone(path, LocalFileSource(str(src))) as c:
+        # Upgraded at open, before anything else is written: an older liveclone,
+        # which would not keep the digests, now refuses the map.
+        assert Path(path + ".lcmap").read_bytes()[:8] == b"LVCLMAP2"
         assert c.regions_committed == 10
         assert Copier(c).start().wait(30) and c.complete
-    assert Path(path + ".lcmap").read_bytes()[:8] == b"LVCLMAP2"
     got = slots(path, 41)
     assert all(k == NONE for k, _ in got[:10])  # copied before digests: unverified
     assert got[20] == (COPIED, xxhash.xxh3_64_intdigest(data[20 * RS:21 * RS]))
@@ -221,3 +223,37 @@ def test_a_damaged_slot_reads_as_damaged_never_as_a_digest() -> None:
     assert digests.decode_slot(8, raw)[0] == digests.DAMAGED  # another region's slot
     raw[2] ^= 1
     assert digests.decode_slot(7, raw)[0] == digests.DAMAGED
+
+
+def test_a_failed_digest_write_in_a_fill_leaves_its_regions_absent(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fill whose slots cannot be written makes nothing present (a bit never goes
+    without its slot) and fails the clone (invariant 9); a reopen copies again."""
+    import errno
+
+    src, data = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
+    real = fsops.pwrite_all
+
+    def failing(fd: int, *args: object, **kw: object) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lcdigest"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd, *args, **kw)  # type: ignore[arg-type]
+
+    try:
+        monkeypatch.setattr(fsops, "pwrite_all", failing)
+        with pytest.raises(OSError) as info:
+            c.fill(0, 4)
+        assert info.value.errno == errno.EIO
+        assert not any(c.is_present(r) for r in range(4))
+        assert c.failure is not None and "digest file" in c.failure
+    finally:
+        c.close()
+    monkeypatch.undo()
+    with open_clone(path, LocalFileSource(str(src))) as c:
+        assert c.regions_committed == 0
+        c.fill(0, 4)
+    assert slots(path, 4) == [(COPIED, xxhash.xxh3_64_intdigest(data[r * RS:(r + 1) * RS]))
+                              for r in range(4)]
