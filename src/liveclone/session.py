@@ -219,10 +219,16 @@ class CloneSession:
 
     def _publish_loop(self) -> None:
         while not self._stop.wait(STATUS_INTERVAL):
-            self._follow_pause_file()
-            if self.recorder is not None and not self.recorder.poll():
-                self.clone.on_read = None  # the window closed: reads cost nothing again
-            self.write_status()
+            self.publish()
+
+    def publish(self) -> None:
+        """One round of the status thread: follow the pause file, the profile
+        recording's window, and publish the status. Blocks. (The daemon calls it for
+        all its sessions from one task instead of a thread each.)"""
+        self._follow_pause_file()
+        if self.recorder is not None and not self.recorder.poll():
+            self.clone.on_read = None  # the window closed: reads cost nothing again
+        self.write_status()
 
     def _follow_pause_file(self) -> None:
         paused = os.path.exists(pause_path(self.clone.path))

@@ -172,6 +172,9 @@ def test_bad_requests_each_get_their_error_and_others_keep_serving(
     assert "'..'" in refused(400, {"source": str(src),
                                    "clone": str(tmp_path / ".." / "x.img")})
     assert "unknown field" in refused(400, {"source": str(src), "clone": "/x", "nme": "a"})
+    assert "profile" in refused(400, {"source": str(src), "clone": str(tmp_path / "p.img"),
+                                      "profile": str(tmp_path / "none.lcprofile")})
+    assert not (tmp_path / "p.img").exists()
     assert "exists" in refused(409, {"source": str(src), "clone": str(tmp_path / "y.img"),
                                      "name": "good"})
     assert "in use" in refused(409, {"source": str(src), "clone": good["clone"],

@@ -33,6 +33,8 @@ from typing import Any
 from liveclone.cli.status import combine_status
 from liveclone.core.copier import Phase
 from liveclone.core.metadata import map_paths
+from liveclone.core.profile import ProfileOptions
+from liveclone.core.profile import load as load_profile
 from liveclone.daemon.copiers import CopierPool
 from liveclone.daemon.events import EventBus
 from liveclone.daemon.names import NAME_RULE, is_name
@@ -57,7 +59,8 @@ from liveclone.units import format_size, parse_size
 log = logging.getLogger("liveclone.daemon")
 
 STATUS_INTERVAL = 0.5  # seconds between status files and event checks
-BODY_FIELDS = {"source", "clone", "name", "region_size", "rate", "copy_on_read", "read_only"}
+BODY_FIELDS = {"source", "clone", "name", "region_size", "rate", "copy_on_read", "read_only",
+               "profile"}
 
 
 class ApiError(Exception):
@@ -141,9 +144,17 @@ def parse_body(body: object) -> Record:
     for key in ("copy_on_read", "read_only"):
         if body.get(key) is not None and not isinstance(body[key], bool):
             raise ApiError(400, f"{key} must be true or false", f"give {key} as a boolean")
+    extra = {}
+    profile = body.get("profile")
+    if profile is not None:
+        if not isinstance(profile, str) or not os.path.isabs(profile):
+            raise ApiError(400, f"the profile {profile!r} is not an absolute path",
+                           "give the absolute path of a .lcprofile file")
+        extra["profile"] = profile
     return Record(name=name, source=source, clone=clone, region_size=sizes["region_size"],
                   rate=sizes["rate"], copy_on_read=body.get("copy_on_read"),
-                  read_only=bool(body.get("read_only", False)), created=time.time())
+                  read_only=bool(body.get("read_only", False)), created=time.time(),
+                  extra=extra)
 
 
 def check_space(record: Record) -> None:
@@ -172,10 +183,13 @@ class DaemonSession(CloneSession):
 
     def __init__(self, record: Record, opener: Callable[[str], Source],
                  pool: CopierPool) -> None:
+        profile = _profile_options(record)
         super().__init__(record.source, record.clone, record.region_size, record.rate,
-                         copy_on_read=record.copy_on_read, opener=opener)
+                         copy_on_read=record.copy_on_read, opener=opener, profile=profile)
         # The session made a copier with threads of its own: the pool's instead.
-        self.copier = pool.copier(self.clone, rate=record.rate, persistent=True)
+        self.copier = pool.copier(self.clone, rate=record.rate, persistent=True,
+                                  profile=profile.replay, replay_bytes=profile.replay_bytes,
+                                  replay_time=profile.replay_time)
 
     def start(self) -> DaemonSession:
         self._follow_pause_file()
@@ -184,10 +198,15 @@ class DaemonSession(CloneSession):
         self.write_status()
         return self
 
-    def publish(self) -> None:
-        """What the session's own thread would do every STATUS_INTERVAL. Blocks."""
-        self._follow_pause_file()
-        self.write_status()
+
+
+def _profile_options(record: Record) -> ProfileOptions:
+    """A boot profile to replay, as ``serve --profile`` takes it (read here, in the
+    executor: a missing or damaged file is a UsageError, so 400)."""
+    path = record.extra.get("profile")
+    if path is None:
+        return ProfileOptions()
+    return ProfileOptions(replay=load_profile(path))
 
 
 @dataclass(eq=False)

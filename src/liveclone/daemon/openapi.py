@@ -134,6 +134,9 @@ DOCUMENT: dict[str, Any] = {
                              "description": "This clone's copy, bytes per second"},
                     "copy_on_read": {"type": "boolean"},
                     "read_only": {"type": "boolean", "default": False},
+                    "profile": {"type": "string", "description":
+                                "Absolute path of a boot profile (.lcprofile) to replay "
+                                "first, as `serve --profile`; recorded for this source"},
                 },
             },
             "Clone": {
