@@ -17,7 +17,6 @@ by hand is reported and skipped, never guessed at.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -25,7 +24,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from liveclone.core import fsops
-from liveclone.errors import CloneBusyError, TargetError
+from liveclone.dirlock import lock_directory
+from liveclone.errors import TargetError
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +62,15 @@ class StateDir:
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
         self.clones_dir = os.path.join(self.path, CLONES)
+        self._lock_fd = lock_directory(
+            self.path, f"the state directory {self.path}",
+            "stop that daemon, or give --state-dir another directory")
         try:
             os.makedirs(self.clones_dir, mode=0o700, exist_ok=True)
-            self._lock_fd = os.open(os.path.join(self.path, ".lock"),
-                                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as e:
+            os.close(self._lock_fd)
             raise TargetError(f"cannot use the state directory {self.path}: {e.strerror}; "
                               "give --state-dir a writable directory") from None
-        try:
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(self._lock_fd, 32, 0).decode(errors="replace").strip()
-            os.close(self._lock_fd)
-            raise CloneBusyError(
-                f"the state directory {self.path} is in use by another liveclone daemon "
-                f"(pid {holder or 'unknown'}); stop it, or give --state-dir another "
-                "directory") from None
-        os.ftruncate(self._lock_fd, 0)
-        os.pwrite(self._lock_fd, f"{os.getpid()}\n".encode(), 0)
 
     def _path(self, name: str) -> str:
         return os.path.join(self.clones_dir, name + SUFFIX)
