@@ -16,12 +16,14 @@ from tests.conftest import LIVECLONE
 
 
 class Daemon:
-    def __init__(self, root: Path, *args: str) -> None:
+    def __init__(self, root: Path, *args: str, listen: str | None = None) -> None:
+        """``listen``: NBD on TCP (``--listen``) instead of the unix socket."""
         self.root = root
         self.state = root / "state"
         self.api = str(root / "api.sock")
         self.nbd = str(root / "nbd.sock")
-        self.args = list(args)
+        self.args = list(args) + (["--listen", listen] if listen else
+                                  ["--nbd-socket", self.nbd])
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"
 
@@ -29,7 +31,7 @@ class Daemon:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [LIVECLONE, "daemon", "--state-dir", str(self.state), "--api", self.api,
-                 "--nbd-socket", self.nbd, *self.args],
+                 *self.args],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         deadline = time.monotonic() + timeout
         while True:

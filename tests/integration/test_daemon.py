@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import LIVECLONE, make_image, tmpfs
 from tests.integration.daemon_kit import Daemon, Events, qemu_io
-from tests.integration.servers import nginx
+from tests.integration.servers import free_port, make_pki, nginx
 
 SIZE = 8 << 20
 
@@ -198,3 +198,24 @@ def test_bad_requests_each_get_their_error_and_others_keep_serving(
     expected = bytearray(data)
     expected[:64 << 10] = b"\x5a" * (64 << 10)
     assert (tmp_path / "good.img").read_bytes() == bytes(expected)
+
+
+def test_tcp_with_tls_as_serve_has_it(tmp_path: Path) -> None:
+    src = tmp_path / "golden.img"
+    data = make_image(src, 1 << 20)
+    pki = make_pki(tmp_path / "pki")
+    port = free_port()
+    d = Daemon(tmp_path, "--tls-certificates", str(pki), listen=f"127.0.0.1:{port}").start()
+    try:
+        vm = d.add(src, tmp_path / "vm.img")
+        assert vm["nbd_uri"] == f"nbds://127.0.0.1:{port}/vm.img"
+        out = tmp_path / "out.img"
+        r = subprocess.run(["nbdcopy", f"nbds://localhost:{port}/vm.img?tls-certificates={pki}",
+                            str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == data
+        plain = subprocess.run(["nbdinfo", f"nbd://localhost:{port}/vm.img"],
+                               capture_output=True, text=True, timeout=30)
+        assert plain.returncode != 0  # TLS is required
+    finally:
+        assert d.stop() == 0, d.log.read_text()

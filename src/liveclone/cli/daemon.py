@@ -63,10 +63,9 @@ def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
     crash or a reboot, it serves every one of them again under the same name and
     resumes its copy. SIGTERM commits every clone's map and exits 0.
     """
-    from liveclone.cli.serve import exposure_warning, parse_listen
+    from liveclone.cli.serve import exposure_warning, limits_option, parse_listen, tls_option
     from liveclone.daemon.service import Options, run, setup_logging
     from liveclone.mountpoint import check_mountpoint
-    from liveclone.nbd.server import tls_server_context
 
     if nbd_socket is not None and listen is not None:
         raise UsageError("give --nbd-socket or --listen, not both")
@@ -78,12 +77,7 @@ def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
     if tcp is None:
         nbd_socket = os.path.abspath(nbd_socket or os.path.join(os.path.dirname(api),
                                                                 paths.NBD_NAME))
-    tls = None
-    if tls_dir is not None:
-        try:
-            tls = tls_server_context(tls_dir)
-        except ValueError as e:
-            raise UsageError(f"--tls-certificates: {e}") from None
+    tls = tls_option(tls_dir)
     if mountpoint is not None:
         try:
             check_mountpoint(mountpoint)
@@ -93,12 +87,7 @@ def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
         mountpoint = os.path.abspath(mountpoint)
     if not no_cache:
         cache_dir = os.path.abspath(cache_dir or os.path.join(state_dir, "cache"))
-    try:
-        from liveclone.nbd.limits import Limits
-
-        Limits(max_connections, max_memory=max_memory)
-    except ValueError as e:
-        raise UsageError(str(e).replace("max_memory", "--max-memory")) from None
+    limits = limits_option(max_connections, nbd_limits.DEFAULT_HANDSHAKE_LIMIT, max_memory)
     setup_logging()
     if tcp is not None:
         warning = exposure_warning(*tcp, tls=tls is not None)
@@ -106,5 +95,4 @@ def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
             click.echo(f"liveclone: {warning}", err=True)
     run(Options(state_dir=state_dir, api=api, nbd_socket=nbd_socket, listen=tcp, tls=tls,
                 mount=mountpoint, cache_dir=None if no_cache else cache_dir,
-                cache_size=cache_size, max_copiers=max_copiers, rate=rate,
-                max_connections=max_connections, max_memory=max_memory))
+                cache_size=cache_size, max_copiers=max_copiers, rate=rate, limits=limits))

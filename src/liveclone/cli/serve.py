@@ -8,6 +8,7 @@ import os
 import socket
 import threading
 from functools import partial
+from typing import TYPE_CHECKING
 
 import click
 
@@ -35,6 +36,9 @@ from liveclone.nbd.server import (
 )
 from liveclone.session import CloneSession
 from liveclone.units import format_size
+
+if TYPE_CHECKING:
+    import ssl
 
 SOCKET_SUFFIX = ".sock"
 STATUS_EVERY = 0.2  # seconds between status updates; also how soon a signal stops us
@@ -160,6 +164,24 @@ def open_listeners(socket_path: str | None, tcp: tuple[str, int] | None,
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}; {fix}") from None
 
 
+def limits_option(max_connections: int, handshake_limit: float, max_memory: int) -> Limits:
+    """The NBD client bounds of --max-connections, --handshake-limit, --max-memory."""
+    try:
+        return Limits(max_connections, handshake_limit, max_memory)
+    except ValueError as e:
+        raise UsageError(str(e).replace("max_memory", "--max-memory")) from None
+
+
+def tls_option(tls_dir: str | None) -> ssl.SSLContext | None:
+    """The TLS context of --tls-certificates DIR, or None without it."""
+    if tls_dir is None:
+        return None
+    try:
+        return tls_server_context(tls_dir)
+    except ValueError as e:
+        raise UsageError(f"--tls-certificates: {e}") from None
+
+
 def default_export_name(clone_path: str) -> str:
     name = os.path.basename(clone_path)
     return "" if export_name_problem(name) else name
@@ -242,16 +264,8 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
     why = export_name_problem(name)
     if why:
         raise UsageError(f"invalid --export-name {name!r}: {why}")
-    try:
-        limits = Limits(max_connections, handshake_limit, max_memory)
-    except ValueError as e:
-        raise UsageError(str(e).replace("max_memory", "--max-memory")) from None
-    tls = None
-    if tls_dir is not None:
-        try:
-            tls = tls_server_context(tls_dir)
-        except ValueError as e:
-            raise UsageError(f"--tls-certificates: {e}") from None
+    limits = limits_option(max_connections, handshake_limit, max_memory)
+    tls = tls_option(tls_dir)
     if mountpoint is not None:
         check_mountpoint(mountpoint)
     listeners = open_listeners(socket_path, tcp, mode, owner,
