@@ -112,8 +112,9 @@ READ_RETRY_SECONDS = 2.0
 DEFAULT_MODE = 0o644
 
 
-def map_paths(clone_path: str) -> tuple[str, str]:
-    return clone_path + MAP_SUFFIX, clone_path + JOURNAL_SUFFIX
+def map_paths(clone_path: str) -> tuple[str, str, str]:
+    """The map's files: superblock, journal, digests (removed with the clone)."""
+    return clone_path + MAP_SUFFIX, clone_path + JOURNAL_SUFFIX, digest_path(clone_path)
 
 
 @dataclass
@@ -305,7 +306,7 @@ class MapStore:
                  jfd: int, replay: _Replay, mode: int, digests: DigestStore) -> None:
         self.clone_path = clone_path
         self.digests = digests  # the region digests (core.digests); synced before commit
-        self.map_path, self.journal_path = map_paths(clone_path)
+        self.map_path, self.journal_path, _ = map_paths(clone_path)
         self.header = header
         self.mode = mode
         self.generation = generation  # the superblock's on disk
@@ -323,7 +324,7 @@ class MapStore:
     def create(cls, clone_path: str, header: MapHeader, mode: int = DEFAULT_MODE) -> MapStore:
         """Write a new, empty map. Blocks. The caller holds the clone's lock. The
         superblock is written last: it is the marker that the clone exists."""
-        map_path, journal_path = map_paths(clone_path)
+        map_path, journal_path, _ = map_paths(clone_path)
         rmap = RegionMap((header.size + header.region_size - 1) // header.region_size)
         try:
             fsops.write_file_atomically(journal_path, _journal_header(header.uuid, 0), mode)
@@ -353,7 +354,7 @@ class MapStore:
         read as a pair and the superblock's generation checked again after the
         journal; a pair that disagrees, or looks damaged, is read again until it
         settles (READ_RETRY_SECONDS). Only damage that stays is reported."""
-        _, journal_path = map_paths(clone_path)
+        _, journal_path, _ = map_paths(clone_path)
         deadline = time.monotonic() + READ_RETRY_SECONDS
         while True:
             header, rmap, generation = MapStore._read_superblock(clone_path)
@@ -373,7 +374,7 @@ class MapStore:
 
     @staticmethod
     def _read_superblock(clone_path: str) -> tuple[MapHeader, RegionMap, int]:
-        map_path, _ = map_paths(clone_path)
+        map_path, _, _ = map_paths(clone_path)
         try:
             with open(map_path, "rb") as f:
                 raw = f.read()
@@ -394,7 +395,7 @@ class MapStore:
     @classmethod
     def _open(cls, clone_path: str, header: MapHeader, rmap: RegionMap,
               generation: int) -> tuple[MapStore, RegionMap]:
-        map_path, journal_path = map_paths(clone_path)
+        map_path, journal_path, _ = map_paths(clone_path)
         try:
             jfd = os.open(journal_path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:

@@ -27,7 +27,6 @@ from collections.abc import Callable
 
 from liveclone.core import fsops
 from liveclone.core.clone import Clone
-from liveclone.core.digests import digest_path
 from liveclone.core.metadata import MapStore, map_paths
 from liveclone.core.regions import DEFAULT_REGION_SIZE, RegionMap, check_region_size
 from liveclone.errors import (
@@ -112,7 +111,7 @@ def open_clone(path: str, source: SourceArg = None, *, region_size: int | None =
         if opened is not None and opened is not source:
             opened.close()
         if created:
-            for name in (path, *((*map_paths(path), digest_path(path)) if made_map else ())):
+            for name in (path, *(map_paths(path) if made_map else ())):
                 try:
                     os.unlink(name)
                 except OSError:
