@@ -26,7 +26,7 @@ from liveclone.errors import CloneBusyError, SourceChangedError
 from liveclone.session import CloneSession
 from liveclone.sources.cache import IMAGE_NAME, SourceCache
 from liveclone.sources.local import LocalFileSource
-from tests.conftest import LIVECLONE, ROOT, make_image
+from tests.conftest import LIVECLONE, ROOT, make_image, tmpfs
 from tests.integration import test_reflink
 from tests.integration.servers import Nginx
 
@@ -67,8 +67,9 @@ def expected(data: bytes, writes: Sequence[tuple[int, bytes]]) -> bytes:
 
 def clone_through(cache: SourceCache, url: str, path: Path,
                   writes: Sequence[tuple[int, bytes]] = ()) -> None:
-    """A clone whose source comes from ``cache``: made, written, completed, closed."""
-    session = CloneSession(url, str(path), opener=cache.open).start()
+    """A clone whose source comes from ``cache``: made, written, completed, closed.
+    Not persistent: a source read that keeps failing ends the copy (and the test)."""
+    session = CloneSession(url, str(path), opener=cache.open, persistent=False).start()
     try:
         for off, buf in writes:
             session.clone.write(off, buf)
@@ -311,3 +312,52 @@ def test_local_files_are_not_cached_and_one_process_owns_the_dir(tmp_path: Path)
         assert isinstance(source, LocalFileSource) and source.fileno() is not None
         source.close()
         assert cache.status()["entries"] == []
+
+
+def test_full_cache_disk_reads_bypass_the_entry(tmp_path: Path) -> None:
+    """The cache directory's disk fills up: clones still get every byte (read from
+    the source directly), and the entry says why."""
+    root = tmp_path / "www"
+    root.mkdir()
+    data = random.Random(3).randbytes(SIZE)  # no holes: needs all 4 MiB, 2 are free
+    (root / "disk.img").write_bytes(data)
+    server = Nginx(root, tmp_path / "nginx").start()
+    try:
+        with tmpfs(tmp_path / "small", "2m") as small:
+            with SourceCache(str(small / "cache")) as cache:
+                clone_through(cache, server.url("disk.img"), tmp_path / "c.img", [(9, b"w")])
+                entry = cache.status()["entries"][0]
+                assert not entry["complete"] and "bypass" in entry["last_error"]
+    finally:
+        server.stop()
+    assert sha((tmp_path / "c.img").read_bytes()) == sha(expected(data, [(9, b"w")]))
+
+
+def test_damaged_entry_is_made_again(tmp_path: Path, served: tuple[Nginx, bytes]) -> None:
+    server, data = served
+    url = server.url("disk.img")
+    with SourceCache(str(tmp_path / "cache")) as cache:
+        clone_through(cache, url, tmp_path / "a.img")
+        key = cache.status()["entries"][0]["key"]
+    superblock = tmp_path / "cache" / str(key) / f"{IMAGE_NAME}.lcmap"
+    superblock.write_bytes(b"not a superblock" * 64)
+    with SourceCache(str(tmp_path / "cache")) as cache:
+        clone_through(cache, url, tmp_path / "b.img")
+        assert cache.status()["entries"][0]["complete"]
+    assert sha((tmp_path / "b.img").read_bytes()) == sha(data)
+
+
+def test_image_format_through_qemu_nbd_is_cached(tmp_path: Path) -> None:
+    raw = tmp_path / "disk.raw"
+    data = make_image(raw, 2 << 20)
+    qcow2 = tmp_path / "disk.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)],
+                   check=True)
+    with SourceCache(str(tmp_path / "cache")) as cache:
+        for name in ("a.img", "b.img"):
+            clone_through(cache, str(qcow2), tmp_path / name)
+        st = cache.status()
+        assert (st["misses"], st["hits"], st["entries"][0]["complete"]) == (1, 1, True)
+    for name in ("a.img", "b.img"):
+        assert sha((tmp_path / name).read_bytes()) == sha(data)
+        assert MapStore.read(str(tmp_path / name))[0].source["kind"] == "image"

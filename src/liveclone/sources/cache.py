@@ -57,11 +57,13 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from liveclone.core import fsops
+from liveclone.core.fill import SourceReadError
 from liveclone.core.metadata import MapStore
 from liveclone.dirlock import lock_directory
 from liveclone.errors import (
     CloneFailedError,
     CorruptMetadataError,
+    NotACloneError,
     SourceError,
     SourceUnreachableError,
     TargetError,
@@ -124,6 +126,7 @@ class _Entry:
     copying: bool = False  # its copier was started (on the first read through it)
     # Bytes fetched by sessions of this entry that were closed (evicted or reopened).
     fetched_before: int = 0
+    last_error: str | None = None  # the last time reads had to bypass the entry
 
     @property
     def image(self) -> str:
@@ -221,7 +224,16 @@ class SourceCache:
                         if not self._make_room(max(need, 0), key):
                             return self._uncached(upstream)
                     self.hits += 1
-                self._load(entry, upstream)
+                try:
+                    self._load(entry, upstream)
+                except (CorruptMetadataError, NotACloneError) as e:
+                    # Its bytes are only a cache: a damaged entry is made again
+                    # (these are raised before the entry's clone took ``upstream``).
+                    log.warning("cache %s: entry %s is damaged (%s); making it again",
+                                self.dir, key, e.message)
+                    self._evict(entry)
+                    entry = self._new_entry(key, spec, identity, upstream.size)
+                    self._load(entry, upstream)
                 source = self._hold(entry, spec)
         except BaseException:
             upstream.close()
@@ -492,6 +504,8 @@ class SourceCache:
             "last_used": e.last_used,
             "bytes_on_disk": _allocated(e.dir),
             "bytes_fetched": e.fetched_before + e.fetched(),
+            "last_error": e.last_error or (clone.failure or clone.last_error
+                                           if clone else None),
         }
 
 
@@ -514,6 +528,16 @@ class _EntryReader(Source):
             return bytes(max(length, 0))
         try:
             data = self._clone.read(offset, end - offset)
+        except SourceReadError:
+            raise
+        except OSError as e:
+            # The entry's side (its disk is full...): the consumer still gets the
+            # source's bytes, read directly, and the entry fills again later.
+            source = self._clone.source
+            if source is None:
+                raise
+            self._entry.last_error = f"reads bypass the entry: {e.strerror or e}"
+            data = bytearray(source.pread(offset, end - offset))
         finally:  # after the first read, which need not share the source with it
             self._cache._start_copier(self._entry)
         if len(data) < length:
