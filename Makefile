@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/nbd_bench.py --write-results
 	$(PY) benchmarks/boot_bench.py
 	$(PY) benchmarks/http_bench.py
+	$(PY) benchmarks/daemon_bench.py --write-results
 
 clean:
 	rm -rf $(VENV) demo-out benchmarks/work .pytest_cache .mypy_cache
