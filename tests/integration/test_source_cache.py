@@ -188,12 +188,13 @@ def test_lru_eviction_never_evicts_an_entry_in_use(tmp_path: Path) -> None:
         assert held_a.wait()
         clone_through(cache, server.url("b.img"), tmp_path / "b.img")
         assert set(entries()) == {"a", "b"}
+        b_dir = tmp_path / "cache" / str(entries()["b"]["key"])
         # c does not fit beside both: the least recently used entry no clone holds
         # goes (b), never a, which is older but in use.
         clone_through(cache, server.url("c.img"), tmp_path / "c.img")
         assert set(entries()) == {"a", "c"}
         assert (tmp_path / "cache" / str(entries()["a"]["key"])).is_dir()
-        assert len(list((tmp_path / "cache").iterdir())) == 3  # .lock, a and c
+        assert not b_dir.exists()  # renamed away at once, then removed
         # With a and c held, d cannot fit at all: read directly, and said so.
         held_c = CloneSession(server.url("c.img"), str(tmp_path / "c2.img"),
                               opener=cache.open).start()
@@ -208,7 +209,9 @@ def test_lru_eviction_never_evicts_an_entry_in_use(tmp_path: Path) -> None:
         # a is free now (and older than c): d takes its place.
         clone_through(cache, server.url("d.img"), tmp_path / "d2.img")
         assert set(entries()) == {"c", "d"}
-        cache.close()
+        cache.close()  # waits for the evicted entries' removal
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(
+            [".lock", str(entries()["c"]["key"]), str(entries()["d"]["key"])])
         for path, name in (("a.img", "a"), ("b.img", "b"), ("c.img", "c"), ("c2.img", "c"),
                            ("d.img", "d"), ("d2.img", "d")):
             assert sha((tmp_path / path).read_bytes()) == sha(images[name]), path

@@ -63,6 +63,7 @@ from liveclone.dirlock import lock_directory
 from liveclone.errors import (
     CloneFailedError,
     CorruptMetadataError,
+    LivecloneError,
     NotACloneError,
     SourceError,
     SourceUnreachableError,
@@ -82,6 +83,7 @@ KEY_CHARS = 32  # hex digits of the identity digest that name an entry
 # What an entry not made yet is expected to hold besides its image: the map's
 # journal (256 KiB reserved ahead of its end), the map, status and meta files.
 ENTRY_EXTRA = 512 << 10
+EVICTED = ".evicted-"  # an evicted entry's directory while it is removed
 
 
 def entry_key(identity: dict[str, Any]) -> str:
@@ -184,6 +186,7 @@ class SourceCache:
         self.uncached = 0  # opens read directly because the bound could not be met
         self.warning: str | None = None  # why the last uncached open was uncached
         self._fetched_gone = 0  # bytes fetched by entries since evicted
+        self._reapers: list[threading.Thread] = []  # evicted entries being removed
         self._closed = False
         # --- end ---------------------------------------------------------------
         self._scan()
@@ -274,7 +277,10 @@ class SourceCache:
                     self._unload(entry)
                 except CloneFailedError as e:
                     errors.append(e)
-            os.close(self._lock_fd)
+            reapers = self._reapers
+        for reaper in reapers:
+            reaper.join()
+        os.close(self._lock_fd)
         if errors:
             raise errors[0]
 
@@ -290,6 +296,9 @@ class SourceCache:
         """Know every entry on disk; remove what a crash left before an entry's meta."""
         for name in os.listdir(self.dir):
             path = os.path.join(self.dir, name)
+            if EVICTED in name:  # an eviction cut short
+                shutil.rmtree(path, ignore_errors=True)
+                continue
             if len(name) != KEY_CHARS or not os.path.isdir(path):
                 continue
             try:
@@ -477,17 +486,33 @@ class SourceCache:
         return used + need <= self.max_bytes
 
     def _evict(self, entry: _Entry) -> None:
+        """Forget an entry at once (under ``_lock``); its clone is closed and its
+        files removed by a thread of their own, since closing waits for the copier's
+        batch in flight, which may be a slow fetch: opens must not wait for it. The
+        directory is renamed first, so a new entry of the same key never meets it."""
         assert entry.holders == 0, "an entry a clone holds is never evicted"
-        try:
-            self._unload(entry)
-        except CloneFailedError as e:
-            log.warning("cache %s: entry %s failed before eviction: %s",
-                        self.dir, entry.key, e.message)
-        self._fetched_gone += entry.fetched_before
         del self._entries[entry.key]
-        shutil.rmtree(entry.dir, ignore_errors=True)
+        self._fetched_gone += entry.fetched_before + entry.fetched()
+        doomed = f"{entry.dir}{EVICTED}{os.urandom(4).hex()}"  # never a KEY
+        try:
+            os.rename(entry.dir, doomed)
+        except OSError:
+            doomed = entry.dir
+        session, entry.session = entry.session, None
+        reaper = threading.Thread(target=self._reap, args=(session, doomed),
+                                  name=f"cache-evict-{entry.key[:8]}")
+        reaper.start()
+        self._reapers = [t for t in self._reapers if t.is_alive()] + [reaper]
         log.info("cache %s: evicted %s (%s, last used %s)", self.dir, entry.key,
                  entry.identity.get("path"), time.ctime(entry.last_used))
+
+    def _reap(self, session: CloneSession | None, path: str) -> None:
+        if session is not None:
+            try:
+                session.close()
+            except (OSError, LivecloneError) as e:  # its files are going anyway
+                log.info("cache %s: closing evicted %s: %s", self.dir, path, e)
+        shutil.rmtree(path, ignore_errors=True)
 
     def _entry_status(self, e: _Entry) -> dict[str, Any]:
         clone = e.session.clone if e.session is not None else None
