@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -219,3 +221,42 @@ def test_tcp_with_tls_as_serve_has_it(tmp_path: Path) -> None:
         assert plain.returncode != 0  # TLS is required
     finally:
         assert d.stop() == 0, d.log.read_text()
+
+
+def test_sources_that_hang_hold_up_nothing_else(tmp_path: Path) -> None:
+    """Eight creates whose HTTP source accepts and never answers (more than the
+    loop's default executor has threads) wait on their own: other clones keep
+    serving, their status files keep being written, and a new clone is made at once."""
+    src = tmp_path / "golden.img"
+    make_image(src, 1 << 20)
+    d = Daemon(tmp_path).start()
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(64)  # connections complete in the backlog; nothing is ever read
+    waiting = []
+    try:
+        good = d.add(src, tmp_path / "good.img", name="good")
+        for i in range(8):
+            waiting.append(subprocess.Popen(
+                ["curl", "-s", "--max-time", "30", "--unix-socket", d.api, "-X", "POST",
+                 "-d", json.dumps({"source": f"http://127.0.0.1:{hang.getsockname()[1]}/x",
+                                   "clone": str(tmp_path / f"h{i}.img")}),
+                 "http://localhost/v1/clones"], stdout=subprocess.DEVNULL))
+        time.sleep(1.0)
+        status = tmp_path / "good.img.lcstatus"
+        before = json.loads(status.read_text())["updated"]
+        started = time.monotonic()
+        second = d.add(src, tmp_path / "second.img", name="second")
+        assert time.monotonic() - started < 10
+        qemu_io(good["nbd_uri"], "read 0 64k")
+        qemu_io(second["nbd_uri"], "write -P 1 0 4k", "flush", "read -P 1 0 4k")
+        time.sleep(1.0)
+        assert json.loads(status.read_text())["updated"] > before
+        code, listing = d.curl("GET", "/v1/clones")
+        assert sorted(c["name"] for c in listing) == ["good", "second"]
+    finally:
+        d.kill()  # the hung opens would hold a polite stop for their whole timeout
+        for p in waiting:
+            p.kill()
+            p.wait()
+        hang.close()

@@ -20,6 +20,7 @@ it made) and touches no other clone.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import errno
 import logging
 import os
@@ -59,6 +60,7 @@ from liveclone.units import format_size, parse_size
 log = logging.getLogger("liveclone.daemon")
 
 STATUS_INTERVAL = 0.5  # seconds between status files and event checks
+OPENERS = 16  # clones opened (or created) at once
 BODY_FIELDS = {"source", "clone", "name", "region_size", "rate", "copy_on_read", "read_only",
                "profile"}
 
@@ -239,6 +241,11 @@ class Manager:
         self.opener: Callable[[str], Source] = SourceOpener(
             cache.open if cache is not None else open_source).open
         self.pool = pool
+        # Opening a clone may wait on its source (a remote one retries for up to 30 s):
+        # opens get threads of their own, so that a few slow ones never hold up the
+        # status files, removals and records of the other clones (the default executor).
+        self._openers = concurrent.futures.ThreadPoolExecutor(OPENERS,
+                                                              thread_name_prefix="open")
         self.clones: dict[str, Managed] = {}
         self._paths: dict[str, str] = {}  # clone path → name (reserved ones too)
         self._watcher: asyncio.Task[None] | None = None
@@ -290,7 +297,7 @@ class Manager:
             if save:
                 check_space(record)
             opening = loop.run_in_executor(
-                None, partial(DaemonSession, record, self.opener, self.pool))
+                self._openers, partial(DaemonSession, record, self.opener, self.pool))
             if save:
                 # The record is made durable beside the clone (each costs fsyncs); a
                 # failed create deletes it again.
@@ -465,6 +472,7 @@ class Manager:
                                if m.session is not None), return_exceptions=True)
         self.clones.clear()
         self._paths.clear()
+        await asyncio.get_running_loop().run_in_executor(None, self._openers.shutdown)
 
 
 def _pause(session: DaemonSession, paused: bool) -> None:
