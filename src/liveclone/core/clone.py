@@ -193,7 +193,7 @@ class Clone:
                 try:
                     # Their digest slots before their bits (core.digests); a region
                     # whose slot could not be written stays absent.
-                    self._durability.record_digests(digester.out, done)
+                    self._durability.record_digests(digester, done)
                 except BaseException:
                     done = []
                     raise

@@ -8,8 +8,11 @@
                 u64 digest   XXH3-64 of the region's bytes (the short last region's
                              bytes only)
                 u32 kind     0 none, 1 copied from the source, 2 guest
-                u32 CRC32    of (u64 r, u32 kind, u64 digest); an all-zero slot is
-                             "none" without a CRC
+                u32 CRC32    of (u32 kind, u64 digest); an all-zero slot is "none"
+                             without a CRC. The region is not in the CRC, so the
+                             slots of a run of hole regions are one repeated value,
+                             written at C speed (a sparse copy passes 16k regions per
+                             GiB of holes at 64 KiB)
 
 A slot is 16 bytes at a 16-byte boundary, so it never straddles a page or a sector:
 a power cut leaves each slot old or new, never a mix. The file is sized and its
@@ -45,6 +48,7 @@ import threading
 import uuid
 import zlib
 from collections.abc import Iterable
+from itertools import repeat
 
 import xxhash
 
@@ -59,7 +63,7 @@ SLOT_SIZE = 16
 _MAGIC = b"LVCLDIG1"
 _HEAD = struct.Struct("<8s16sII")
 _SLOT = struct.Struct("<QII")
-_CRC_IN = struct.Struct("<QIQ")
+_CRC_IN = struct.Struct("<IQ")
 _ZERO_SLOT = bytes(SLOT_SIZE)
 
 NONE, COPIED, GUEST = 0, 1, 2
@@ -74,17 +78,16 @@ def digest_path(clone_path: str) -> str:
     return clone_path + DIGEST_SUFFIX
 
 
-def encode_slot(region: int, kind: int, digest: int = 0) -> bytes:
-    crc = zlib.crc32(_CRC_IN.pack(region, kind, digest))
-    return _SLOT.pack(digest, kind, crc)
+def encode_slot(kind: int, digest: int = 0) -> bytes:
+    return _SLOT.pack(digest, kind, zlib.crc32(_CRC_IN.pack(kind, digest)))
 
 
-def decode_slot(region: int, raw: bytes | memoryview) -> tuple[int, int]:
+def decode_slot(raw: bytes | memoryview) -> tuple[int, int]:
     """``(kind, digest)`` of a slot; kind DAMAGED if its CRC is wrong."""
     if raw == _ZERO_SLOT:
         return NONE, 0
     digest, kind, crc = _SLOT.unpack(raw)
-    if kind not in (NONE, COPIED, GUEST) or zlib.crc32(_CRC_IN.pack(region, kind, digest)) != crc:
+    if kind not in (NONE, COPIED, GUEST) or zlib.crc32(_CRC_IN.pack(kind, digest)) != crc:
         return DAMAGED, 0
     return kind, digest
 
@@ -143,7 +146,9 @@ ZEROS = ZeroDigests()
 
 class Digester:
     """Digests of whole regions from pieces of data and zeros given in offset order
-    (a fill's pieces; a verify's reads). ``out`` collects ``(region, digest)``.
+    (a fill's pieces; a verify's reads). ``out`` collects ``(region, digest)``, and
+    ``runs`` ``(first, end, digest)`` for runs of whole zero regions (holes), so a
+    hole costs no Python work per region.
 
     A piece may start or end inside a region: the region's digest is then built
     from its pieces, and emitted when its last byte is given. A region whose pieces
@@ -154,6 +159,7 @@ class Digester:
         self.shift = region_size.bit_length() - 1
         self.rs = region_size
         self.out: list[tuple[int, int]] = []
+        self.runs: list[tuple[int, int, int]] = []
         self._partial: xxhash.xxh3_64 | None = None
         self._at = -1  # the byte offset the partial region expects next
 
@@ -184,10 +190,25 @@ class Digester:
             i += step
             pos += step
 
+    def items(self) -> dict[int, int]:
+        """Every region's digest, ``out`` and ``runs`` together."""
+        got = dict(self.out)
+        for a, b, d in self.runs:
+            got.update(zip(range(a, b), repeat(d)))
+        return got
+
     def zeros(self, start: int, stop: int) -> None:
         pos = start
         while pos < stop:
             r, rstart, rend = self._bounds(pos)
+            whole = (stop - pos) >> self.shift  # full-size regions from here
+            if pos == rstart and whole and self._partial is None:
+                d = ZEROS(self.rs)
+                if self.runs and self.runs[-1][1] == r and self.runs[-1][2] == d:
+                    r = self.runs.pop()[0]
+                self.runs.append((r, (pos >> self.shift) + whole, d))
+                pos += whole << self.shift
+                continue
             step = min(stop - pos, rend - pos)
             if pos == rstart and step == rend - rstart and self._partial is None:
                 self.out.append((r, ZEROS(step)))
@@ -263,14 +284,24 @@ class DigestStore:
 
     # -- writing ------------------------------------------------------------------------
 
-    def record(self, digests: list[tuple[int, int]], regions: Iterable[Run]) -> None:
-        """Write the slots of regions a fill copied: the digest from ``digests``
-        where there is one, else "none". Call before their bits are set."""
-        known = dict(digests)
+    def record(self, digests: Digester, regions: list[Run]) -> None:
+        """Write the slots of regions a fill copied (sorted runs): the digest the
+        Digester has for each, else "none". Call before their bits are set."""
+        if not regions:
+            return
+        lo, hi = regions[0][0], regions[-1][1]
+        slots = bytearray((hi - lo) * SLOT_SIZE)  # all "none"
+        for a, b, d in digests.runs:
+            a, b = max(a, lo), min(b, hi)
+            if a < b:
+                slots[(a - lo) * SLOT_SIZE:(b - lo) * SLOT_SIZE] = encode_slot(COPIED, d) * (b - a)
+        for r, d in digests.out:
+            if lo <= r < hi:
+                slots[(r - lo) * SLOT_SIZE:(r - lo + 1) * SLOT_SIZE] = encode_slot(COPIED, d)
+        view = memoryview(slots)
         for a, b in regions:
-            slots = b"".join(encode_slot(r, COPIED, known[r]) if r in known else _ZERO_SLOT
-                             for r in range(a, b))
-            fsops.pwrite_all(self._fd, slots, HEADER_SIZE + a * SLOT_SIZE)
+            fsops.pwrite_all(self._fd, view[(a - lo) * SLOT_SIZE:(b - lo) * SLOT_SIZE],
+                             HEADER_SIZE + a * SLOT_SIZE)
 
     def guest_made_present(self, runs: Iterable[Run]) -> None:
         """Slots of absent regions a guest is about to make present: "guest". No
@@ -304,8 +335,7 @@ class DigestStore:
         for a, b in todo:
             raw = os.pread(self._fd, (b - a) * SLOT_SIZE, HEADER_SIZE + a * SLOT_SIZE)
             need = [r for r in range(a, b)
-                    if decode_slot(r, raw[(r - a) * SLOT_SIZE:(r - a + 1) * SLOT_SIZE])[0]
-                    != GUEST]
+                    if decode_slot(raw[(r - a) * SLOT_SIZE:(r - a + 1) * SLOT_SIZE])[0] != GUEST]
             for r in need:
                 self._write_guest(r, r + 1)
             wrote = wrote or bool(need)
@@ -315,7 +345,7 @@ class DigestStore:
         return wrote
 
     def _write_guest(self, a: int, b: int) -> None:
-        slots = b"".join(encode_slot(r, GUEST) for r in range(a, b))
+        slots = encode_slot(GUEST) * (b - a)
         fsops.pwrite_all(self._fd, slots, HEADER_SIZE + a * SLOT_SIZE)
 
     def sync(self) -> None:
@@ -329,5 +359,4 @@ def read_slots(fd: int, first: int, end: int) -> list[tuple[int, int]]:
     raw = os.pread(fd, (end - first) * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
     raw = raw.ljust((end - first) * SLOT_SIZE, b"\0")
     view = memoryview(raw)
-    return [decode_slot(r, view[(r - first) * SLOT_SIZE:(r - first + 1) * SLOT_SIZE])
-            for r in range(first, end)]
+    return [decode_slot(view[i:i + SLOT_SIZE]) for i in range(0, len(raw), SLOT_SIZE)]

@@ -23,6 +23,7 @@ import threading
 import time
 
 from liveclone.core import fsops
+from liveclone.core.digests import Digester
 from liveclone.core.lifecycle import Lifecycle
 from liveclone.core.metadata import COMPACT_RECORDS, MapStore
 from liveclone.core.ownership import Run
@@ -157,7 +158,7 @@ class Durability:
     # A failed write or sync of the digest file is the failed mode, as the journal's
     # is (invariant 9): the slots' state on disk is then unknown.
 
-    def record_digests(self, digests: list[tuple[int, int]], runs: list[Run]) -> None:
+    def record_digests(self, digests: Digester, runs: list[Run]) -> None:
         """Slots of regions a fill copied, before their bits are set."""
         try:
             self._store.digests.record(digests, runs)

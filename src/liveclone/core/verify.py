@@ -38,7 +38,7 @@ from liveclone.core.digests import (
 from liveclone.core.metadata import MapStore
 from liveclone.core.regions import RegionMap
 from liveclone.errors import NotACloneError
-from liveclone.sources.base import Source
+from liveclone.sources.base import Extent, Source
 from liveclone.sources.local import fd_extents
 
 CHUNK = 16 << 20
@@ -130,30 +130,33 @@ class _Reader:
         self.shift = region_size.bit_length() - 1
 
     def digests(self, first: int, end: int, buf: memoryview) -> tuple[dict[int, int], int]:
+        """Digests of regions ``[first, end)`` and the bytes read, in pieces of at
+        most ``len(buf)`` (a region larger than the buffer is hashed in pieces)."""
         start, stop = first << self.shift, min(end << self.shift, self.size)
         dg = Digester(self.size, self.rs)
         read = 0
-        if self.fd is not None:
-            extents = fd_extents(self.fd, start, stop) if self.holes else None
-            for ext in extents or ():
-                if not ext.data:
-                    dg.zeros(ext.offset, ext.offset + ext.length)
-                    continue
-                got = os.preadv(self.fd, [buf[:ext.length]], ext.offset)
-                if got < ext.length:  # a file cut short reads as zeros past its end
-                    buf[got:ext.length] = bytes(ext.length - got)
-                dg.data(ext.offset, buf[:ext.length])
-                read += ext.length
-            if extents is None:
-                got = os.preadv(self.fd, [buf[:stop - start]], start)
-                dg.data(start, buf[:stop - start])
-                read += got
-        else:
+        extents = (fd_extents(self.fd, start, stop) if self.fd is not None and self.holes
+                   else iter([Extent(start, stop - start, True)]))
+        for ext in extents:
+            if not ext.data:
+                dg.zeros(ext.offset, ext.offset + ext.length)
+                continue
+            pos, ext_end = ext.offset, ext.offset + ext.length
+            while pos < ext_end:
+                n = min(len(buf), ext_end - pos)
+                dg.data(pos, self._read(pos, n, buf))
+                read += n
+                pos += n
+        return dg.items(), read
+
+    def _read(self, pos: int, n: int, buf: memoryview) -> memoryview | bytes:
+        if self.fd is None:
             assert self.pread is not None
-            data = self.pread(start, stop - start)
-            dg.data(start, data)
-            read += len(data)
-        return dict(dg.out), read
+            return self.pread(pos, n)
+        got = os.preadv(self.fd, [buf[:n]], pos)
+        if got < n:  # a file cut short behind our back reads as zeros past its end
+            buf[got:n] = bytes(n - got)
+        return buf[:n]
 
 
 def verify_clone(path: str, source: Source | None = None,
@@ -194,8 +197,7 @@ def verify_clone(path: str, source: Source | None = None,
         total = rmap.present_count * rs
         done = 0
         chunks = _chunks(rmap, per_chunk)
-        size = per_chunk * rs
-        bufs = [memoryview(mmap.mmap(-1, size)) for _ in range(4)]
+        bufs = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(4)]
         with ThreadPoolExecutor(4, thread_name_prefix="verify") as pool:
 
             def submit(i: int) -> tuple[Future[Any], Future[Any] | None]:
