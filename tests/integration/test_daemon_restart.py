@@ -71,3 +71,32 @@ def test_kill_9_while_copying_and_a_reconnecting_client_reads(tmp_path: Path) ->
         assert daemon.stop() == 0, daemon.log.read_text()
     log = daemon.log.read_text()
     assert "serving 3 recorded clone(s) again" in log, log
+
+
+def test_a_recorded_clone_that_cannot_open_again_is_listed_failed(tmp_path: Path) -> None:
+    from tests.conftest import LIVECLONE
+
+    src = tmp_path / "golden.img"
+    make_image(src, SIZE)
+    daemon = Daemon(tmp_path, "--rate", "1M").start()
+    try:
+        daemon.add(src, tmp_path / "vm.img", name="vm")
+        ok = daemon.add(src, tmp_path / "ok.img", name="ok")
+    finally:
+        assert daemon.stop() == 0
+    src.rename(tmp_path / "moved.img")  # the incomplete clone's source is gone
+    daemon = Daemon(tmp_path).start()
+    try:
+        st = daemon.status("vm")
+        assert st["phase"] == "failed" and "source" in st["last_error"], st
+        r = subprocess.run([LIVECLONE, "status", "vm", "--api", daemon.api],
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "failed" in r.stdout and "error:" in r.stdout, r
+        assert daemon.status("ok")["phase"] == "failed"  # same source, same fate
+        code, _ = daemon.curl("DELETE", "/v1/clones/vm")
+        assert code == 200
+        code, listing = daemon.curl("GET", "/v1/clones")
+        assert [c["name"] for c in listing] == ["ok"] and listing[0]["nbd_uri"] == ok["nbd_uri"]
+    finally:
+        assert daemon.stop() == 0, daemon.log.read_text()
+    assert "cannot serve vm again" in daemon.log.read_text()

@@ -266,8 +266,11 @@ class Manager:
     def status(self, m: Managed, running: bool = True) -> dict[str, Any]:
         """``liveclone status --json``'s object, from memory."""
         s = m.session
-        if s is None:
+        if s is None:  # could not be opened again: what the record knows, and why
             return {"phase": Phase.FAILED, "running": False, "clone": m.record.clone,
+                    "source": {"path": m.record.source}, "regions_total": 0,
+                    "regions_present": 0, "region_size": m.record.region_size or 0,
+                    "bytes_total": 0, "bytes_copied": 0, "rate": 0.0, "eta": None,
                     "last_error": m.error or "being created"}
         clone = s.clone
         return combine_status(clone.path, clone.header, clone.regions_total,
