@@ -129,6 +129,9 @@ class _Entry:
     # Bytes fetched by sessions of this entry that were closed (evicted or reopened).
     fetched_before: int = 0
     last_error: str | None = None  # the last time reads had to bypass the entry
+    # Whether the committed map of an entry not open here is complete (None: not
+    # read yet); only valid while ``session`` is None.
+    complete_on_disk: bool | None = None
 
     @property
     def image(self) -> str:
@@ -137,10 +140,12 @@ class _Entry:
     def complete(self) -> bool:
         if self.session is not None:
             return self.session.clone.complete
-        try:
-            return MapStore.read(self.image)[1].complete
-        except (OSError, CorruptMetadataError):
-            return False
+        if self.complete_on_disk is None:  # read once: nobody writes it while unloaded
+            try:
+                self.complete_on_disk = MapStore.read(self.image)[1].complete
+            except (OSError, CorruptMetadataError):
+                self.complete_on_disk = False
+        return self.complete_on_disk
 
     def fetched(self) -> int:
         if self.session is None:
@@ -378,6 +383,7 @@ class SourceCache:
     def _unload(self, entry: _Entry) -> None:
         """Stop the entry's copier and close its clone (committing its map)."""
         session, entry.session = entry.session, None
+        entry.complete_on_disk = None
         if session is not None:
             entry.fetched_before += session.clone.stats.bytes_from_source
             session.close()
