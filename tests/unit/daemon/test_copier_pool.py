@@ -91,3 +91,47 @@ def test_paused_and_resumed_and_a_stop_waits_for_its_steps(tmp_path: Path) -> No
         for c in clones:
             c.close()
     assert (tmp_path / "c0.img").read_bytes() == data
+
+
+def test_a_failing_region_is_set_aside_retried_and_holds_no_thread(
+        tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A persistent pooled copier whose source fails on one region reports it
+    (phase failed), lets the one pool thread serve another clone meanwhile, and
+    copies the region once the source works again."""
+    import errno
+
+    import liveclone.core.copier as copier_mod
+    from liveclone.core.fill import SourceReadError
+
+    monkeypatch.setattr(copier_mod, "BACKOFF_MAX", 0.01)
+    monkeypatch.setattr(copier_mod, "SET_ASIDE_RETRY", 0.5)
+    data, clones = _clones(tmp_path, 2)
+    broken = [True]
+    real = clones[0]._fill.copy
+
+    def flaky(runs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if broken[0] and any(a <= 5 * RS < b for a, b in runs):
+            raise SourceReadError(errno.EIO, "source unreachable")
+        return real(runs, *args, **kwargs)
+
+    monkeypatch.setattr(clones[0]._fill, "copy", flaky)
+    pool = CopierPool(1)
+    try:
+        failing = pool.copier(clones[0], persistent=True, batch_bytes=RS).start()
+        deadline = time.monotonic() + 30
+        while failing.phase != Phase.FAILED:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "source unreachable" in (clones[0].last_error or "")
+        other = pool.copier(clones[1], persistent=True).start()
+        assert other.wait(60)  # the set-aside retry waits without the thread
+        broken[0] = False
+        assert failing.wait(60)
+        assert failing.phase == Phase.COMPLETE
+        failing.stop()
+        other.stop()
+    finally:
+        pool.close()
+        for c in clones:
+            c.close()
+    assert (tmp_path / "c0.img").read_bytes() == data
