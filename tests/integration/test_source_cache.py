@@ -336,6 +336,19 @@ def test_full_cache_disk_reads_bypass_the_entry(tmp_path: Path) -> None:
     assert sha((tmp_path / "c.img").read_bytes()) == sha(expected(data, [(9, b"w")]))
 
 
+def test_entry_that_cannot_be_made_is_bypassed(tmp_path: Path,
+                                               served: tuple[Nginx, bytes]) -> None:
+    """No room for an entry's map at all: the clone reads its source directly."""
+    server, data = served
+    with tmpfs(tmp_path / "tiny", "8k") as tiny:
+        with SourceCache(str(tiny / "cache")) as cache:
+            clone_through(cache, server.url("disk.img"), tmp_path / "c.img")
+            st = cache.status()
+            assert (st["uncached"], st["entries"]) == (1, [])
+            assert "cannot be opened" in st["warning"]
+    assert sha((tmp_path / "c.img").read_bytes()) == sha(data)
+
+
 def test_damaged_entry_is_made_again(tmp_path: Path, served: tuple[Nginx, bytes]) -> None:
     server, data = served
     url = server.url("disk.img")

@@ -98,6 +98,11 @@ def spec_digest(spec: str) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()
 
 
+def _message(e: BaseException) -> str:
+    return e.message if isinstance(e, LivecloneError) else (
+        getattr(e, "strerror", None) or str(e))
+
+
 def _allocated(path: str) -> int:
     """Bytes a file, or a directory's files, hold on disk (sparse: data only)."""
     try:
@@ -219,29 +224,44 @@ class SourceCache:
             key = entry_key(identity)
             with self._lock:
                 self._check_open()
-                entry = self._entries.get(key)
-                if entry is None:
+                found = self._entries.get(key)
+                if found is None:
                     if not self._make_room(upstream.size + ENTRY_EXTRA, None):
                         return self._uncached(upstream)
-                    entry = self._new_entry(key, spec, identity, upstream.size)
-                    self.misses += 1
                 else:
-                    if entry.session is None:
-                        need = 0 if entry.complete() else (
-                            entry.size - _allocated(entry.dir))
+                    if found.session is None:
+                        need = 0 if found.complete() else (
+                            found.size - _allocated(found.dir))
                         if not self._make_room(max(need, 0), key):
                             return self._uncached(upstream)
-                    self.hits += 1
+                entry = found
                 try:
+                    if entry is None:
+                        entry = self._new_entry(key, spec, identity, upstream.size)
                     self._load(entry, upstream)
                 except (CorruptMetadataError, NotACloneError) as e:
                     # Its bytes are only a cache: a damaged entry is made again
                     # (these are raised before the entry's clone took ``upstream``).
                     log.warning("cache %s: entry %s is damaged (%s); making it again",
                                 self.dir, key, e.message)
+                    assert entry is not None
                     self._evict(entry)
                     entry = self._new_entry(key, spec, identity, upstream.size)
                     self._load(entry, upstream)
+                except (OSError, LivecloneError) as e:
+                    # The cache's side (its disk is full, unwritable...): the clone
+                    # still gets its source, directly. The entry's files go.
+                    if entry is not None and entry.holders == 0:
+                        self._evict(entry)
+                    upstream.close()  # a failed open may have closed it already
+                    return self._uncached(
+                        open_source(spec),
+                        f"its cache entry cannot be opened ({_message(e)}); fix the "
+                        "cache directory")
+                if found is None:
+                    self.misses += 1
+                else:
+                    self.hits += 1
                 source = self._hold(entry, spec)
         except BaseException:
             upstream.close()
@@ -446,15 +466,16 @@ class SourceCache:
             self.hits += 1
             return self._hold(entry, spec)
 
-    def _uncached(self, upstream: Source) -> Source:
-        """The bound cannot be met: read the source directly, and say so."""
-        held = sum(e.holders > 0 for e in self._entries.values())
-        self.warning = (
-            f"cache {self.dir}: {upstream.spec} ({format_size(upstream.size)}) does not fit "
-            f"in the cache size {format_size(self.max_bytes or 0)}: "
-            f"{format_size(self._usage())} is used, by {held} entries that clones still "
-            "read. It is read directly from the source, not cached. Give a larger cache "
-            "size, or let those clones finish first.")
+    def _uncached(self, upstream: Source, why: str | None = None) -> Source:
+        """The entry cannot be had (the bound cannot be met, or ``why``): read the
+        source directly, and say so."""
+        if why is None:
+            held = sum(e.holders > 0 for e in self._entries.values())
+            why = (f"it does not fit in the cache size {format_size(self.max_bytes or 0)}: "
+                   f"{format_size(self._usage())} is used, by {held} entries that clones "
+                   "still read. Give a larger cache size, or let those clones finish first")
+        self.warning = (f"cache {self.dir}: {upstream.spec} ({format_size(upstream.size)}) "
+                        f"is read directly from the source, not cached: {why}.")
         self.uncached += 1
         log.warning("%s", self.warning)
         return upstream
