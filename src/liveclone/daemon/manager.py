@@ -26,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from pathlib import PurePosixPath
 from typing import Any
@@ -201,7 +201,6 @@ class DaemonSession(CloneSession):
         return self
 
 
-
 def _profile_options(record: Record) -> ProfileOptions:
     """A boot profile to replay, as ``serve --profile`` takes it (read here, in the
     executor: a missing or damaged file is a UsageError, so 400)."""
@@ -221,7 +220,6 @@ class Managed:
     phase: str | None = None  # last phase seen, for the completed/failed events
     busy: bool = False  # being created, removed, paused or resumed
     file: str | None = None  # its FUSE file
-    meta: dict[str, Any] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -249,7 +247,6 @@ class Manager:
         self.clones: dict[str, Managed] = {}
         self._paths: dict[str, str] = {}  # clone path → name (reserved ones too)
         self._watcher: asyncio.Task[None] | None = None
-        self.started = time.time()
 
     # -- queries -------------------------------------------------------------------
 

@@ -24,31 +24,31 @@ class ClonesCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         m = self.manager
-        L = ["name"]
+        labels = ["name"]
         size = GaugeMetricFamily("liveclone_clone_size_bytes", "Virtual size of the clone",
-                                 labels=L)
+                                 labels=labels)
         present = GaugeMetricFamily("liveclone_clone_present_bytes",
                                     "Bytes of the clone already present (copied or written)",
-                                    labels=L)
+                                    labels=labels)
         copied = CounterMetricFamily("liveclone_clone_copied_bytes",
                                      "Bytes the copier and fills wrote into the clone from the "
-                                     "source (this run of the daemon)", labels=L)
+                                     "source (this run of the daemon)", labels=labels)
         from_source = CounterMetricFamily("liveclone_clone_source_read_bytes",
-                                          "Bytes read from the source (this run)", labels=L)
+                                          "Bytes read from the source (this run)", labels=labels)
         reads = CounterMetricFamily("liveclone_clone_guest_reads", "Guest read requests",
-                                    labels=L)
+                                    labels=labels)
         writes = CounterMetricFamily("liveclone_clone_guest_writes", "Guest write requests",
-                                     labels=L)
+                                     labels=labels)
         read_bytes = CounterMetricFamily("liveclone_clone_guest_read_bytes",
-                                         "Bytes guests read", labels=L)
+                                         "Bytes guests read", labels=labels)
         written = CounterMetricFamily("liveclone_clone_guest_written_bytes",
-                                      "Bytes guests wrote", labels=L)
+                                      "Bytes guests wrote", labels=labels)
         rate = GaugeMetricFamily("liveclone_clone_copy_rate_bytes_per_second",
-                                 "Copy rate over the last seconds", labels=L)
+                                 "Copy rate over the last seconds", labels=labels)
         complete = GaugeMetricFamily("liveclone_clone_complete", "1 once every region is "
-                                     "present", labels=L)
+                                     "present", labels=labels)
         failed = GaugeMetricFamily("liveclone_clone_failed", "1 while the copy or the clone "
-                                   "is failed", labels=L)
+                                   "is failed", labels=labels)
         count = 0
         for c in list(m.clones.values()):
             s = c.session
