@@ -260,3 +260,18 @@ def test_sources_that_hang_hold_up_nothing_else(tmp_path: Path) -> None:
             p.kill()
             p.wait()
         hang.close()
+
+
+def test_tells_systemd_when_ready_and_stopping(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Type=notify: READY=1 once the API answers, STOPPING=1 on SIGTERM."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+    d = Daemon(tmp_path).start()
+    try:
+        assert notify.recv(256) == b"READY=1"
+    finally:
+        assert d.stop() == 0, d.log.read_text()
+        assert notify.recv(256) == b"STOPPING=1"
+        notify.close()
