@@ -201,6 +201,17 @@ class DaemonSession(CloneSession):
         return self
 
 
+def _open_session(record: Record, opener: Callable[[str], Source],
+                  pool: CopierPool) -> DaemonSession:
+    """Open (or create) the clone and start its copy, in one trip off the loop."""
+    session = DaemonSession(record, opener, pool)
+    try:
+        return session.start()
+    except BaseException:
+        session.close()
+        raise
+
+
 def _profile_options(record: Record) -> ProfileOptions:
     """A boot profile to replay, as ``serve --profile`` takes it (read here, in the
     executor: a missing or damaged file is a UsageError, so 400)."""
@@ -297,7 +308,7 @@ class Manager:
             if save:
                 check_space(record)
             opening = loop.run_in_executor(
-                self._openers, partial(DaemonSession, record, self.opener, self.pool))
+                self._openers, partial(_open_session, record, self.opener, self.pool))
             if save:
                 # The record is made durable beside the clone (each costs fsyncs); a
                 # failed create deletes it again.
@@ -318,7 +329,6 @@ class Manager:
             if self.mount is not None:
                 m.file = await loop.run_in_executor(None, partial(
                     self.mount.add, record.name, session.clone, record.read_only))
-            await loop.run_in_executor(None, session.start)
         except BaseException as e:
             await self._teardown(m)
             if save:
