@@ -8,14 +8,16 @@
    interleaved shuffled rounds. Each round gives a throughput ratio (old time / new
    time); the median of the ratios and their min-max are reported.
 2. ``liveclone verify`` of the finished clone against ``cat CLONE > /dev/null`` and
-   ``xxhsum -H3`` (if installed), cold page cache each run, interleaved.
+   ``xxhsum -H3`` and ``b3sum`` (if installed), cold page cache each run,
+   interleaved.
 3. The digest alone per 64 KiB region (XXH3-64, XXH3-128, BLAKE3 if installed), in
    memory: the figure that chose the algorithm.
 
 This is not a test: it asserts nothing.
 
-    python benchmarks/digest_bench.py --base REV [--new REV] [--size 2G]
+    python benchmarks/digest_bench.py --base REV [--new REV|DIR] [--size 2G]
         [--sparse-size 8G] [--sparse-data 512M] [--runs 5] [--dir DIR] [--write-results]
+    python benchmarks/digest_bench.py --verify-only [--size 2G] [--runs 5]
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -104,6 +107,8 @@ def verify_rounds(src: Path, work: Path, runs: int) -> dict[str, list[float]]:
     }
     if shutil.which("xxhsum"):
         commands["xxhsum -H3"] = (["xxhsum", "-H3", str(clone)], False)
+    if shutil.which("b3sum"):  # BLAKE3 in C/Rust, multithreaded (mmap)
+        commands["b3sum"] = (["b3sum", str(clone)], False)
     times: dict[str, list[float]] = {k: [] for k in commands}
     (work / "verify.json").unlink(missing_ok=True)
     order = random.Random(8)
@@ -129,9 +134,10 @@ def per_region() -> list[str]:
     buf = memoryview(mmap.mmap(-1, 32 << 20))
     buf[:] = os.urandom(len(buf))
     rs = 64 << 10
-    algos = {"XXH3-64": xxhash.xxh3_64_intdigest, "XXH3-128": xxhash.xxh3_128_intdigest}
+    algos: dict[str, Callable[[memoryview], object]] = {
+        "XXH3-64": xxhash.xxh3_64_intdigest, "XXH3-128": xxhash.xxh3_128_intdigest}
     try:
-        import blake3  # type: ignore[import-not-found]
+        import blake3
 
         algos["BLAKE3"] = lambda v: blake3.blake3(v).digest()
     except ImportError:
@@ -152,35 +158,16 @@ def per_region() -> list[str]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--size", default="2G")
-    ap.add_argument("--sparse-size", default="8G")
-    ap.add_argument("--sparse-data", default="512M")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--base", required=True, help="a commit without digests")
-    ap.add_argument("--new", default=None, help="a commit with digests (default: this tree)")
-    ap.add_argument("--dir", default=str(Path(__file__).parent / "work"))
-    ap.add_argument("--write-results", action="store_true")
-    a = ap.parse_args()
-    work = Path(a.dir)
-    work.mkdir(parents=True, exist_ok=True)
-    size, ssize, sdata = parse_size(a.size), parse_size(a.sparse_size), parse_size(a.sparse_data)
-    rnd, sparse = work / "digest-random.img", work / "digest-sparse.img"
-    make_random(rnd, size)
-    make_sparse(sparse, ssize, sdata)
-    lines = ["Region digests: cost while copying, and `liveclone verify` speed "
-             f"(`benchmarks/digest_bench.py --runs {a.runs} --base {a.base}"
-             + (f" --new {a.new}" if a.new else "") + "`; 2 vCPUs, "
-             "shared machine, cold page cache every run, interleaved shuffled rounds).", ""]
-    lines += ["Digest alone per 64 KiB region, from memory (median of 7 passes; min-max):", "",
-              "| algorithm | per region | speed | min-max |", "|---|---|---|---|",
-              *per_region(), ""]
+def copy_section(a: argparse.Namespace, work: Path, rnd: Path, sparse: Path, size: int,
+                 ssize: int, sdata: int) -> list[str]:
+    if not a.base:
+        raise SystemExit("--base REV is needed for the copy rounds (or --verify-only)")
+    lines = ["Copy throughput with digests / without (the base commit), per round: "
+             "without's time / with's time (above 1: faster with digests).", ""]
     with tempfile.TemporaryDirectory() as tmp:
         base_src = export_base(a.base, Path(tmp) / "base")
-        new_src = export_base(a.new, Path(tmp) / "new") if a.new else None
-        lines += ["Copy throughput with digests / without (the base commit), per round: "
-                  "without's time / with's time (above 1: faster with digests).", ""]
+        new_src = (Path(a.new).resolve() if a.new and os.path.isdir(a.new)
+                   else export_base(a.new, Path(tmp) / "new") if a.new else None)
         for name, src, data in ((f"random {format_size(size)}", rnd, size),
                                 (f"sparse {format_size(ssize)} with {format_size(sdata)} data",
                                  sparse, sdata)):
@@ -191,6 +178,40 @@ def main() -> None:
                          f"{statistics.median(old):.2f} s; "
                          + ratio_line("throughput ratio", ratios)
                          + "; per round " + ", ".join(f"{r:.3f}" for r in ratios))
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", default="2G")
+    ap.add_argument("--sparse-size", default="8G")
+    ap.add_argument("--sparse-data", default="512M")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--base", help="a commit without digests (needed for the copies)")
+    ap.add_argument("--new", default=None,
+                    help="a commit with digests, or an src directory (default: this tree)")
+    ap.add_argument("--dir", default=str(Path(__file__).parent / "work"))
+    ap.add_argument("--write-results", action="store_true")
+    ap.add_argument("--verify-only", action="store_true",
+                    help="only the per-region digest figures and verify (no copies)")
+    a = ap.parse_args()
+    work = Path(a.dir)
+    work.mkdir(parents=True, exist_ok=True)
+    size, ssize, sdata = parse_size(a.size), parse_size(a.sparse_size), parse_size(a.sparse_data)
+    rnd, sparse = work / "digest-random.img", work / "digest-sparse.img"
+    make_random(rnd, size)
+    if not a.verify_only:
+        make_sparse(sparse, ssize, sdata)
+    lines = ["Region digests: cost while copying, and `liveclone verify` speed "
+             f"(`benchmarks/digest_bench.py --runs {a.runs}"
+             + (f" --base {a.base}" if a.base else "") + (f" --new {a.new}" if a.new else "")
+             + (" --verify-only" if a.verify_only else "") + "`; 2 vCPUs, "
+             "shared machine, cold page cache every run, interleaved shuffled rounds).", ""]
+    lines += ["Digest alone per 64 KiB region, from memory (median of 7 passes; min-max):", "",
+              "| algorithm | per region | speed | min-max |", "|---|---|---|---|",
+              *per_region(), ""]
+    if not a.verify_only:
+        lines += copy_section(a, work, rnd, sparse, size, ssize, sdata)
     print("verify", flush=True)
     times = verify_rounds(rnd, work, a.runs)
     lines += ["", f"`liveclone verify` of the complete {format_size(size)} random clone:", ""]

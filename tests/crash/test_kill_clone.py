@@ -5,6 +5,7 @@ The finished clone must equal the source byte for byte and be as sparse as it.
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import time
@@ -41,6 +42,12 @@ def test_kill9_and_resume_many_times(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert clone.read_bytes() == data
     assert allocated(clone) <= allocated(src)
+    # The digests survived every kill: each region has its digest, and all match.
+    ver = subprocess.run([LIVECLONE, "verify", "--json", "--against-source", str(clone)],
+                         capture_output=True, text=True)
+    assert ver.returncode == 0, ver.stdout + ver.stderr
+    rep = json.loads(ver.stdout)
+    assert rep["matched"] == rep["source_matched"] == rep["regions_total"], rep
 
 
 def test_sigterm_commits_and_resume_continues(tmp_path: Path) -> None:
@@ -56,8 +63,6 @@ def test_sigterm_commits_and_resume_continues(tmp_path: Path) -> None:
     assert "resume" in err
     st = subprocess.run([LIVECLONE, "status", "--json", str(clone)], capture_output=True,
                         text=True, check=True)
-    import json
-
     status = json.loads(st.stdout)
     assert status["phase"] == "paused" and not status["running"]
     assert 0 < status["regions_committed"] < status["regions_total"]
