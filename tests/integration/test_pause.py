@@ -61,7 +61,8 @@ def test_a_paused_clone_stays_paused_across_restarts(tmp_path: Path) -> None:
     `liveclone resume`, and a stopped one reports paused."""
     src, clone = tmp_path / "src.img", tmp_path / "clone.img"
     data = make_image(src, 8 << 20, seed=4)
-    first = subprocess.Popen([LIVECLONE, "clone", str(src), str(clone), "--rate", "2M"],
+    # Slow enough (about 8 s of data) not to finish before the pause on a loaded machine.
+    first = subprocess.Popen([LIVECLONE, "clone", str(src), str(clone), "--rate", "512K"],
                              stderr=subprocess.DEVNULL)
     try:
         wait_status(clone, lambda s: s["regions_present"] > 0, first)

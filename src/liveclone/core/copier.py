@@ -120,6 +120,10 @@ class Copier:
         # Regions filled per Kind: each region a fill made present counts once, under
         # the kind of the batch that filled it.
         self.order = {Kind.GUEST: 0, Kind.PROFILE: 0, Kind.SWEEP: 0}
+        # Batches handed out and not yet filled. Invariant: a batch is handed out only
+        # while not paused, and phase says PAUSED only once this is 0, so "paused"
+        # means no region is being copied (a pause waits for the batches in flight).
+        self._filling = 0
         # Profile replay. Invariant: _profile holds the runs not yet handed out, in
         # recorded order; it is empty unless replay_state is REPLAYING.
         self._profile: deque[tuple[int, int]] = deque()
@@ -219,7 +223,7 @@ class Copier:
             return Phase.COMPLETE
         if self.error is not None:
             return Phase.FAILED
-        return Phase.PAUSED if self.paused else Phase.COPYING
+        return Phase.PAUSED if self.paused and not self._filling else Phase.COPYING
 
     # -- progress --------------------------------------------------------------------
 
@@ -261,6 +265,21 @@ class Copier:
             return {**self.order, "first_batches": [list(b) for b in self.first_batches]}
 
     def _next_batch(self) -> tuple[int, int, str] | None:
+        """The next batch, counted in _filling until _copy ends; None while paused."""
+        with self._lock:
+            if self.paused:
+                return None
+            self._filling += 1
+        batch = None
+        try:
+            batch = self._choose_batch()
+        finally:
+            if batch is None:
+                with self._lock:
+                    self._filling -= 1
+        return batch
+
+    def _choose_batch(self) -> tuple[int, int, str] | None:
         """The next span of regions to fill and its Kind, or None when nothing is left
         to try. No lock is held across source I/O (the hole probe may be a network
         call)."""
@@ -458,17 +477,17 @@ class Copier:
         return True
 
     def _copy(self, first: int, end: int, kind: str = Kind.SWEEP) -> None:
-        if kind != Kind.PROFILE:
-            self._fill_batch(first, end, kind)
-            return
+        """Fill a batch that _next_batch handed out."""
         try:
             self._fill_batch(first, end, kind)
         finally:
             with self._lock:
-                self._profile_inflight -= 1
-                if (not self._profile_inflight and not self._profile
-                        and self.replay_state == ReplayState.REPLAYING):
-                    self._end_replay("end")
+                self._filling -= 1
+                if kind == Kind.PROFILE:
+                    self._profile_inflight -= 1
+                    if (not self._profile_inflight and not self._profile
+                            and self.replay_state == ReplayState.REPLAYING):
+                        self._end_replay("end")
 
     def _fill_batch(self, first: int, end: int, kind: str) -> None:
         started = time.monotonic()
