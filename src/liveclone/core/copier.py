@@ -332,7 +332,10 @@ class Copier:
             start = self.clone.find_absent(first, end)
             if start is None:
                 continue
-            budget = min(self._batch_limit(), self._replay_max_regions - self._profile_handed)
+            # BUSY_BATCH at most, even before the guest is busy: a guest read of a region
+            # in a batch waits for all of it, and the guest is about to read these.
+            budget = min(self.busy_batch_regions,
+                         self._replay_max_regions - self._profile_handed)
             if budget <= 0:
                 self._end_replay("bytes")
                 return None

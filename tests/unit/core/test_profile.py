@@ -10,7 +10,7 @@ import pytest
 
 from liveclone.core import fsops
 from liveclone.core.clone import Clone
-from liveclone.core.copier import Copier, Kind, ReplayState
+from liveclone.core.copier import BUSY_BATCH, Copier, Kind, ReplayState
 from liveclone.core.opening import open_clone
 from liveclone.core.profile import Profile, Recorder, RecordState, load, save
 from liveclone.core.regions import Geometry
@@ -189,6 +189,12 @@ def test_replay_merges_close_runs_skips_present_ones_and_splits_big_ones(
         assert cp._next_batch() == (0, 16, Kind.SWEEP)
         # All handed out, none copied yet: still replaying until the last is copied.
         assert cp.replay_state == ReplayState.REPLAYING
+        # Replay batches are small even while the guest is idle: a guest read of a
+        # region in one waits for all of it.
+        c.last_guest_io = 0.0  # the guest is idle (the write above made it busy)
+        big = Copier(c, profile=_profile_for(c, [(0, 120)]))
+        assert big._next_batch() == (0, BUSY_BATCH // RS, Kind.PROFILE)
+        assert big.batch_regions > BUSY_BATCH // RS
 
 
 def test_replay_is_capped_in_bytes_and_time(tmp_path: Path, source_image) -> None:
