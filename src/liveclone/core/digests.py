@@ -243,6 +243,12 @@ class DigestStore:
         # Regions whose slot is known to say "guest" and to be durable, or to travel
         # with the region's present bit (guarded by _lock). Bits only go 0 → 1.
         self._marked = RegionMap(count)
+        # Group sync for write intents: guests writing at once share one fdatasync.
+        self._group = threading.Condition()  # guards the four below
+        self._asked = 0  # intent syncs asked for, numbered in arrival order
+        self._covered = 0  # every one numbered up to this is durable
+        self._syncing = False  # a leader's fdatasync is running
+        self._failed: OSError | None = None  # a failed sync: every later one fails too
 
     # -- creating and opening --------------------------------------------------------
 
@@ -340,9 +346,36 @@ class DigestStore:
                 self._write_guest(r, r + 1)
             wrote = wrote or bool(need)
         if wrote:
-            fsops.fdatasync(self._fd)
+            self._group_sync()
         self.note_marked(todo)
         return wrote
+
+    def _group_sync(self) -> None:
+        """fdatasync, shared: a caller whose slots were written before a running sync
+        started waits for the next one, which one of the waiters leads and which
+        covers them all. A failed sync fails every caller from then on (invariant 9:
+        never retried into success)."""
+        with self._group:
+            self._asked += 1
+            ticket = self._asked
+            while self._covered < ticket:
+                if self._failed is not None:
+                    raise self._failed
+                if self._syncing:
+                    self._group.wait()
+                    continue
+                self._syncing, target = True, self._asked
+                self._group.release()
+                try:
+                    fsops.fdatasync(self._fd)
+                except OSError as e:
+                    self._failed = e
+                    raise
+                finally:
+                    self._group.acquire()
+                    self._syncing = False
+                    self._group.notify_all()
+                self._covered = max(self._covered, target)
 
     def _write_guest(self, a: int, b: int) -> None:
         slots = encode_slot(GUEST) * (b - a)

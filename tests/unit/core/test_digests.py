@@ -258,3 +258,55 @@ def test_a_failed_digest_write_in_a_fill_leaves_its_regions_absent(
         c.fill(0, 4)
     assert slots(path, 4) == [(COPIED, xxhash.xxh3_64_intdigest(data[r * RS:(r + 1) * RS]))
                               for r in range(4)]
+
+
+def test_write_intents_arriving_together_share_a_sync(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guests writing to copied regions at once: their "guest" slots are made
+    durable by fewer fdatasyncs than writes, and none writes its bytes before the
+    sync that covers its slot has ended."""
+    import threading
+    import time
+
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
+    real_sync, real_write = fsops.fdatasync, fsops.pwrite_all
+    syncs = 0
+    durable: set[int] = set()  # regions whose guest slot a completed sync covered
+    errors: list[str] = []
+
+    def sync(fd: int) -> None:
+        nonlocal syncs
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".lcdigest"):
+            # What this sync covers: the slots written before it starts.
+            covered = {r for r, (k, _) in enumerate(slots(path, 40)) if k == GUEST}
+            time.sleep(0.05)  # a slow disk: intents pile up behind the running sync
+            real_sync(fd)
+            syncs += 1
+            durable.update(covered)
+            return
+        real_sync(fd)
+
+    def write(fd: int, data: object, offset: int, progress: object = None) -> None:
+        if fd == c._fd and offset % RS == 7:  # a guest's bytes
+            if offset // RS not in durable:
+                errors.append(f"region {offset // RS} written before its slot was durable")
+        real_write(fd, data, offset, progress)  # type: ignore[arg-type]
+
+    try:
+        c.fill(0, 40)
+        c.flush()
+        monkeypatch.setattr(fsops, "fdatasync", sync)
+        monkeypatch.setattr(fsops, "pwrite_all", write)
+        threads = [threading.Thread(target=c.write, args=(r * RS + 7, b"g")) for r in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        c.close()
+    assert not errors, errors
+    assert syncs < 16, syncs
+    assert [k for k, _ in slots(path, 16)] == [GUEST] * 16
