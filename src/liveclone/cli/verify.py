@@ -103,6 +103,8 @@ def _summary(report: Report) -> str:
                      + _regions(report, report.source_mismatched, report.source_mismatch_count)
                      + (f" (the source changed: {report.source_problem})"
                         if report.source_problem else ""))
+    if report.source_resized:
+        parts.append(f"the source cannot be compared: {report.source_problem}")
     if report.damaged_count:
         parts.append(f"{report.damaged_count} digest slot(s) are damaged: "
                      + _regions(report, report.damaged, report.damaged_count))

@@ -66,6 +66,7 @@ class Report:
     damaged_count: int = 0
     source_checked: bool = False
     source_problem: str | None = None  # the source's identity changed since the copy
+    source_resized: bool = False  # another size: nothing of it can be compared
     source_matched: int = 0
     source_mismatched: list[int] = field(default_factory=list)
     source_mismatch_count: int = 0
@@ -74,7 +75,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return not (self.mismatch_count or self.damaged_count or self.source_mismatch_count)
+        return not (self.mismatch_count or self.damaged_count or self.source_mismatch_count
+                    or self.source_resized)
 
     def to_json(self) -> dict[str, Any]:
         rs = self.region_size
@@ -99,6 +101,7 @@ class Report:
             "first_damaged": where(self.damaged),
             "against_source": self.source_checked,
             "source_problem": self.source_problem,
+            "source_resized": self.source_resized,
             "source_matched": self.source_matched,
             "source_mismatches": self.source_mismatch_count,
             "first_source_mismatches": where(self.source_mismatched),
@@ -173,6 +176,7 @@ def verify_clone(path: str, source: Source | None = None,
     if source is not None:
         report.source_problem = source.identity_mismatch(dict(header.source))
         if source.size != header.size:
+            report.source_resized = True
             report.source_problem = (f"the source is {source.size} bytes, the clone "
                                      f"{header.size}")
     try:

@@ -71,3 +71,17 @@ def test_a_guest_write_racing_a_verify_is_never_a_mismatch(
     assert wrote == [2, 9]
     assert rep.ok, rep.to_json()
     assert rep.guest_runs == [(2, 3), (9, 10)] and rep.matched == 19
+
+
+def test_a_source_of_another_size_never_verifies(tmp_path: Path,
+                                                 source: tuple[Path, bytes]) -> None:
+    src, data = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        assert Copier(c).start().wait(30) and c.complete
+    with open(src, "ab") as f:
+        f.write(b"more")
+    with LocalFileSource(str(src)) as s:
+        rep = verify.verify_clone(path, s)
+    assert not rep.ok and rep.source_resized and rep.mismatch_count == 0
+    assert rep.source_problem is not None and "bytes" in rep.source_problem
