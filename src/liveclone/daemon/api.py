@@ -150,8 +150,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                 break
             kind, text = item
             await response.write(f"event: {kind}\ndata: {text}\n\n".encode())
-    except (ConnectionResetError, asyncio.CancelledError):
-        pass
+    except ConnectionResetError:
+        pass  # the client went away
     finally:
         bus.unsubscribe(queue)
     return response
