@@ -128,7 +128,7 @@ class CloneSession:
             if self.clone.complete:
                 self.recorder.state, self.recorder.error = "skipped", "the clone is complete"
             else:
-                self.clone.on_read = self.recorder.note
+                self.clone.on_read = self.recorder.hook
 
     def start(self) -> CloneSession:
         self._follow_pause_file()

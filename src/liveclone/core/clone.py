@@ -72,10 +72,10 @@ class Clone:
         # Called with (first, end) for every guest read that touched absent regions;
         # the copier uses it to copy what the guest touches first. Must not block.
         self.on_absent_read: Callable[[int, int], None] | None = None
-        # Called with the region span ``(first, end)`` of every guest read, present
-        # or not; a boot profile's recorder (``core.profile.Recorder.note``). Must be
-        # cheap: it runs on every read while set.
-        self.on_read: Callable[[Run], None] | None = None
+        # Called with ``(offset, length)`` of every guest read, present or not: a
+        # boot profile's recorder (``core.profile.Recorder.hook``, a deque's append).
+        # Must be cheap: it runs on every read while set.
+        self.on_read: Callable[[tuple[int, int]], None] | None = None
         self.lifecycle = Lifecycle(path)
         self._fd = fd
         self._stats_lock = threading.Lock()
@@ -310,7 +310,7 @@ class Clone:
             self.last_guest_io = time.monotonic()
         record = self.on_read
         if record is not None:
-            record(self._span(offset, length))
+            record((offset, length))
         hook = self.on_absent_read
         if touched_absent and hook is not None:
             hook(*self._span(offset, length))

@@ -12,10 +12,11 @@ Runs are in bytes, so a profile recorded on a clone of one region size replays o
 a clone of another. It is written atomically (tmp + fsync + rename + directory
 fsync): a profile file is the old one or the new one, never half of either.
 
-**Recording** (``Recorder``): the clone calls ``Recorder.note`` with the region
-span of every guest read (``Clone.on_read``). That is the hot path, so ``note`` is
-one ``deque.append``; ``poll`` (the session's status thread, every half second)
-moves the spans into the profile, keeping only regions not read before. Every
+**Recording** (``Recorder``): the clone calls ``Recorder.hook`` with the offset and
+length of every guest read (``Clone.on_read``). That is the hot path, so the hook
+is a deque's own ``append`` (no Python frame, no lock, no clock); ``poll`` (the
+session's status thread, every half second) turns them into regions and keeps
+those not read before, in order. Every
 region the guest reads counts, present or not: with the copier running, much of
 what a boot reads was fetched just before by the copier's readahead, and a fresh
 clone replaying the profile needs those regions as much as the others. The window
@@ -34,6 +35,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +166,7 @@ class RecordState:
 class Recorder:
     """Records a guest's reads into a profile for ``path``; see the module doc.
 
-    ``note`` is the clone's ``on_read`` hook: one append, no lock, no I/O. Everything
+    ``hook`` is the clone's ``on_read``: a deque's append, no lock, no I/O. Everything
     else runs in one thread at a time (the session's status thread, then ``finish``).
     """
 
@@ -177,7 +179,8 @@ class Recorder:
     state: str = RecordState.WAITING
     error: str | None = None
     stopped_by: str | None = None  # "time", "idle", "exit"
-    # Spans noted, not yet looked at (appended by guest threads, drained by poll).
+    # (offset, length) of reads not yet looked at (appended by guest threads, drained
+    # by poll).
     _pending: deque[Run] = field(default_factory=deque)
     # --- poll's own (one thread) ---------------------------------------------------
     # Invariant: _seen has exactly the regions of _runs; _runs are disjoint, in the
@@ -188,9 +191,10 @@ class Recorder:
     _last_new: float = 0.0  # monotonic time a new region was last seen
     _lock: threading.Lock = field(default_factory=threading.Lock)  # poll vs finish
 
-    def note(self, span: Run) -> None:
-        """The hot-path hook: remember the region span of one guest read."""
-        self._pending.append(span)
+    @property
+    def hook(self) -> Callable[[Run], None]:
+        """The hot-path hook: remember ``(offset, length)`` of one guest read."""
+        return self._pending.append
 
     @property
     def active(self) -> bool:
@@ -203,12 +207,14 @@ class Recorder:
     def _drain(self, now: float) -> None:
         if self._seen is None:
             self._seen = RegionMap(self.geometry.count)
-        seen, new = self._seen, False
+        seen, new, geometry = self._seen, False, self.geometry
         while True:
             try:
-                first, end = self._pending.popleft()
+                offset, length = self._pending.popleft()
             except IndexError:
                 break
+            span = geometry.span(offset, length)
+            first, end = span.start, span.stop
             for a, b, present in seen.runs(first, end):
                 if not present:
                     _append_run(self._runs, a, b)

@@ -27,6 +27,11 @@ def _clone(tmp_path: Path, src: Path) -> Clone:
                       create=True, exclusive=True)
 
 
+def note(rec: Recorder, first: int, end: int) -> None:
+    """A guest read of regions ``[first, end)``, as the clone reports it (bytes)."""
+    rec.hook((first * RS, (end - first) * RS))
+
+
 def _recorder(tmp_path: Path, **kw: float) -> Recorder:
     return Recorder(Geometry(8 << 20, RS), SOURCE, str(tmp_path / "p.lcprofile"), **kw)
 
@@ -39,11 +44,11 @@ def test_recorder_keeps_first_read_order_once_per_region_and_saves_on_idle(
     rec = _recorder(tmp_path, max_time=120, idle=10)
     assert rec.poll(now=0) and rec.state == RecordState.WAITING  # no read yet: no clock
     for span in [(50, 52), (51, 53), (10, 11), (52, 54), (11, 12), (30, 31)]:
-        rec.note(span)
+        note(rec, *span)
     assert rec.poll(now=100)  # the window opens at the first read seen
     assert rec.state == RecordState.RECORDING
     assert rec._runs == [(50, 53), (10, 11), (53, 54), (11, 12), (30, 31)]
-    rec.note((10, 12))  # nothing new: does not keep the window open
+    note(rec, 10, 12)  # nothing new: does not keep the window open
     assert rec.poll(now=109)
     assert not (tmp_path / "p.lcprofile").exists()  # nothing saved while recording
     assert not rec.poll(now=110)  # 10 s without a new region
@@ -54,24 +59,24 @@ def test_recorder_keeps_first_read_order_once_per_region_and_saves_on_idle(
                       (30 * RS, RS)]
     assert p.region_runs(Geometry(8 << 20, RS)) == [(50, 53), (10, 11), (53, 54), (11, 12),
                                                     (30, 31)]
-    rec.note((60, 61))  # after the window: not taken in
+    note(rec, 60, 61)  # after the window: not taken in
     rec.finish()
     assert load(str(tmp_path / "p.lcprofile")).runs == p.runs
 
 
 def test_recorder_window_time_and_finish(tmp_path: Path) -> None:
     rec = _recorder(tmp_path, max_time=5, idle=100)
-    rec.note((1, 2))
+    note(rec, 1, 2)
     rec.poll(now=0)
     for t in range(1, 5):
-        rec.note((t * 10, t * 10 + 1))
+        note(rec, t * 10, t * 10 + 1)
         assert rec.poll(now=t)
     assert not rec.poll(now=5)
     assert rec.stopped_by == "time"
     assert len(load(str(tmp_path / "p.lcprofile")).runs) == 5
     # A process that ends during the window saves what it has.
     rec2 = Recorder(Geometry(8 << 20, RS), SOURCE, str(tmp_path / "q.lcprofile"))
-    rec2.note((3, 4))
+    rec2.hook((3 * RS + 5, 10))  # part of a region: the whole region
     rec2.finish()
     assert rec2.stopped_by == "exit" and rec2.state == RecordState.DONE
     assert load(str(tmp_path / "q.lcprofile")).runs == [(3 * RS, RS)]
@@ -109,7 +114,7 @@ def test_save_is_atomic_a_failed_save_leaves_the_old_profile(tmp_path: Path,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.lcprofile"]
     # A recorder whose save fails says so and leaves the old file.
     rec = Recorder(Geometry(8 << 20, RS), SOURCE, path)
-    rec.note((3, 4))
+    note(rec, 3, 4)
     rec.finish()
     assert rec.state == RecordState.SKIPPED and "Input/output error" in (rec.error or "")
     assert Path(path).read_bytes() == before
@@ -220,12 +225,16 @@ def test_replay_of_a_complete_clone_is_skipped(tmp_path: Path, source_image) -> 
         assert cp._next_batch() is None
 
 
-def test_the_read_hook_gets_each_reads_region_span(tmp_path: Path, source_image) -> None:
-    """Recording takes the read's region span and nothing else on the read path."""
+def test_the_read_hook_gets_every_read(tmp_path: Path, source_image) -> None:
+    """Recording takes each read's offset and length and nothing else on the read
+    path; the status thread turns them into regions."""
     src, _ = source_image
     with _clone(tmp_path, src) as c:
         rec = Recorder(c.geometry, c.header.source, str(tmp_path / "p.lcprofile"))
-        c.on_read = rec.note
+        c.on_read = rec.hook
         c.read(3 * RS + 10, RS)
-        c.read(RS, 1)
-        assert list(rec._pending) == [(3, 5), (1, 2)]
+        c.fill(1, 2)
+        c.read(RS, 1)  # a present region counts too
+        assert list(rec._pending) == [(3 * RS + 10, RS), (RS, 1)]
+        rec.poll()
+        assert rec._runs == [(3, 5), (1, 2)]
