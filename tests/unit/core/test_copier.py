@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,11 +100,10 @@ def test_source_error_is_reported_not_retried_forever(tmp_path: Path, source_ima
     with _clone(tmp_path, src) as c:
         real = c._fill.copy
 
-        def failing(runs: list[tuple[int, int]], progress: list[int] | None = None,
-                    bulk: bool = False) -> tuple[int, int]:
+        def failing(runs: list[tuple[int, int]], *args: Any, **kwargs: Any) -> tuple[int, int]:
             if any(a <= 5 * RS < b for a, b in runs):
                 raise SourceReadError(errno.EIO, "injected source failure")
-            return real(runs, progress, bulk)
+            return real(runs, *args, **kwargs)
 
         monkeypatch.setattr(c._fill, "copy", failing)
         cp = Copier(c, batch_bytes=RS).start()
@@ -132,11 +132,10 @@ def test_persistent_copier_tries_failing_regions_again(tmp_path: Path, source_im
     with _clone(tmp_path, src) as c:
         real = c._fill.copy
 
-        def flaky(runs: list[tuple[int, int]], progress: list[int] | None = None,
-                  bulk: bool = False) -> tuple[int, int]:
+        def flaky(runs: list[tuple[int, int]], *args: Any, **kwargs: Any) -> tuple[int, int]:
             if broken[0] and any(a <= 5 * RS < b for a, b in runs):
                 raise SourceReadError(errno.EIO, "source unreachable")
-            return real(runs, progress, bulk)
+            return real(runs, *args, **kwargs)
 
         monkeypatch.setattr(c._fill, "copy", flaky)
         cp = Copier(c, batch_bytes=RS, persistent=True).start()
@@ -239,18 +238,19 @@ def test_copier_never_writes_a_present_region_however_fragmented(
         before = set(_fragment(c, rng, model, writes))
         touched: list[tuple[int, int, set[int]]] = []  # (start, end, present then)
 
-        # Where each call writes: (offset, length) from its arguments.
-        where = {"pwrite_all": lambda fd, data, offset, *_: (offset, len(data)),
-                 "punch_hole": lambda fd, offset, length: (offset, length),
-                 "copy_file_range": lambda s, d, offset, length, *_: (offset, length),
-                 "clone_range": lambda s, d, offset, length: (offset, length)}
+        # Where each call writes: (fd, offset, length) from its arguments. Only the
+        # clone file's writes count (the copier also writes the digest file).
+        where = {"pwrite_all": lambda fd, data, offset, *_: (fd, offset, len(data)),
+                 "punch_hole": lambda fd, offset, length: (fd, offset, length),
+                 "copy_file_range": lambda s, d, offset, length, *_: (d, offset, length),
+                 "clone_range": lambda s, d, offset, length: (d, offset, length)}
 
         def spy(name: str):  # type: ignore[no-untyped-def]
             real = getattr(fsops, name)
 
             def wrapped(*args):  # type: ignore[no-untyped-def]
-                if threading.current_thread().name.startswith("copier"):
-                    offset, length = where[name](*args)
+                fd, offset, length = where[name](*args)
+                if threading.current_thread().name.startswith("copier") and fd == c._fd:
                     with c._own.cond:
                         present = {r for r in c.geometry.span(offset, length)
                                    if c._own.map.is_present(r)}
