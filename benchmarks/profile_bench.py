@@ -22,7 +22,9 @@ Each round, on fresh clones:
 * ``copy+boot``: ``liveclone clone URL CLONE`` to completion, then QEMU on the file;
 * ``local``: QEMU on a local copy of the disk (the floor: no source at all).
 
-The last four run in a shuffled order. Time = launch to the guest's ``LC-RESULT:
+A first boot before the rounds records the profile the first round replays; in
+each round all five run in a shuffled order (``with profile`` replays the latest
+recording). Time = launch to the guest's ``LC-RESULT:
 ok`` on the console. Ratios are taken within each round; the table gives the
 median over the rounds and their min-max (the noise of this shared machine).
 
@@ -287,20 +289,19 @@ def main() -> int:
                             initrd=str(guest.initrd), append=guest.append(SCRIPT),
                             accel=accel).command()
 
-        rest = {"with profile": with_profile, "without": without, "copy+boot": copy_then_boot,
-                "local": local}
+        variants = {"record": record, "with profile": with_profile, "without": without,
+                    "copy+boot": copy_then_boot, "local": local}
+        print(f"setup: record: {record():.2f} s", flush=True)
         for i in range(args.rounds):
-            times["record"].append(record())
-            print(f"round {i + 1}: record: {times['record'][-1]:.2f} s", flush=True)
-            p = load(str(prof))
-            profile_info = {"runs": len(p.runs), "bytes": sum(n for _, n in p.runs),
-                            "file_bytes": prof.stat().st_size}
-            order = list(rest)
+            order = list(variants)
             random.shuffle(order)
             for name in order:
-                times[name].append(rest[name]())
+                times[name].append(variants[name]())
                 load_seen.append(os.getloadavg()[0])
                 print(f"round {i + 1}: {name}: {times[name][-1]:.2f} s", flush=True)
+        p = load(str(prof))
+        profile_info = {"runs": len(p.runs), "bytes": sum(n for _, n in p.runs),
+                        "file_bytes": prof.stat().st_size}
     clean(clone)
     ratios = {
         "without / with profile": [w / p for w, p in zip(times["without"],
@@ -326,7 +327,8 @@ def main() -> int:
         "(or of the copy) to the guest's `LC-RESULT: ok` (it has mounted the disk and "
         "checked the sha256 of ~18 MiB of files; with `--boot disk` the firmware and "
         "EXTLINUX have read the kernel and initramfs from it first). Fresh clone each "
-        "run; `record`, then the others in a shuffled order, each round. The profile: "
+        "run; all five in a shuffled order each round (a first recording before the "
+        "rounds). The profile: "
         f"{profile_info.get('runs')} runs, {format_size(profile_info.get('bytes', 0))} of "
         f"regions, a {profile_info.get('file_bytes')}-byte file.",
         "",
