@@ -61,7 +61,8 @@ def progress_line(clone: Path) -> str:
 
 
 def clean(clone: Path) -> None:
-    for suffix in ("", ".lcmap", ".lcjournal", ".lcstatus", ".sock"):
+    for suffix in ("", ".lcmap", ".lcjournal", ".lcdigest", ".lcstatus", ".lcprofile",
+                   ".sock"):
         Path(str(clone) + suffix).unlink(missing_ok=True)
 
 
@@ -139,6 +140,8 @@ def boot_part(guest_disk: Path, kernel: Path, initrd: Path, append_for: object) 
     show(["e2fsck", "-fn", str(clone)])
     print("  /hello/from-guest.txt: " + debugfs(str(clone), "cat /hello/from-guest.txt").decode())
     show([LIVECLONE, "status", str(clone)])
+    step("Check every copied region against the digest taken while copying, and the source")
+    show([LIVECLONE, "verify", str(clone), "--against-source"])
 
 
 def main() -> None:
