@@ -13,6 +13,7 @@ from liveclone.cli.options import (
     region_size_option,
     stop_on_signals,
 )
+from liveclone.cli.progress import transfer_progress
 from liveclone.core.copier import Phase
 from liveclone.core.profile import ProfileOptions
 from liveclone.errors import CloneFailedError
@@ -83,21 +84,8 @@ def _waiter(session: CloneSession) -> Callable[[], bool]:
 
 
 def _with_progress(session: CloneSession, step: Callable[[], bool], stop: object) -> None:
-    # Imported here: rich takes tens of milliseconds to import, and only a terminal
-    # needs it.
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
     clone = session.clone
-    columns = (TextColumn("[bold]cloning"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as bar:
+    with transfer_progress("cloning", transient=False) as bar:
         task = bar.add_task("clone", total=clone.size)
         while True:
             done = step()

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import click
 
+from liveclone.cli.progress import transfer_progress
 from liveclone.core.metadata import MapStore
 from liveclone.core.verify import Report, verify_clone
 from liveclone.errors import MismatchError
@@ -64,18 +65,7 @@ def _progress_bar(show: bool) -> Iterator[Callable[[int, int], None] | None]:
     if not show:
         yield None
         return
-    from rich.progress import (  # imported only for a terminal
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    columns = (TextColumn("[bold]verifying"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as bar:
+    with transfer_progress("verifying", transient=True) as bar:
         task = bar.add_task("verify", total=None)
 
         def tick(done: int, total: int) -> None:
