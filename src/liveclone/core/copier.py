@@ -421,29 +421,42 @@ class Copier:
         try:
             while not self._stop.is_set():
                 self._running.wait()
-                if self._stop.is_set():
+                if self._stop.is_set() or not self._turn(index):
                     break
-                if not self._yield_to_guest(index):
-                    continue
-                batch = self._next_batch()
-                if batch is None:
-                    if self.clone.complete:
-                        break
-                    if self._only_set_aside_left():
-                        self._give_up_or_wait()
-                    # Regions owned by other callers: they finish soon.
-                    self._stop.wait(0.01)
-                    continue
-                self._copy(*batch)
         except BaseException as e:  # noqa: BLE001 - reported through phase/error
-            with self._lock:
-                if self.error is None:
-                    self.error = e
-            self.clone.last_error = str(e)
-            self._stop.set()
+            self._fail(e)
         finally:
-            if self.clone.complete or self.error is not None:
-                self._done.set()
+            self._note_done()
+
+    def _turn(self, index: int) -> bool:
+        """One turn of worker ``index``: give way to a busy guest, or copy the next
+        batch, or wait a moment for regions other callers own. False once the clone
+        is complete. (The daemon's pooled copier runs the same turn.)"""
+        if not self._yield_to_guest(index):
+            return True
+        batch = self._next_batch()
+        if batch is not None:
+            self._copy(*batch)
+            return True
+        if self.clone.complete:
+            return False
+        if self._only_set_aside_left():
+            self._give_up_or_wait()
+        self._stop.wait(0.01)  # regions owned by other callers: they finish soon
+        return True
+
+    def _fail(self, e: BaseException) -> None:
+        """A worker met a fatal error: keep the first, report it, stop every worker."""
+        with self._lock:
+            if self.error is None:
+                self.error = e
+        self.clone.last_error = str(e)
+        self._stop.set()
+
+    def _note_done(self) -> None:
+        """After a worker's turns: finished once complete, or stopped on an error."""
+        if self.clone.complete or (self.error is not None and self._stop.is_set()):
+            self._done.set()
 
     def _give_up_or_wait(self) -> None:
         """Only regions that keep failing are left: fail, or (persistent) report it

@@ -5,12 +5,12 @@ daemon runs many: it would be three threads, and three copy buffers, per clone.
 Instead every clone's copier is a ``PooledCopier`` run by one ``CopierPool`` of
 ``--max-copiers`` threads, so memory grows with the pool, not with the clones.
 
-How a copier runs in the pool. ``Copier._work`` is a loop: yield to the guest,
-take the next batch, copy it, book it on the rate limiter, and wait where it must
-(a busy guest, a source error's back-off, a full disk, the rate). A pooled copier
-does one turn of that loop per ``step``, and never waits in a pool thread: its
-stop event is a ``_DeferringStop`` whose ``wait(t)`` returns at once and records
-``t``, and the pool runs that worker again no sooner than ``t`` later. The two
+How a copier runs in the pool. ``Copier._work`` is a loop of ``Copier._turn``:
+yield to the guest, take the next batch, copy it, book it on the rate limiter, and
+wait where it must (a busy guest, a source error's back-off, a full disk, the
+rate). A pooled copier runs one ``_turn`` per ``step``, and never waits in a pool
+thread: its stop event is a ``_DeferringStop`` whose ``wait(t)`` returns at once
+and records ``t``, and the pool runs that worker again no sooner than ``t`` later. The two
 waits that are states rather than pauses (a full disk's look for space with
 back-off; a persistent copier's retry of set-aside regions after 30 s) are kept
 as deadlines here, with the same messages as the standalone copier.
@@ -137,28 +137,15 @@ class PooledCopier(Copier):
             wait = self._pending_state()
             if wait:
                 return wait, 0
-            if self._yield_to_guest(index):
-                batch = self._next_batch()
-                if batch is None:
-                    if self.clone.complete:
-                        return None, 0
-                    if self._only_set_aside_left():
-                        self._give_up_or_wait()
-                    stop.wait(0.01)  # regions owned by other callers: soon done
-                else:
-                    self._copy(*batch)
+            if not self._turn(index):
+                return None, 0
             delay = stop.take_delay()
             return max(delay, MIN_REST) if delay else 0.0, self.meter.counted()
         except BaseException as e:  # noqa: BLE001 - reported through phase/error
-            with self._lock:
-                if self.error is None:
-                    self.error = e
-            self.clone.last_error = str(e)
-            stop.set()
+            self._fail(e)
             return None, 0
         finally:
-            if self.clone.complete or (self.error is not None and stop.is_set()):
-                self._done.set()
+            self._note_done()
 
     def _pending_state(self) -> float:
         """Seconds this copier must still wait for space or for its set-aside retry
