@@ -308,3 +308,64 @@ def test_regions_skipped_counts_each_present_region_once(tmp_path: Path) -> None
         assert cp.wait(60)
         cp.stop()
         assert fresh.stats.regions_skipped == 0
+
+
+def test_paused_only_once_no_batch_is_in_flight(tmp_path: Path, source_image,
+                                                monkeypatch) -> None:
+    """"paused" means nothing is being copied: a batch taken before the pause is
+    still copying, so the phase says so until it is filled; then nothing moves."""
+    import threading
+
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        real = c._fill.copy
+        entered, release = threading.Event(), threading.Event()
+
+        def slow(runs: list[tuple[int, int]], *args: Any, **kwargs: Any) -> tuple[int, int]:
+            entered.set()
+            assert release.wait(30)
+            return real(runs, *args, **kwargs)
+
+        monkeypatch.setattr(c._fill, "copy", slow)
+        cp = Copier(c, workers=1, batch_bytes=4 * RS).start()
+        try:
+            assert entered.wait(30)  # a batch is in flight
+            cp.pause()
+            assert cp.paused and cp.phase == Phase.COPYING
+            release.set()
+            while cp.phase != Phase.PAUSED:
+                time.sleep(0.01)
+            assert c.regions_present == 4  # the one batch, and none after the pause
+            cp.resume()
+            assert cp.wait(60)
+        finally:
+            release.set()
+            cp.stop()
+    assert (tmp_path / "c.img").read_bytes() == data
+
+
+def test_a_pause_between_turn_and_batch_hands_out_nothing(tmp_path: Path,
+                                                          source_image) -> None:
+    """A worker past its wait for running when the pause comes takes no batch."""
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        cp = Copier(c, workers=1, batch_bytes=4 * RS)
+        real = cp._yield_to_guest
+
+        def pause_now(index: int) -> bool:
+            cp.pause()  # the pause lands after the worker's running.wait()
+            return real(index)
+
+        cp._yield_to_guest = pause_now  # type: ignore[method-assign]
+        cp.start()
+        try:
+            while cp.phase == Phase.COPYING:
+                time.sleep(0.01)
+            time.sleep(0.2)
+            assert cp.phase == Phase.PAUSED and c.regions_present == 0
+            cp._yield_to_guest = real  # type: ignore[method-assign]
+            cp.resume()
+            assert cp.wait(60)
+        finally:
+            cp.stop()
+    assert (tmp_path / "c.img").read_bytes() == data
