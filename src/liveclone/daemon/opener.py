@@ -1,10 +1,11 @@
 """How the daemon opens a clone's source: local image files remembered by identity.
 
 Many clones of one golden image is the daemon's common case. Opening a local path
-costs, each time, a ``qemu-img info`` child (to tell raw from qcow2 and friends)
-and a sampled fingerprint (64 scattered reads), tens of milliseconds on a busy
-disk. Both are facts of the file as it is: the same device, inode, size, mtime
-and ctime (which no one can set back) mean the same bytes. So the daemon keeps,
+costs, each time, telling raw from qcow2 and friends (an in-process signature
+probe, ``sources.image.is_plain_raw``; a ``qemu-img info`` child when the file
+might be an image) and a sampled fingerprint (64 scattered reads), tens of
+milliseconds on a busy disk. Both are facts of the file as it is: the same device,
+inode, size, mtime and ctime (which no one can set back) mean the same bytes. So the daemon keeps,
 per such key, "this is a raw image" and its fingerprint, and opens a known raw
 file directly. A file that changed has another key and is looked at afresh;
 anything that is not a local raw file goes to the next opener (the source cache,
@@ -75,14 +76,14 @@ class SourceOpener:
         opened = self.fallback(spec)
         if type(opened) is not LocalFileSource:
             return opened
-        # qemu-img said raw: remember it, and hand out the file known by its key.
+        # Found raw: remember it, and hand out the file known by its key.
         key = _key(os.fstat(opened.fileno()))
         self.remember(key, None)
         source = _KnownRawFile(spec, self)
         if _key(os.fstat(source.fileno())) == key:
             opened.close()
             return source
-        source.close()  # replaced in between: the file qemu-img looked at it is
+        source.close()  # replaced in between: the file that was looked at it is
         return opened
 
     def fingerprint(self, key: Key) -> str | None:
