@@ -124,6 +124,12 @@ class Copier:
         # while not paused, and phase says PAUSED only once this is 0, so "paused"
         # means no region is being copied (a pause waits for the batches in flight).
         self._filling = 0
+        # The spans of the batches counted in _filling. After its first pass the
+        # sweep starts past them: a batch from the lowest absent region would be
+        # one a worker is still filling, and its regions are owned, so the turn
+        # would take nothing, scan the span and try again (on a fragmented map the
+        # idle workers spent most of the GIL doing that).
+        self._inflight: list[tuple[int, int]] = []
         # Profile replay. Invariant: _profile holds the runs not yet handed out, in
         # recorded order; it is empty unless replay_state is REPLAYING.
         self._profile: deque[tuple[int, int]] = deque()
@@ -274,9 +280,11 @@ class Copier:
         try:
             batch = self._choose_batch()
         finally:
-            if batch is None:
-                with self._lock:
+            with self._lock:
+                if batch is None:
                     self._filling -= 1
+                else:
+                    self._inflight.append(batch[:2])
         return batch
 
     def _choose_batch(self) -> tuple[int, int, str] | None:
@@ -358,24 +366,26 @@ class Copier:
         """Where the next sweep batch begins. On the first pass, at the cursor (past
         set-aside runs): the batches tile the map, so each present region is passed,
         and reported skipped, once. After it, at the first absent region from the
-        start that is not set aside."""
+        start that is neither set aside nor in a batch in flight. Under _lock."""
         count = self.clone.regions_total
         x = self._cursor
         while x < count:
-            blocker = self._set_aside_at(x)
+            blocker = self._blocker_at(x, self._set_aside)
             if blocker is None:
                 return x
             x = blocker[1]
+        blockers = self._set_aside + self._inflight
         absent = self.clone.find_absent(0)
         while absent is not None:
-            blocker = self._set_aside_at(absent)
+            blocker = self._blocker_at(absent, blockers)
             if blocker is None:
                 return absent
             absent = self.clone.find_absent(blocker[1])
         return None
 
-    def _set_aside_at(self, region: int) -> tuple[int, int] | None:
-        return next((r for r in self._set_aside if r[0] <= region < r[1]), None)
+    @staticmethod
+    def _blocker_at(region: int, spans: list[tuple[int, int]]) -> tuple[int, int] | None:
+        return next((r for r in spans if r[0] <= region < r[1]), None)
 
     def _guest_busy(self) -> bool:
         return time.monotonic() - self.clone.last_guest_io <= GUEST_QUIET
@@ -499,6 +509,7 @@ class Copier:
         finally:
             with self._lock:
                 self._filling -= 1
+                self._inflight.remove((first, end))
                 if kind == Kind.PROFILE:
                     self._profile_inflight -= 1
                     if (not self._profile_inflight and not self._profile

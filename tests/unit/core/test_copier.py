@@ -369,3 +369,28 @@ def test_a_pause_between_turn_and_batch_hands_out_nothing(tmp_path: Path,
         finally:
             cp.stop()
     assert (tmp_path / "c.img").read_bytes() == data
+
+
+def test_after_its_first_pass_the_sweep_never_hands_out_a_batch_in_flight(
+        tmp_path: Path, source_image) -> None:
+    """Once the sweep has passed the end, its next batch starts at the first absent
+    region outside every batch still being filled; when there is none, a turn gets
+    nothing (and rests) rather than a batch whose regions another worker owns."""
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        count = c.regions_total  # 128 regions of 64 KiB
+        cp = Copier(c, batch_bytes=32 * RS)
+        first_pass = [cp._next_batch() for _ in range(4)]
+        assert [b[:2] for b in first_pass] == [(0, 32), (32, 64), (64, 96), (96, count)]
+        assert cp._next_batch() is None  # everything absent is in flight
+        cp._copy(*first_pass[1])  # one worker finishes its batch
+        assert cp._next_batch() is None
+        cp._copy(*first_pass[0])
+        cp._copy(*first_pass[3])
+        c.write(70 * RS, b"g" * RS)
+        assert cp._next_batch() is None
+        cp._copy(*first_pass[2])
+        assert c.complete and cp._next_batch() is None
+    want = bytearray(data)
+    want[70 * RS:71 * RS] = b"g" * RS
+    assert (tmp_path / "c.img").read_bytes() == want

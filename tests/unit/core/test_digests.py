@@ -8,6 +8,7 @@ import random
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import xxhash
@@ -310,3 +311,41 @@ def test_write_intents_arriving_together_share_a_sync(
     assert not errors, errors
     assert syncs < 16, syncs
     assert [k for k, _ in slots(path, 16)] == [GUEST] * 16
+
+
+def test_a_fragmented_fill_writes_its_slots_together_and_keeps_the_guests(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch) -> None:
+    """A fill of runs between guest-written regions writes their slots in one write
+    per group, with the guest slots between them read back: every guest slot stays
+    "guest", every copied one has its digest. Runs far apart are written apart."""
+    src, data = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        count = c.regions_total
+        guest = list(range(1, 20, 2))
+        for r in guest:
+            c.write(r * RS, b"g" * RS)  # whole regions: present, slot "guest"
+        writes: list[int] = []
+        real = fsops.pwrite_all
+
+        def spy(fd: int, buf: Any, offset: int, progress: Any = None) -> None:
+            if fd == c._durability._store.digests._fd:
+                writes.append(len(buf))
+            real(fd, buf, offset, progress)
+
+        monkeypatch.setattr(fsops, "pwrite_all", spy)
+        c.fill(0, 20)
+        assert writes == [19 * digests.SLOT_SIZE]  # regions 0-18: one write
+        for r in (21, 23, 25):
+            c.write(r * RS, b"g" * RS)
+        monkeypatch.setattr(digests, "SLOT_GAP", 0)  # no slot between runs is read back
+        writes.clear()
+        c.fill(20, 27)
+        assert writes == [digests.SLOT_SIZE] * 4  # 20, 22, 24, 26: one write each
+        guest += [21, 23, 25]
+        c.flush()
+    got = slots(path, count)
+    for r in guest:
+        assert got[r][0] == GUEST, r
+    for r in range(0, 27, 2):
+        assert got[r] == (COPIED, xxhash.xxh3_64_intdigest(data[r * RS:(r + 1) * RS])), r
