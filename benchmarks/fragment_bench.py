@@ -45,7 +45,7 @@ from liveclone.sources.http import HttpSource  # noqa: E402
 from liveclone.sources.local import LocalFileSource  # noqa: E402
 from liveclone.units import format_size, parse_size  # noqa: E402
 
-SUFFIXES = ("", ".lcmap", ".lcjournal")
+SUFFIXES = ("", ".lcmap", ".lcjournal", ".lcdigest")
 WRITES = (0, 1000, 10_000, 100_000)
 REGION_SIZES = (4 << 10, 64 << 10)
 GUEST = b"\xa5" * 4096  # what the guest writes: never in a random source
