@@ -63,7 +63,6 @@ TESTS = [  # name, fio arguments
 SERVERS = ["liveclone (complete)", "liveclone (copying)", "qemu-nbd", "nbdkit file"]
 BASE = "liveclone (base)"
 PEERS = ["qemu-nbd", "nbdkit file"]
-TTFR_KINDS = ["liveclone (copying)", "qemu-nbd", "nbdkit file"]
 
 
 def make_random_file(path: Path, size: int) -> None:
@@ -156,8 +155,8 @@ def recv_exact(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-def first_read(sock: Path) -> None:
-    """Handshake (GO on the default export) and one 4 KiB read, by hand."""
+def first_read(sock: Path) -> bytes:
+    """Handshake (GO on the default export) and one 4 KiB read at 0, by hand; its bytes."""
     with socket.socket(socket.AF_UNIX) as s:
         s.connect(str(sock))
         recv_exact(s, wire.GREETING.size)
@@ -174,29 +173,7 @@ def first_read(sock: Path) -> None:
         _, error, _ = wire.decode_simple_reply(recv_exact(s, wire.SIMPLE_REPLY.size))
         if error:
             raise OSError(error, "first read failed")
-        recv_exact(s, 4096)
-
-
-def time_to_first_read(kind: str, image: Path, work: Path) -> float:
-    clone = work / "ttfr-clone.img"
-    sock = work / "ttfr.sock"
-    for p in [*work.glob("ttfr-clone.img*"), sock]:
-        p.unlink(missing_ok=True)
-    t0 = time.perf_counter()
-    proc = spawn(kind, image, clone, sock)
-    try:
-        while True:
-            try:
-                first_read(sock)
-                return time.perf_counter() - t0
-            except (OSError, ConnectionError):
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{kind} exited with {proc.returncode}") from None
-                time.sleep(0.001)
-    finally:
-        stop(proc)
-        for p in work.glob("ttfr-clone.img*"):
-            p.unlink()
+        return recv_exact(s, 4096)
 
 
 def warm(path: Path) -> None:
@@ -235,7 +212,6 @@ def main() -> None:
                     help="comma-separated test names (default: all)")
     ap.add_argument("--base-src", default=None,
                     help="an older liveclone's src directory, run as a fifth server")
-    ap.add_argument("--ttfr-runs", type=int, default=7, help="runs per time-to-first-read")
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "work" / "nbd"))
     ap.add_argument("--write-results", action="store_true")
     args = ap.parse_args()
@@ -270,23 +246,7 @@ def main() -> None:
                 results.setdefault((test, kind), []).append(r)
                 print(f"round {rnd + 1} {test:24} {kind:22} {r['iops']:10.0f} IOPS "
                       f"{r['bw'] / 1e6:8.1f} MB/s", file=sys.stderr)
-        ttfr: dict[tuple[str, str], list[float]] = {}
-        for label, tsize in (("1 GiB", 1 << 30), ("1 TiB", 1 << 40)):
-            sparse = work / f"sparse-{label.replace(' ', '')}.img"
-            with open(sparse, "wb") as f:
-                f.truncate(tsize)
-                f.write(os.urandom(4096))
-            for _ in range(args.ttfr_runs):
-                kinds = list(TTFR_KINDS)
-                rng.shuffle(kinds)
-                for kind in kinds:
-                    t = time_to_first_read(kind, sparse, work)
-                    ttfr.setdefault((label, kind), []).append(t)
-            for kind in TTFR_KINDS:
-                times = ttfr[(label, kind)]
-                print(f"first read {label} {kind}: {statistics.median(times) * 1000:.0f} ms "
-                      f"({min(times) * 1000:.0f}-{max(times) * 1000:.0f})", file=sys.stderr)
-        body = report(results, ttfr, tests, servers, size, args)
+        body = report(results, tests, servers, size, args)
         print(f"{HEADING}\n\n{body}")
         if args.write_results:
             write_section(HEADING, body)
@@ -303,7 +263,7 @@ def _cell(test: str, v: float) -> str:
 
 
 def report(results: dict[tuple[str, str], list[dict[str, float]]],
-           ttfr: dict[tuple[str, str], list[float]], tests: list[tuple[str, list[str]]],
+           tests: list[tuple[str, list[str]]],
            servers: list[str], size: int, args: argparse.Namespace) -> str:
     rounds = args.rounds
     lines = [
@@ -330,22 +290,8 @@ def report(results: dict[tuple[str, str], list[dict[str, float]]],
                                                      strict=True)]
             ratios.append(f"{statistics.median(rs):.2f}× ({min(rs):.2f}-{max(rs):.2f})")
         lines.append(f"| {test} | " + " | ".join(cells) + " | " + " | ".join(ratios) + " |")
-    runs = len(next(iter(ttfr.values())))
-    lines += [
-        "",
-        f"Time from spawning the server to the first 4 KiB read answered (median of {runs}, "
-        "min-max in brackets, servers interleaved; liveclone includes Python start-up and "
-        "creating the clone and its map):",
-        "",
-        "| source | " + " | ".join(k.replace("liveclone (copying)", "liveclone serve (new clone)")
-                                   for k in TTFR_KINDS) + " |",
-        "|---|" + "---|" * len(TTFR_KINDS),
-    ]
-    for label in ("1 GiB", "1 TiB"):
-        lines.append(f"| {label} sparse | " + " | ".join(
-            f"{statistics.median(ttfr[(label, k)]) * 1000:.0f} ms "
-            f"({min(ttfr[(label, k)]) * 1000:.0f}-{max(ttfr[(label, k)]) * 1000:.0f})"
-            for k in TTFR_KINDS) + " |")
+    lines += ["", "Time from spawning a server to its first read: `benchmarks/start_bench.py` "
+              "(section Start-up)."]
     return "\n".join(lines) + "\n"
 
 

@@ -114,6 +114,7 @@ class CloneSession:
                              replay_time=profile.replay_time)
         self.started = time.time()
         self._copy = copy
+        self._copy_started = False
         self._stop = threading.Event()
         self._status_thread = threading.Thread(target=self._publish_loop, name="status",
                                                daemon=True)
@@ -131,12 +132,25 @@ class CloneSession:
                 self.clone.on_read = self.recorder.hook
 
     def start(self) -> CloneSession:
-        self._follow_pause_file()
-        if self._copy and not self.clone.complete:
-            self.copier.start()
+        self.start_status()
+        self.start_copy()
+        return self
+
+    def start_status(self) -> CloneSession:
+        """Publish the status, and keep publishing it, without starting the copier:
+        ``start_copy`` does that later (``serve`` answers its first clients before
+        the copier's threads compete with its loop for the GIL)."""
+        self._follow_pause_file()  # before the copier starts: a paused one never copies
         self.write_status()  # `status` sees the process as running from now on
         self._status_thread.start()
         return self
+
+    def start_copy(self) -> None:
+        """Start the background copy, once; not for a session that copies nothing
+        or a complete clone."""
+        if self._copy and not self.clone.complete and not self._copy_started:
+            self._copy_started = True
+            self.copier.start()
 
     def status(self, running: bool = True) -> dict[str, Any]:
         clone, copier = self.clone, self.copier

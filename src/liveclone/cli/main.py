@@ -6,7 +6,6 @@ import errno
 import importlib
 import os
 import sys
-import traceback
 
 import click
 
@@ -59,18 +58,24 @@ class _Group(click.Group):
             click.echo(f"liveclone: error: {e.message}", err=True)
             sys.exit(e.exit_code)
         except ModuleNotFoundError as e:
-            if os.environ.get("LIVECLONE_DEBUG"):
-                traceback.print_exc()
+            _debug_traceback()
             click.echo(f"liveclone: error: {missing_module_message(e.name)}", err=True)
             sys.exit(MissingDependencyError.exit_code)
         except OSError as e:
             # An unexpected system error: name it and where; the traceback only on request.
-            if os.environ.get("LIVECLONE_DEBUG"):
-                traceback.print_exc()
+            _debug_traceback()
             where = f" ({e.filename})" if e.filename else ""
             code = NoSpaceError.exit_code if e.errno in (errno.ENOSPC, errno.EDQUOT) else 1
             click.echo(f"liveclone: error: {e.strerror or e}{where}", err=True)
             sys.exit(code)
+
+
+def _debug_traceback() -> None:
+    """The traceback of the error being handled, when LIVECLONE_DEBUG asks for it."""
+    if os.environ.get("LIVECLONE_DEBUG"):
+        import traceback  # only then: it costs start-up time
+
+        traceback.print_exc()
 
 
 def missing_module_message(name: str | None) -> str:

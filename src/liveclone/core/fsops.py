@@ -34,9 +34,11 @@ def _load_libc() -> Any:
     global _libc
     if _libc is None:
         import ctypes
-        import ctypes.util
 
-        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        # The symbols already loaded into this process, libc's among them: found
+        # without ctypes.util.find_library, which runs ldconfig (milliseconds, in
+        # the copier's first turn, beside a server answering its first client).
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
         _libc = libc
     return _libc

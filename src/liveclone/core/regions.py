@@ -7,6 +7,7 @@ Each region is *absent* (its authoritative bytes are the source's) or *present*
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Iterator
 
@@ -15,10 +16,46 @@ MAX_REGION_SIZE = 1 << 30
 DEFAULT_REGION_SIZE = 64 << 10
 
 # The first byte holding a region that is present (not all clear) or absent (not
-# all set). A regex search scans the bitmap in C without copying it, so finding the
-# next run costs the distance to it, not the size of the map.
+# all set). A regex search scans in C without copying, at about 120 MB/s: right for
+# the next run of a fragmented map, a few bytes away, so it looks NEAR bytes ahead.
 _ANY_SET = re.compile(b"[^\\x00]")
 _ANY_CLEAR = re.compile(b"[^\\xff]")
+_NEAR = 64
+# Farther, the bitmap is scanned a chunk at a time: a chunk slice compared with a
+# chunk of all clear (or all set) bytes is a memcmp, so passing a long run costs its
+# length at memory speed (2 MiB, the map of 1 TiB at 64 KiB regions, in about 0.2
+# ms, where the search took 17 ms); only the chunk where the run ends is searched.
+_CHUNK = 1 << 16
+# An all-clear bitmap this large (2 Mi regions: 128 GiB at 64 KiB) is an anonymous
+# private mapping: its untouched pages read as zeros and take no memory.
+_MAPPED = 1 << 18
+_CLEAR = bytes(_CHUNK)
+_SET = b"\xff" * _CHUNK
+
+
+def _run_end(bits: bytearray | mmap.mmap, fill: int, pos: int, end: int) -> int:
+    """The first byte at or after ``pos`` (before ``end``) that is not ``fill``
+    (0 or 0xFF), or ``end``."""
+    same, other = (_CLEAR, _ANY_SET) if fill == 0 else (_SET, _ANY_CLEAR)
+    while pos < end:
+        hi = min(end, pos + _CHUNK)
+        if bits[pos:hi] != (same if hi - pos == _CHUNK else same[:hi - pos]):
+            m = other.search(bits, pos, hi)
+            assert m is not None
+            return m.start()
+        pos = hi
+    return end
+
+
+def _count_set(bits: bytes | bytearray | mmap.mmap) -> int:
+    """The number of set bits: all-clear and all-set chunks are counted whole."""
+    count = 0
+    for pos in range(0, len(bits), _CHUNK):
+        chunk = bits[pos:pos + _CHUNK]
+        if len(chunk) == _CHUNK and chunk == _CLEAR:
+            continue
+        count += 8 * _CHUNK if chunk == _SET else int.from_bytes(chunk, "little").bit_count()
+    return count
 
 
 def check_region_size(region_size: int) -> None:
@@ -74,20 +111,26 @@ class RegionMap:
     """
 
     __slots__ = ("count", "_bits", "present_count")
+    _bits: bytearray | mmap.mmap
 
     def __init__(self, count: int, bits: bytes | None = None) -> None:
         self.count = count
         nbytes = (count + 7) >> 3
-        if bits is None:
+        if bits is not None and len(bits) != nbytes:
+            raise ValueError(f"bitmap has {len(bits)} bytes, expected {nbytes}")
+        if nbytes >= _MAPPED and (bits is None or not _count_set(bits)):
+            # All clear and large: zero pages, given memory only where bits get set,
+            # so a new clone of 1 TiB costs no more memory than one of 1 GiB.
+            self._bits = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+            bits = None
+        elif bits is None:
             self._bits = bytearray(nbytes)
         else:
-            if len(bits) != nbytes:
-                raise ValueError(f"bitmap has {len(bits)} bytes, expected {nbytes}")
             self._bits = bytearray(bits)
             # Bits past ``count`` in the last byte are kept clear.
             if count & 7:
                 self._bits[-1] &= (1 << (count & 7)) - 1
-        self.present_count = int.from_bytes(self._bits, "little").bit_count()
+        self.present_count = 0 if bits is None else _count_set(self._bits)
 
     def __contains__(self, region: int) -> bool:
         return bool(self._bits[region >> 3] >> (region & 7) & 1)
@@ -133,10 +176,15 @@ class RegionMap:
         pos = start >> 3
         byte = (bits[pos] ^ flip) & (0xFF << (start & 7))  # the partial first byte
         if not byte:
-            m = (_ANY_SET if want_set else _ANY_CLEAR).search(bits, pos + 1, (stop + 7) >> 3)
-            if m is None:
-                return None
-            pos = m.start()
+            end = (stop + 7) >> 3
+            near = min(end, pos + 1 + _NEAR)
+            m = (_ANY_SET if want_set else _ANY_CLEAR).search(bits, pos + 1, near)
+            if m is not None:
+                pos = m.start()
+            else:
+                pos = _run_end(bits, flip, near, end)
+                if pos == end:
+                    return None
             byte = bits[pos] ^ flip
         r = (pos << 3) + (byte & -byte).bit_length() - 1  # its lowest wanted bit
         return r if r < stop else None

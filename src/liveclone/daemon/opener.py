@@ -2,7 +2,7 @@
 
 Many clones of one golden image is the daemon's common case. Opening a local path
 costs, each time, telling raw from qcow2 and friends (an in-process signature
-probe, ``sources.image.is_plain_raw``; a ``qemu-img info`` child when the file
+probe, ``sources.local.is_plain_raw``; a ``qemu-img info`` child when the file
 might be an image) and a sampled fingerprint (64 scattered reads), tens of
 milliseconds on a busy disk. Both are facts of the file as it is: the same device,
 inode, size, mtime and ctime (which no one can set back) mean the same bytes. So the daemon keeps,

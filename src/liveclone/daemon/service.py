@@ -122,7 +122,7 @@ def run(opts: Options) -> None:
     from liveclone.cli.serve import open_listeners
     from liveclone.daemon.records import StateDir
     from liveclone.errors import TargetError, UsageError
-    from liveclone.nbd.server import bind_unix
+    from liveclone.nbd.listeners import bind_unix
 
     state = StateDir(opts.state_dir)
     closers: list[Any] = [state.close]

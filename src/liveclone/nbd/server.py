@@ -75,8 +75,6 @@ import errno
 import logging
 import os
 import socket
-import stat
-import tempfile
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -84,10 +82,10 @@ from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
-from urllib.parse import quote
 
 from liveclone.nbd import protocol as p
 from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
+from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
 from liveclone.nbdwire import wire
 from liveclone.nbdwire.wire import Cmd
 
@@ -158,17 +156,6 @@ class ServerStats:
     memory_peak: int = 0  # most bytes held for clients at once
 
 
-def unix_uri(path: str, name: str, tls: bool = False) -> str:
-    scheme = "nbds+unix" if tls else "nbd+unix"
-    return f"{scheme}:///{quote(name, safe='')}?socket={quote(path, safe='/')}"
-
-
-def tcp_uri(host: str, port: int, name: str, tls: bool = False) -> str:
-    if ":" in host:
-        host = f"[{host}]"
-    return f"{'nbds' if tls else 'nbd'}://{host}:{port}/{quote(name, safe='')}"
-
-
 def tls_server_context(directory: str) -> ssl.SSLContext:
     """A TLS server context from a directory laid out as qemu-nbd and nbdkit expect:
     ``server-cert.pem`` and ``server-key.pem``. Raises ValueError naming what is wrong."""
@@ -187,62 +174,6 @@ def tls_server_context(directory: str) -> ssl.SSLContext:
     except (ssl.SSLError, OSError) as e:
         raise ValueError(f"cannot load {cert} with {key}: {e}") from None
     return ctx
-
-
-@dataclass
-class Listener:
-    """A bound, listening socket; ``path`` is a unix socket's, unlinked at stop."""
-
-    sock: socket.socket
-    path: str | None = None
-
-    def uri(self, name: str, tls: bool) -> str:
-        if self.path is not None:
-            return unix_uri(self.path, name, tls)
-        host, port = self.sock.getsockname()[:2]
-        return tcp_uri(host, port, name, tls)
-
-    def close(self) -> None:
-        """Close the socket and remove a unix socket's file (for a caller that
-        bound it and then could not start the server)."""
-        self.sock.close()
-        if self.path is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-
-
-def listen_unix(path: str, mode: int = 0o600, owner: tuple[int, int] | None = None
-                ) -> Listener:
-    path = os.path.abspath(path)
-    return Listener(bind_unix(path, mode, owner), path)
-
-
-def listen_tcp(host: str, port: int) -> list[Listener]:
-    """Listening sockets for every address ``host`` resolves to (as asyncio's
-    create_server binds them). Raises OSError (EADDRINUSE, EACCES, a bad name)."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    out: list[Listener] = []
-    try:
-        for family, kind, proto, _, addr in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            out.append(Listener(sock))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(128)
-            sock.setblocking(False)
-            if port == 0:  # every address on the port the first one got
-                port = sock.getsockname()[1]
-                infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                           flags=socket.AI_PASSIVE)
-    except BaseException:
-        for listener in out:
-            listener.sock.close()
-        raise
-    return out
 
 
 class _Entry:
@@ -580,56 +511,6 @@ def _answer_bytes(c: p.Command) -> int:
     if c.cmd == Cmd.BLOCK_STATUS:
         return (c.length // 4096 + 2) * BLOCK_STATUS_CHARGE
     return 0
-
-
-def bind_unix(path: str, mode: int = 0o600,
-              owner: tuple[int, int] | None = None) -> socket.socket:
-    """A listening unix socket at ``path``, with ``mode`` (0600 by default) and
-    ``owner`` (uid, gid; -1 keeps one) from the first moment.
-
-    It is bound inside a fresh 0700 directory beside ``path``, given its mode and
-    owner there, and renamed into place, so no one else can connect in between,
-    and the process umask is left alone. A stale socket at ``path`` (nobody
-    listening) is replaced; a live one or a non-socket is an error. ``mode`` never
-    has bits for others (invariant 11): the caller checks.
-    """
-    assert not mode & 0o007, "a socket is never world-accessible"
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket", path)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            pass  # stale: replace it
-        else:
-            raise FileExistsError(errno.EADDRINUSE,
-                                  f"{path} is in use by a running server", path)
-        finally:
-            probe.close()
-    tmpdir = tempfile.mkdtemp(prefix=".lc", dir=os.path.dirname(path))
-    tmp = os.path.join(tmpdir, "s")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, mode)
-        if owner is not None:
-            os.chown(tmp, *owner)
-        sock.listen(128)
-        os.rename(tmp, path)
-    except BaseException:
-        sock.close()
-        raise
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-        os.rmdir(tmpdir)
-    sock.setblocking(False)
-    return sock
 
 
 class _Connection(asyncio.Protocol):

@@ -17,7 +17,7 @@ Each module is imported only when its scheme is used; boto3 is an optional extra
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+import os
 
 from liveclone.errors import SourceError
 from liveclone.sources.base import Extent, Source
@@ -27,7 +27,11 @@ _NBD_SCHEMES = ("nbd", "nbds", "nbd+unix", "nbds+unix", "nbd+tcp", "nbds+tcp")
 
 def open_source(spec: str) -> Source:
     """Open the source named by ``spec``: a URL by its scheme, a path by its format."""
-    scheme = urlsplit(spec).scheme.lower() if "://" in spec else ""
+    scheme = ""
+    if "://" in spec:
+        from urllib.parse import urlsplit  # only for URLs: it imports ipaddress
+
+        scheme = urlsplit(spec).scheme.lower()
     if scheme in ("http", "https"):
         from liveclone.sources.http import HttpSource
 
@@ -45,6 +49,12 @@ def open_source(spec: str) -> Source:
             f"source {spec!r} has the unknown scheme {scheme}://; give a local path or a "
             "URL starting with http://, https://, s3://, nbd://, nbd+unix:// or nbds://"
         )
+    from liveclone.sources.local import LocalFileSource, is_plain_raw
+
+    if not os.path.isfile(spec) or is_plain_raw(spec):
+        # Missing, a directory, a device (the local file source reports the first two
+        # well), or no image format's signature: raw, read in this process.
+        return LocalFileSource(spec)
     from liveclone.sources.image import open_image
 
     return open_image(spec)

@@ -44,55 +44,18 @@ INFO_TIMEOUT = 60.0
 
 
 def open_image(path: str) -> Source:
-    """The source for a local path: raw as a file, other formats through qemu-nbd."""
+    """The source for a local file that might be an image (``open_source`` opens
+    the others, and plain raw files, itself): raw as a file, other formats through
+    qemu-nbd."""
     from liveclone.sources.local import LocalFileSource
 
-    if not os.path.isfile(path) or shutil.which("qemu-img") is None or is_plain_raw(path):
-        # Missing, a directory, a device, no qemu-img, or no format's signature: the
-        # local file source reports the first three well, and reads the rest as raw.
+    if shutil.which("qemu-img") is None:  # nothing to ask: read it as raw
         return LocalFileSource(path)
     chain = image_info(path)
     top = chain[0]
     if top.get("format") == "raw" and len(chain) == 1:
         return LocalFileSource(path)
     return ImageSource(os.path.abspath(path), chain)
-
-
-# What the first bytes of an image of each format qemu can probe start with (at the
-# offset given): a file with none of them is raw to qemu-img too, so it needs no
-# `qemu-img info` child (about 10-30 ms on every open, on the way to a first read).
-# Anything that might be an image (a signature, a text descriptor, a .dmg name, a
-# short read) still goes to qemu-img, which has the last word.
-_SIGNATURES = (
-    (0, b"QFI\xfb"),  # qcow, qcow2
-    (0, b"QED\x00"),
-    (0, b"KDMV"), (0, b"COWD"),  # vmdk 4 and 3
-    (0, b"vhdxfile"),
-    (0, b"conectix"),  # vpc (dynamic; a fixed VHD is raw to qemu's probe too)
-    (0x40, b"\x7f\x10\xda\xbe"),  # vdi
-    (0, b"WithoutFreeSpace"), (0, b"WithouFreSpacExt"),  # parallels
-    (0, b"Bochs Virtual HD Image"),
-    (0, b"#!/bin/sh"),  # cloop
-    (0, b"LUKS\xba\xbe"),
-)
-
-
-def is_plain_raw(path: str) -> bool:
-    """True when ``path`` carries no image format's signature (see _SIGNATURES), so
-    qemu-img would call it raw."""
-    if path.lower().endswith(".dmg"):  # qemu probes dmg by its name
-        return False
-    try:
-        with open(path, "rb") as f:
-            head = f.read(512)
-    except OSError:
-        return False  # let qemu-img say what is wrong
-    if len(head) < 512:
-        return False
-    if any(head[at:at + len(sig)] == sig for at, sig in _SIGNATURES):
-        return False
-    # A vmdk text descriptor is a text file; raw disks start with binary (or zeros).
-    return not head.lstrip().startswith(b"#") and b"createType" not in head
 
 
 def image_info(path: str) -> list[dict[str, Any]]:

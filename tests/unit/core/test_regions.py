@@ -102,3 +102,41 @@ def test_batch_end_reads_short_gaps_along_and_prices_long_ones() -> None:
     assert m.batch_end(0, 100, 30, 4) == 46  # 10 + 2 + 8 + 4 + 6 = 30
     assert m.batch_end(0, 100, 1000, 4) == 100
     assert m.batch_end(20, 100, 5, 4) == 45  # a leading present run costs nothing
+
+
+# Four 64 KiB chunks of bitmap and a short fifth: runs that pass chunk edges, and
+# searches that go farther than the few bytes a regex looks ahead; a map this large
+# starts as zero pages (an anonymous mapping), not a bytearray.
+BIG = 4 * (64 << 10) * 8 + 77
+
+
+@given(st.lists(st.integers(0, BIG), max_size=8), st.booleans(),
+       st.lists(st.integers(0, BIG - 1), max_size=10))
+def test_find_and_count_over_long_runs(edges: list[int], invert: bool,
+                                       starts: list[int]) -> None:
+    cuts = sorted(set(edges))
+    runs = list(zip(cuts[::2], cuts[1::2], strict=False))  # present runs
+    if invert:  # mostly present: the runs are the absent ones
+        bounds = [0, *(x for run in runs for x in run), BIG]
+        runs = [(a, b) for a, b in zip(bounds[::2], bounds[1::2], strict=True) if a < b]
+    m = RegionMap(BIG)
+    for a, b in runs:
+        m.set(a, b)
+
+    def present_from(s: int) -> int | None:
+        return next((max(a, s) for a, b in runs if b > s), None)
+
+    def absent_from(s: int) -> int | None:
+        for a, b in runs:
+            if a <= s < b:
+                s = b
+        return s if s < BIG else None
+
+    chunk_edges = [k * (64 << 10) * 8 + d for k in range(1, 5) for d in (-1, 0, 1)]
+    for s in [0, *starts, *chunk_edges, *cuts[:-1]]:
+        s = min(s, BIG - 1)
+        assert m.find_present(s) == present_from(s), s
+        assert m.find_absent(s) == absent_from(s), s
+    count = sum(b - a for a, b in runs)
+    assert m.present_count == count
+    assert RegionMap(BIG, m.to_bytes()).present_count == count

@@ -1,4 +1,4 @@
-"""The in-process format probe (``sources.image.is_plain_raw``) against real
+"""The in-process format probe (``sources.local.is_plain_raw``) against real
 ``qemu-img``: a file the probe calls plain raw must be raw to ``qemu-img info``, for
 every format qemu-img creates here; ordinary raw disks take the fast path."""
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from liveclone.sources import open_source
-from liveclone.sources.image import ImageSource, is_plain_raw
-from liveclone.sources.local import LocalFileSource
+from liveclone.sources.image import ImageSource
+from liveclone.sources.local import LocalFileSource, is_plain_raw
 
 CREATE = {
     "qcow2": ["-f", "qcow2"], "qcow": ["-f", "qcow"], "qed": ["-f", "qed"],

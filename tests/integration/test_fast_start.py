@@ -1,0 +1,87 @@
+"""``liveclone serve`` on a new clone of a 1 TiB source: its first reads answer the
+source's bytes, and making the clone costs what making a 1 GiB one costs. Nothing
+grows with the source's size but the map's bits (a few bitmaps of one bit per
+region, 2 MiB each at 1 TiB) and the digest file's slots (reserved on disk when it is
+made, so a full disk cannot stop the digests: 16 bytes per region): no byte or
+object per region in memory, no block of the clone file allocated, a map and
+journal of a few hundred KiB."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+from pathlib import Path
+
+from liveclone.core.digests import HEADER_SIZE, SLOT_SIZE
+from liveclone.nbdwire.client import Connection, parse_uri
+from liveclone.process import stop_process
+from tests.conftest import LIVECLONE, allocated
+
+REGION = 64 << 10
+GiB, TiB, MiB = 1 << 30, 1 << 40, 1 << 20
+# Peak RSS a 1 TiB clone may take beyond a 1 GiB one: the map's bitmaps (bits per
+# region, 2 MiB each, given memory only where bits are set) and no more: one byte
+# per region would be 16 MiB, and bitmaps made of touched pages were 12 MiB.
+RSS_GROWTH = 4 * MiB
+MAP_FILES = 1 * MiB  # superblock + journal (its 256 KiB reserve), whatever the size
+
+
+def serve_new_clone(tmp_path: Path, size: int) -> tuple[int, dict[str, int]]:
+    """Serve a new clone of a sparse ``size`` source (copier paused, so nothing but
+    making the clone touches it), check three reads against the source's bytes; return
+    the server's peak RSS and the blocks each of the clone's files holds."""
+    rng = random.Random(size)
+    head, tail = rng.randbytes(4096), rng.randbytes(4096)
+    source = tmp_path / f"source-{size}.img"
+    with open(source, "wb") as f:
+        f.truncate(size)
+        f.write(head)
+        f.seek(size - len(tail))
+        f.write(tail)
+    clone = tmp_path / f"clone-{size}.img"
+    Path(f"{clone}.lcpause").touch()  # the background copy never starts
+    proc = subprocess.Popen([LIVECLONE, "serve", str(source), str(clone), "--socket",
+                             str(tmp_path / f"{size}.sock")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        uri = proc.stdout.readline().strip()
+        assert uri, f"serve printed no URI: {proc.communicate(timeout=30)}"
+        conn = Connection(parse_uri(uri))
+        try:
+            for offset, want in ((0, head), (size - len(tail), tail),
+                                 (size // 2 + 12345, bytes(4096))):
+                got = bytearray(len(want))
+                conn.pread_into(memoryview(got), offset)
+                assert got == want, f"wrong bytes at {offset}"
+        finally:
+            conn.close()
+        with open(f"/proc/{proc.pid}/status") as status:
+            hwm = next(int(line.split()[1]) << 10 for line in status
+                       if line.startswith("VmHWM:"))
+        blocks = {suffix: allocated(Path(f"{clone}{suffix}"))
+                  for suffix in ("", ".lcmap", ".lcjournal", ".lcdigest")}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        stop_process(proc, 10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    for p in tmp_path.glob(f"*-{size}.img*"):
+        os.unlink(p)
+    return hwm, blocks
+
+
+def test_new_1tib_clone_serves_at_once_for_the_cost_of_1gib(tmp_path: Path) -> None:
+    small_rss, small = serve_new_clone(tmp_path, GiB)
+    big_rss, big = serve_new_clone(tmp_path, TiB)
+    assert big_rss - small_rss <= RSS_GROWTH, (small_rss, big_rss)
+    for blocks in (small, big):
+        assert blocks[""] == 0  # nothing copied, nothing written: the clone is all hole
+        assert blocks[".lcmap"] + blocks[".lcjournal"] <= MAP_FILES, blocks
+    # The digest file holds its slots' space and nothing more.
+    for size, blocks in ((GiB, small), (TiB, big)):
+        assert blocks[".lcdigest"] <= HEADER_SIZE + size // REGION * SLOT_SIZE + MiB, blocks
