@@ -60,7 +60,7 @@ CHUNK = 4 << 20
 # Buffers per file: how many chunks its reader may be ahead of the digesting.
 DEPTH = 4
 # Chunks the kernel is asked to read ahead of the one being read (WILLNEED).
-AHEAD = 3
+AHEAD = 8
 
 # Regions named one by one in a report; the rest are counted.
 LIST_MAX = 20
