@@ -28,6 +28,7 @@ import os
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,7 +167,8 @@ class _Reader:
         self._thread: threading.Thread | None = None
         self._exts: Iterator[Extent] | None = None  # the file's extents, walked once
         self._ext: Extent | None = None  # the first not yet passed
-        self._advised = 0  # chunks before this one were given to posix_fadvise
+        self._found = 0  # chunks whose data runs were found (and asked for)
+        self._ahead: deque[list[Run]] = deque()  # those runs, from the next chunk on
 
     def start(self, chunks: list[Run]) -> None:
         self._bufs = [memoryview(mmap.mmap(-1, CHUNK)) for _ in range(DEPTH)]
@@ -206,28 +208,36 @@ class _Reader:
                 k = self._free.get()
                 if self._stop:
                     return
-                self._advise(chunks, j)
-                parts, nread = self._chunk(a, b, self._bufs[k])
+                parts, nread = self._chunk(a, b, self._runs(chunks, j), self._bufs[k])
                 self._done.put((k, parts, nread))
         except BaseException as e:  # handed to the caller's next()
             self._done.put(e)
 
-    def _advise(self, chunks: list[Run], j: int) -> None:
-        """Ask the kernel to start reading the chunks up to AHEAD after chunk ``j``
-        (each once), so the disk stays busy while this thread waits for a buffer
-        or for the CPU: on a loaded machine that is what keeps pace with ``cat``."""
-        if self.fd is None:
-            return
-        sh = self.shift
-        for a, b in chunks[max(j, self._advised):j + AHEAD + 1]:
-            os.posix_fadvise(self.fd, a << sh, (b - a) << sh, os.POSIX_FADV_WILLNEED)
-        self._advised = max(self._advised, j + AHEAD + 1)
+    def _runs(self, chunks: list[Run], j: int) -> list[Run]:
+        """The data runs of chunk ``j``. Those of the chunks up to AHEAD after it are
+        found now too (in order, each once) and asked of the kernel
+        (POSIX_FADV_WILLNEED), so the disk stays busy while this thread waits for a
+        buffer or for the CPU: on a loaded machine that is what keeps pace with
+        ``cat``. Only data is asked for: WILLNEED over a hole would fill the page
+        cache with zero pages (seconds of CPU per GiB of holes)."""
+        while self._found < min(len(chunks), j + AHEAD + 1):
+            runs = self._data_runs(*chunks[self._found])
+            if self.fd is not None:
+                for x, y in runs:
+                    start = x << self.shift
+                    os.posix_fadvise(self.fd, start, min(y << self.shift, self.size) - start,
+                                     os.POSIX_FADV_WILLNEED)
+            self._ahead.append(runs)
+            self._found += 1
+        return self._ahead.popleft()
 
-    def _chunk(self, a: int, b: int, buf: memoryview) -> tuple[list[Part], int]:
-        """Read regions ``[a, b)`` into ``buf`` (at most its size, or one region)."""
+    def _chunk(self, a: int, b: int, runs: list[Run],
+               buf: memoryview) -> tuple[list[Part], int]:
+        """Read regions ``[a, b)``, whose data ``runs`` are given, into ``buf`` (at
+        most its size, or one region)."""
         parts: list[Part] = []
         nread, r, sh = 0, a, self.shift
-        for x, y in self._data_runs(a, b):
+        for x, y in runs:
             if x > r:
                 parts.append(self._zeros(r, x))
             start, stop = x << sh, min(y << sh, self.size)

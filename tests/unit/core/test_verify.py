@@ -3,14 +3,17 @@ verify reads (the order bytes-then-slots)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import mmap
+import os
 import random
 import threading
 from pathlib import Path
 
 import pytest
 
-from liveclone.core import verify
+from liveclone.core import fsops, verify
 from liveclone.core.copier import Copier
 from liveclone.core.opening import open_clone
 from liveclone.sources.local import LocalFileSource
@@ -161,3 +164,41 @@ def test_a_read_error_is_raised_and_no_reader_is_left(
         verify.verify_clone(path)
     assert e.value.errno == errno.EIO
     assert not [t for t in threading.enumerate() if t.name == "verify-read"]
+
+
+def _cached(path: str) -> int:
+    """Bytes of the file at ``path`` in the page cache (mincore of a mapping)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    size, page = os.path.getsize(path), mmap.PAGESIZE
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        at = ctypes.c_char.from_buffer(m)
+        vec = (ctypes.c_ubyte * ((size + page - 1) // page))()
+        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(at)), ctypes.c_size_t(size), vec)
+        del at
+        assert rc == 0, os.strerror(ctypes.get_errno())
+        return sum(v & 1 for v in vec) * page
+    finally:
+        m.close()
+
+
+def test_the_read_ahead_asks_for_data_never_for_holes(tmp_path: Path) -> None:
+    """verify asks the kernel to read ahead (WILLNEED) only the data of a sparse
+    clone: over a hole that would fill the page cache with zero pages, at seconds
+    of CPU per GiB. 1 MiB of data, then 128 MiB of holes, then one region."""
+    src = tmp_path / "src.img"
+    data = random.Random(3).randbytes(1 << 20)
+    with open(src, "wb") as f:
+        f.write(data)
+        f.seek(129 << 20)
+        f.write(data[:RS])
+    path = _complete_clone(tmp_path, src)  # its data durable: clean pages
+    with open(path, "rb") as f:
+        fsops.drop_cached(f.fileno(), 0, 0)
+    assert _cached(path) <= 1 << 20
+    rep = verify.verify_clone(path)
+    assert rep.ok and rep.bytes_read == (1 << 20) + RS
+    # The data, and what the kernel's own read-ahead takes past it (16 MiB at most
+    # here), but not the holes.
+    assert _cached(path) < 32 << 20
