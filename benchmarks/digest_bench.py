@@ -9,11 +9,12 @@
    time); the median of the ratios and their min-max are reported.
 2. ``liveclone verify`` of the finished clone against ``cat CLONE > /dev/null`` and
    ``xxhsum -H3`` and ``b3sum`` (if installed); ``verify --against-source`` against
-   reading both files (``cat SOURCE CLONE``, and two cats at once); with
-   ``--verify-base REV`` also that commit's verify. Cold page cache each run (by
-   default only for the files read, with ``--drop-caches`` the whole cache),
-   interleaved shuffled rounds; each round gives a speed ratio (peer's time /
-   verify's time), and their median is reported.
+   reading both files (``cat SOURCE CLONE``, and two cats at once); verify of a
+   clone of the sparse file; with ``--verify-base REV`` also that commit's verify.
+   Cold page cache each run (by default only for the files read, with
+   ``--drop-caches`` the whole cache), interleaved shuffled rounds; each round
+   gives a speed ratio (peer's time / verify's time), and their median is
+   reported.
 3. The digest alone per 64 KiB region (XXH3-64, XXH3-128, BLAKE3 if installed), in
    memory: the figure that chose the algorithm.
 
@@ -115,18 +116,20 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def verify_rounds(src: Path, work: Path, runs: int, evict_all: bool,
+def verify_rounds(src: Path, sparse: Path, work: Path, runs: int, evict_all: bool,
                   base_src: Path | None) -> tuple[dict[str, list[float]], list[float]]:
     """Interleaved shuffled rounds of ``liveclone verify`` (with and without
-    ``--against-source``; also of the ``base_src`` tree's, if given) and its peers,
-    each from a cold page cache. Times of a verify's own reading and digesting
-    (its report's ``seconds``) are kept as ``NAME, reading and digesting only``.
+    ``--against-source``, and of a clone of ``sparse``; also of the ``base_src``
+    tree's, if given) and its peers, each from a cold page cache. Times of a
+    verify's own reading and digesting (its report's ``seconds``) are kept as
+    ``NAME, reading and digesting only``.
     Also returns the 1-minute load average after each round."""
-    clone = work / "digest-verify.img"
-    clean(clone)
-    subprocess.run([PY, "-m", "liveclone.cli.main", "clone", "--no-progress", str(src),
-                    str(clone)], check=True)
-    files = [src, *(Path(str(clone) + s) for s in SUFFIXES)]
+    clone, sclone = work / "digest-verify.img", work / "digest-verify-sparse.img"
+    for a, b in ((src, clone), (sparse, sclone)):
+        clean(b)
+        subprocess.run([PY, "-m", "liveclone.cli.main", "clone", "--no-progress", str(a),
+                        str(b)], check=True)
+    files = [src, *(Path(str(c) + s) for s in SUFFIXES for c in (clone, sclone))]
     out = work / "verify.json"
     env_new = dict(os.environ)
     arms: dict[str, tuple[str | list[str], dict[str, str] | None]] = {}
@@ -137,6 +140,8 @@ def verify_rounds(src: Path, work: Path, runs: int, evict_all: bool,
             arms[f"verify{opt}{tag}"] = (
                 f"{PY} -m liveclone.cli.main verify --json --no-progress{opt} '{clone}' "
                 f"> '{out}'", env)
+        arms[f"verify sparse{tag}"] = (
+            f"{PY} -m liveclone.cli.main verify --json --no-progress '{sclone}' > '{out}'", env)
     arms["cat"] = (f"cat '{clone}' > /dev/null", None)
     arms["cat source clone"] = (f"cat '{src}' '{clone}' > /dev/null", None)
     arms["cat both at once"] = (f"cat '{src}' > /dev/null & cat '{clone}' > /dev/null; wait",
@@ -169,15 +174,18 @@ def verify_rounds(src: Path, work: Path, runs: int, evict_all: bool,
             print(f"  round {run + 1} {name}: {times[name][-1]:.2f} s", flush=True)
         loads.append(os.getloadavg()[0])
     clean(clone)
+    clean(sclone)
     return times, loads
 
 
-def verify_lines(times: dict[str, list[float]], size: int) -> list[str]:
-    """Medians of every arm, and per-round speed ratios of each verify to its peer."""
+def verify_lines(times: dict[str, list[float]], size: int, sdata: int) -> list[str]:
+    """Medians of every arm, and per-round speed ratios of each verify to its peer
+    and to the base commit's verify."""
     lines = []
     for name, ts in times.items():
         med = statistics.median(ts)
-        data = 2 * size if "source" in name or "both" in name else size
+        data = (2 * size if "source" in name or "both" in name
+                else sdata if "sparse" in name else size)
         lines.append(f"- {name}: median {med:.2f} s ({data / med / 1e6:.0f} MB/s), "
                      f"min-max {min(ts):.2f}-{max(ts):.2f} s")
     lines.append("")
@@ -192,6 +200,10 @@ def verify_lines(times: dict[str, list[float]], size: int) -> list[str]:
             if base == v:
                 ratios = [c / t for c, t in zip(times[peer], times[name], strict=True)]
                 lines.append("- " + ratio_line(f"{name} / {peer}", ratios))
+    for name in [k for k in times if "(base)" in k]:
+        new = name.replace(" (base)", "")
+        ratios = [b / t for b, t in zip(times[name], times[new], strict=True)]
+        lines.append("- " + ratio_line(f"{new} / {name}", ratios))
     return lines
 
 
@@ -273,8 +285,7 @@ def main() -> None:
     size, ssize, sdata = parse_size(a.size), parse_size(a.sparse_size), parse_size(a.sparse_data)
     rnd, sparse = work / "digest-random.img", work / "digest-sparse.img"
     make_random(rnd, size)
-    if not a.verify_only:
-        make_sparse(sparse, ssize, sdata)
+    make_sparse(sparse, ssize, sdata)
     lines = ["Region digests: cost while copying, and `liveclone verify` speed "
              f"(`benchmarks/digest_bench.py --runs {a.runs}"
              + (f" --base {a.base}" if a.base else "") + (f" --new {a.new}" if a.new else "")
@@ -292,15 +303,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.verify_base:
             base_src = export_base(a.verify_base, Path(tmp) / "verify-base")
-        times, loads = verify_rounds(rnd, work, a.runs, a.drop_caches, base_src)
+        times, loads = verify_rounds(rnd, sparse, work, a.runs, a.drop_caches, base_src)
     lines += ["", f"`liveclone verify` of the complete {format_size(size)} random clone "
+              f"(`verify sparse`: of a clone of the sparse {format_size(ssize)} file with "
+              f"{format_size(sdata)} of data; its MB/s are of the data) "
               + ("(every run after `echo 3 > /proc/sys/vm/drop_caches`)" if a.drop_caches
                  else "(every run after posix_fadvise DONTNEED of the source, the clone "
                  "and its map files: their bytes cold, Python's modules as they were)")
               + (f"; `(base)` is commit {a.verify_base}'s verify" if a.verify_base else "")
               + f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} after the "
               "rounds:", ""]
-    lines += verify_lines(times, size)
+    lines += verify_lines(times, size, sdata)
     text = "\n".join(lines)
     print(text)
     if a.write_results:
