@@ -60,8 +60,8 @@ from liveclone.sources.local import fd_extents
 CHUNK = 4 << 20
 # Buffers per file: how many chunks its reader may be ahead of the digesting.
 DEPTH = 4
-# Chunks the kernel is asked to read ahead of the one being read (WILLNEED).
-AHEAD = 8
+# Bytes the kernel is asked to read ahead of the chunk being read (WILLNEED).
+AHEAD = 32 << 20
 
 # Regions named one by one in a report; the rest are counted.
 LIST_MAX = 20
@@ -167,7 +167,7 @@ class _Reader:
         self._thread: threading.Thread | None = None
         self._exts: Iterator[Extent] | None = None  # the file's extents, walked once
         self._ext: Extent | None = None  # the first not yet passed
-        self._found = 0  # chunks whose data runs were found (and asked for)
+        self._found = 0  # chunks whose data runs were found (and asked for, in AHEAD)
         self._ahead: deque[list[Run]] = deque()  # those runs, from the next chunk on
 
     def start(self, chunks: list[Run]) -> None:
@@ -214,19 +214,22 @@ class _Reader:
             self._done.put(e)
 
     def _runs(self, chunks: list[Run], j: int) -> list[Run]:
-        """The data runs of chunk ``j``. Those of the chunks up to AHEAD after it are
-        found now too (in order, each once) and asked of the kernel
-        (POSIX_FADV_WILLNEED), so the disk stays busy while this thread waits for a
-        buffer or for the CPU: on a loaded machine that is what keeps pace with
-        ``cat``. Only data is asked for: WILLNEED over a hole would fill the page
-        cache with zero pages (seconds of CPU per GiB of holes)."""
-        while self._found < min(len(chunks), j + AHEAD + 1):
+        """The data runs of chunk ``j``. Those of the chunks that start less than
+        AHEAD bytes after it are found now too (in order, each once) and asked of
+        the kernel (POSIX_FADV_WILLNEED) up to that point, so the disk stays busy
+        while this thread waits for a buffer or for the CPU: on a loaded machine
+        that is what keeps pace with ``cat``. Only data is asked for: WILLNEED over
+        a hole would fill the page cache with zero pages (seconds of CPU per GiB of
+        holes). Past AHEAD, a large region is left to the kernel's own read-ahead."""
+        sh, fd = self.shift, self.fd
+        limit = (chunks[j][0] << sh) + AHEAD
+        while self._found < len(chunks) and (self._found <= j
+                                             or chunks[self._found][0] << sh < limit):
             runs = self._data_runs(*chunks[self._found])
-            if self.fd is not None:
-                for x, y in runs:
-                    start = x << self.shift
-                    os.posix_fadvise(self.fd, start, min(y << self.shift, self.size) - start,
-                                     os.POSIX_FADV_WILLNEED)
+            for x, y in runs:
+                start, end = x << sh, min(y << sh, self.size, limit)
+                if fd is not None and start < end:
+                    os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
             self._ahead.append(runs)
             self._found += 1
         return self._ahead.popleft()

@@ -30,10 +30,11 @@ def source(tmp_path: Path) -> tuple[Path, bytes]:
     return p, bytes(data)
 
 
-def _complete_clone(tmp_path: Path, src: Path) -> str:
+def _complete_clone(tmp_path: Path, src: Path, region_size: int = RS) -> str:
     """A clone of ``src``, copied in full; returns its path."""
     path = str(tmp_path / "c.img")
-    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+    with open_clone(path, LocalFileSource(str(src)), region_size=region_size,
+                    create=True) as c:
         assert Copier(c).start().wait(30) and c.complete
     return path
 
@@ -111,7 +112,7 @@ def test_holes_and_data_across_chunk_boundaries(tmp_path: Path,
     hole run, just after one, and in a data run at a chunk's first region."""
     monkeypatch.setattr(verify, "CHUNK", 3 * RS)
     monkeypatch.setattr(verify, "DEPTH", 2)
-    monkeypatch.setattr(verify, "AHEAD", 1)
+    monkeypatch.setattr(verify, "AHEAD", 4 * RS)
     rng = random.Random(9)
     data = bytearray(24 * RS + 999)
     for r in [0, 1, 2, 3, 4, 14, 17, 18, 19, 20, 21, 22]:
@@ -202,3 +203,28 @@ def test_the_read_ahead_asks_for_data_never_for_holes(tmp_path: Path) -> None:
     # The data, and what the kernel's own read-ahead takes past it (16 MiB at most
     # here), but not the holes.
     assert _cached(path) < 32 << 20
+
+
+def test_the_read_ahead_of_regions_larger_than_a_read_is_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With regions larger than a read (up to 1 GiB), what is asked of the kernel
+    ahead stays within AHEAD bytes, not whole regions."""
+    src = tmp_path / "src.img"
+    data = random.Random(4).randbytes(6 << 20)
+    src.write_bytes(data)
+    path = _complete_clone(tmp_path, src, region_size=1 << 20)
+    monkeypatch.setattr(verify, "CHUNK", 64 << 10)
+    monkeypatch.setattr(verify, "AHEAD", 192 << 10)
+    asked: list[tuple[int, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        if advice == os.POSIX_FADV_WILLNEED:
+            asked.append((offset, length))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    with LocalFileSource(str(src)) as s:
+        rep = verify.verify_clone(path, s)
+    assert rep.ok and rep.matched == rep.source_matched == 6
+    assert sorted(asked) == [(r << 20, 192 << 10) for r in range(6) for _ in range(2)]
