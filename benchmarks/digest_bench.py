@@ -286,8 +286,9 @@ def main() -> None:
     rnd, sparse = work / "digest-random.img", work / "digest-sparse.img"
     make_random(rnd, size)
     make_sparse(sparse, ssize, sdata)
-    lines = ["Region digests: cost while copying, and `liveclone verify` speed "
-             f"(`benchmarks/digest_bench.py --runs {a.runs}"
+    lines = [("`liveclone verify` speed " if a.verify_only else
+              "Region digests: cost while copying, and `liveclone verify` speed ")
+             + f"(`benchmarks/digest_bench.py --runs {a.runs}"
              + (f" --base {a.base}" if a.base else "") + (f" --new {a.new}" if a.new else "")
              + (" --verify-only" if a.verify_only else "") + f" --size {a.size}"
              + (f" --verify-base {a.verify_base}" if a.verify_base else "")
