@@ -8,8 +8,13 @@
    interleaved shuffled rounds. Each round gives a throughput ratio (old time / new
    time); the median of the ratios and their min-max are reported.
 2. ``liveclone verify`` of the finished clone against ``cat CLONE > /dev/null`` and
-   ``xxhsum -H3`` and ``b3sum`` (if installed), cold page cache each run,
-   interleaved.
+   ``xxhsum -H3`` and ``b3sum`` (if installed); ``verify --against-source`` against
+   reading both files (``cat SOURCE CLONE``, and two cats at once); verify of a
+   clone of the sparse file; with ``--verify-base REV`` also that commit's verify.
+   Cold page cache each run (by default only for the files read, with
+   ``--drop-caches`` the whole cache), interleaved shuffled rounds; each round
+   gives a speed ratio (peer's time / verify's time), and their median is
+   reported.
 3. The digest alone per 64 KiB region (XXH3-64, XXH3-128, BLAKE3 if installed), in
    memory: the figure that chose the algorithm.
 
@@ -18,6 +23,7 @@ This is not a test: it asserts nothing.
     python benchmarks/digest_bench.py --base REV [--new REV|DIR] [--size 2G]
         [--sparse-size 8G] [--sparse-data 512M] [--runs 5] [--dir DIR] [--write-results]
     python benchmarks/digest_bench.py --verify-only [--size 2G] [--runs 5]
+        [--verify-base REV] [--drop-caches] [--write-results]
 """
 
 from __future__ import annotations
@@ -95,36 +101,110 @@ def copy_rounds(src: Path, work: Path, base_src: Path, new_src: Path | None,
     return new, old, ratios
 
 
-def verify_rounds(src: Path, work: Path, runs: int) -> dict[str, list[float]]:
-    clone = work / "digest-verify.img"
-    clean(clone)
-    subprocess.run([PY, "-m", "liveclone.cli.main", "clone", "--no-progress", str(src),
-                    str(clone)], check=True)
-    commands: dict[str, tuple[list[str] | str, bool]] = {
-        "verify": ([PY, "-m", "liveclone.cli.main", "verify", "--json", "--no-progress",
-                    str(clone), ">", str(work / "verify.json")], True),
-        "cat": (f"cat '{clone}' > /dev/null", True),
-    }
+def evict(paths: list[Path]) -> None:
+    """Cold page cache for these files only (posix_fadvise DONTNEED of their clean
+    pages), leaving the rest of the machine's cache, Python's modules among them,
+    as it is: the figure is then the reading, not a cold interpreter."""
+    for p in paths:
+        if not p.exists():
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def verify_rounds(src: Path, sparse: Path, work: Path, runs: int, evict_all: bool,
+                  base_src: Path | None) -> tuple[dict[str, list[float]], list[float]]:
+    """Interleaved shuffled rounds of ``liveclone verify`` (with and without
+    ``--against-source``, and of a clone of ``sparse``; also of the ``base_src``
+    tree's, if given) and its peers, each from a cold page cache. Times of a
+    verify's own reading and digesting (its report's ``seconds``) are kept as
+    ``NAME, reading and digesting only``.
+    Also returns the 1-minute load average after each round."""
+    clone, sclone = work / "digest-verify.img", work / "digest-verify-sparse.img"
+    for a, b in ((src, clone), (sparse, sclone)):
+        clean(b)
+        subprocess.run([PY, "-m", "liveclone.cli.main", "clone", "--no-progress", str(a),
+                        str(b)], check=True)
+    files = [src, *(Path(str(c) + s) for s in SUFFIXES for c in (clone, sclone))]
+    out = work / "verify.json"
+    env_new = dict(os.environ)
+    arms: dict[str, tuple[str | list[str], dict[str, str] | None]] = {}
+    trees = [("", env_new)] + ([(" (base)", {**os.environ, "PYTHONPATH": str(base_src)})]
+                               if base_src else [])
+    for tag, env in trees:
+        for opt in ("", " --against-source"):
+            arms[f"verify{opt}{tag}"] = (
+                f"{PY} -m liveclone.cli.main verify --json --no-progress{opt} '{clone}' "
+                f"> '{out}'", env)
+        arms[f"verify sparse{tag}"] = (
+            f"{PY} -m liveclone.cli.main verify --json --no-progress '{sclone}' > '{out}'", env)
+    arms["cat"] = (f"cat '{clone}' > /dev/null", None)
+    arms["cat source clone"] = (f"cat '{src}' '{clone}' > /dev/null", None)
+    arms["cat both at once"] = (f"cat '{src}' > /dev/null & cat '{clone}' > /dev/null; wait",
+                                None)
     if shutil.which("xxhsum"):
-        commands["xxhsum -H3"] = (["xxhsum", "-H3", str(clone)], False)
+        arms["xxhsum -H3"] = (["xxhsum", "-H3", str(clone)], None)
     if shutil.which("b3sum"):  # BLAKE3 in C/Rust, multithreaded (mmap)
-        commands["b3sum"] = (["b3sum", str(clone)], False)
-    times: dict[str, list[float]] = {k: [] for k in commands}
-    (work / "verify.json").unlink(missing_ok=True)
+        arms["b3sum"] = (["b3sum", str(clone)], None)
+    times: dict[str, list[float]] = {k: [] for k in arms}
     order = random.Random(8)
+    loads = []
+    os.sync()
     for run in range(runs):
-        for name in order.sample(list(commands), len(commands)):
-            cmd, shell = commands[name]
-            cmd = " ".join(cmd) if shell and isinstance(cmd, list) else cmd
-            times[name].append(timed(cmd, shell=shell))
-            if name == "verify":  # its own time, without Python's start-up and imports
-                report = json.loads((work / "verify.json").read_text())
+        for name in order.sample(list(arms), len(arms)):
+            cmd, env = arms[name]
+            out.unlink(missing_ok=True)
+            if evict_all:
+                drop_caches()
+            else:
+                evict(files)
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, shell=isinstance(cmd, str),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            times[name].append(time.perf_counter() - t0)
+            if name.startswith("verify"):  # its own time, without Python's start
+                report = json.loads(out.read_text())
                 assert report["ok"], report
-                times.setdefault("verify, reading and digesting only", []).append(
+                times.setdefault(f"{name}, reading and digesting only", []).append(
                     report["seconds"])
             print(f"  round {run + 1} {name}: {times[name][-1]:.2f} s", flush=True)
+        loads.append(os.getloadavg()[0])
     clean(clone)
-    return times
+    clean(sclone)
+    return times, loads
+
+
+def verify_lines(times: dict[str, list[float]], size: int, sdata: int) -> list[str]:
+    """Medians of every arm, and per-round speed ratios of each verify to its peer
+    and to the base commit's verify."""
+    lines = []
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        data = (2 * size if "source" in name or "both" in name
+                else sdata if "sparse" in name else size)
+        lines.append(f"- {name}: median {med:.2f} s ({data / med / 1e6:.0f} MB/s), "
+                     f"min-max {min(ts):.2f}-{max(ts):.2f} s")
+    lines.append("")
+    lines.append("Speed ratios, per round (peer's time / verify's time; 1 is the peer's "
+                 "speed):")
+    lines.append("")
+    pairs = [("verify", "cat")]
+    pairs += [("verify --against-source", p) for p in ("cat source clone", "cat both at once")]
+    for name in [k for k in times if k.startswith("verify")]:
+        base = name.split(",")[0].replace(" (base)", "")
+        for v, peer in pairs:
+            if base == v:
+                ratios = [c / t for c, t in zip(times[peer], times[name], strict=True)]
+                lines.append("- " + ratio_line(f"{name} / {peer}", ratios))
+    for name in [k for k in times if "(base)" in k]:
+        new = name.replace(" (base)", "")
+        ratios = [b / t for b, t in zip(times[name], times[new], strict=True)]
+        lines.append("- " + ratio_line(f"{new} / {name}", ratios))
+    return lines
 
 
 def per_region() -> list[str]:
@@ -194,18 +274,25 @@ def main() -> None:
     ap.add_argument("--write-results", action="store_true")
     ap.add_argument("--verify-only", action="store_true",
                     help="only the per-region digest figures and verify (no copies)")
+    ap.add_argument("--verify-base", metavar="REV",
+                    help="also time the verify of this commit, in the same rounds")
+    ap.add_argument("--drop-caches", action="store_true",
+                    help="verify rounds: drop the whole page cache before each run "
+                    "(default: only the files read)")
     a = ap.parse_args()
     work = Path(a.dir)
     work.mkdir(parents=True, exist_ok=True)
     size, ssize, sdata = parse_size(a.size), parse_size(a.sparse_size), parse_size(a.sparse_data)
     rnd, sparse = work / "digest-random.img", work / "digest-sparse.img"
     make_random(rnd, size)
-    if not a.verify_only:
-        make_sparse(sparse, ssize, sdata)
-    lines = ["Region digests: cost while copying, and `liveclone verify` speed "
-             f"(`benchmarks/digest_bench.py --runs {a.runs}"
+    make_sparse(sparse, ssize, sdata)
+    lines = [("`liveclone verify` speed " if a.verify_only else
+              "Region digests: cost while copying, and `liveclone verify` speed ")
+             + f"(`benchmarks/digest_bench.py --runs {a.runs}"
              + (f" --base {a.base}" if a.base else "") + (f" --new {a.new}" if a.new else "")
-             + (" --verify-only" if a.verify_only else "") + "`; 2 vCPUs, "
+             + (" --verify-only" if a.verify_only else "") + f" --size {a.size}"
+             + (f" --verify-base {a.verify_base}" if a.verify_base else "")
+             + (" --drop-caches" if a.drop_caches else "") + "`; 2 vCPUs, "
              "shared machine, cold page cache every run, interleaved shuffled rounds).", ""]
     lines += ["Digest alone per 64 KiB region, from memory (median of 7 passes; min-max):", "",
               "| algorithm | per region | speed | min-max |", "|---|---|---|---|",
@@ -213,22 +300,25 @@ def main() -> None:
     if not a.verify_only:
         lines += copy_section(a, work, rnd, sparse, size, ssize, sdata)
     print("verify", flush=True)
-    times = verify_rounds(rnd, work, a.runs)
-    lines += ["", f"`liveclone verify` of the complete {format_size(size)} random clone:", ""]
-    for name, ts in times.items():
-        med = statistics.median(ts)
-        lines.append(f"- {name}: median {med:.2f} s ({size / med / 1e6:.0f} MB/s), "
-                     f"min-max {min(ts):.2f}-{max(ts):.2f} s")
-    ratios = [c / v for c, v in zip(times["cat"], times["verify"], strict=True)]
-    lines.append("- " + ratio_line("verify speed / cat speed (whole command)", ratios))
-    inner = times["verify, reading and digesting only"]
-    ratios = [c / v for c, v in zip(times["cat"], inner, strict=True)]
-    lines.append("- " + ratio_line("verify speed / cat speed (reading and digesting only)",
-                                   ratios))
+    base_src = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.verify_base:
+            base_src = export_base(a.verify_base, Path(tmp) / "verify-base")
+        times, loads = verify_rounds(rnd, sparse, work, a.runs, a.drop_caches, base_src)
+    lines += ["", f"`liveclone verify` of the complete {format_size(size)} random clone "
+              f"(`verify sparse`: of a clone of the sparse {format_size(ssize)} file with "
+              f"{format_size(sdata)} of data; its MB/s are of the data) "
+              + ("(every run after `echo 3 > /proc/sys/vm/drop_caches`)" if a.drop_caches
+                 else "(every run after posix_fadvise DONTNEED of the source, the clone "
+                 "and its map files: their bytes cold, Python's modules as they were)")
+              + (f"; `(base)` is commit {a.verify_base}'s verify" if a.verify_base else "")
+              + f"; 1-minute load average {min(loads):.1f}-{max(loads):.1f} after the "
+              "rounds:", ""]
+    lines += verify_lines(times, size, sdata)
     text = "\n".join(lines)
     print(text)
     if a.write_results:
-        write_section("Region digests", text)
+        write_section("Verify speed" if a.verify_only else "Region digests", text)
 
 
 if __name__ == "__main__":

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import click
 
 from liveclone.cli.progress import transfer_progress
-from liveclone.core.metadata import MapStore
-from liveclone.core.verify import Report, verify_clone
 from liveclone.errors import MismatchError
 from liveclone.units import format_size
 
+if TYPE_CHECKING:
+    from liveclone.core.verify import Report
+
 # Guest-written ranges shown one by one in the text report; the rest are counted.
 SHOW_RANGES = 10
+# The clone's first bytes asked of the kernel before the verifier is imported: what
+# this disk reads in the 40-90 ms that the imports and the map take (1.4 GB/s).
+START_BYTES = 64 << 20
 
 
 @click.command("verify")
@@ -38,6 +44,10 @@ def command(clone_path: str, against_source: bool, source_spec: str | None, as_j
     wrote, zeroed or trimmed are reported as such, never as mismatches. Exits 0
     when everything checked matches, 12 on a mismatch.
     """
+    _start_reading(clone_path)
+    from liveclone.core.metadata import MapStore
+    from liveclone.core.verify import verify_clone
+
     source = None
     if against_source or source_spec:
         from liveclone.sources import open_source
@@ -58,6 +68,27 @@ def command(clone_path: str, against_source: bool, source_spec: str | None, as_j
         click.echo(_text(report))
     if not report.ok:
         raise MismatchError(_summary(report))
+
+
+def _start_reading(path: str) -> None:
+    """Ask the kernel now for the clone's first START_BYTES of data, so the disk
+    works while Python imports the verifier and reads the map (40 ms here, several
+    times that on a loaded machine), as it would from ``cat``'s first read. Those
+    bytes are read anyway unless the clone's first regions are absent. Holes are
+    never asked for (WILLNEED over a hole fills the cache with zero pages). A path
+    that cannot be opened is left to the verifier to report."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        start = os.lseek(fd, 0, os.SEEK_DATA)
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), start + START_BYTES)
+        os.posix_fadvise(fd, start, end - start, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # no data (ENXIO), or no SEEK_DATA here: the verifier reads as it can
+    finally:
+        os.close(fd)
 
 
 @contextmanager

@@ -409,10 +409,31 @@ class DigestStore:
         fsops.fdatasync(self._fd)
 
 
-def read_slots(fd: int, first: int, end: int) -> list[tuple[int, int]]:
-    """``(kind, digest)`` of regions ``[first, end)`` from an open digest file
-    (a reader's: ``verify``). Slots past the end of a short file read as none."""
+def read_slot_bytes(fd: int, first: int, end: int) -> bytes:
+    """The raw slots of regions ``[first, end)`` from an open digest file (a
+    reader's: ``verify``). Slots past the end of a short file read as none."""
     raw = os.pread(fd, (end - first) * SLOT_SIZE, HEADER_SIZE + first * SLOT_SIZE)
-    raw = raw.ljust((end - first) * SLOT_SIZE, b"\0")
+    return raw.ljust((end - first) * SLOT_SIZE, b"\0")
+
+
+def read_slots(fd: int, first: int, end: int) -> list[tuple[int, int]]:
+    """``(kind, digest)`` of regions ``[first, end)`` from an open digest file."""
+    return decode_slots(read_slot_bytes(fd, first, end))
+
+
+def decode_slots(raw: bytes) -> list[tuple[int, int]]:
+    """``(kind, digest)`` of each slot of ``raw`` (``decode_slot``)."""
     view = memoryview(raw)
     return [decode_slot(view[i:i + SLOT_SIZE]) for i in range(0, len(raw), SLOT_SIZE)]
+
+
+def copied_slots(digests: Iterable[int]) -> bytes:
+    """The slots that say "copied" with these digests, one after the other: what a
+    verify expects to read where every region matches (one compare per chunk, not
+    a decode per region). A digest repeated (a run of holes) is encoded once."""
+    out, prev, slot = [], -1, b""
+    for d in digests:
+        if d != prev:
+            prev, slot = d, encode_slot(COPIED, d)
+        out.append(slot)
+    return b"".join(out)
