@@ -343,11 +343,10 @@ class Clone:
             if blocks is None:
                 return False
             try:
-                self._durability.guest_made_present(runs)
                 fsops.pwrite_all(self._fd, data, offset)
+                self._made_present(own, blocks)
             except OSError:
                 return False  # ``write`` meets it again and reports it
-            self._made_present(own, blocks)
         self._count_write(len(data))
         return True
 
@@ -459,14 +458,22 @@ class Clone:
                 blocks[r] = block_mask(b0, b1)
         return blocks
 
-    def _made_present(self, own: Owned, blocks: dict[int, int]) -> None:
+    def _made_present(self, own: Owned, blocks: dict[int, int],
+                      keep_absent: bool = False) -> None:
         """After a change's bytes are written: mark its sub-blocks; the owned regions
-        keeping sub-blocks stay absent, the others become present on release."""
+        keeping sub-blocks stay absent, the others become present on release (only
+        those written whole, with ``keep_absent``: a trim's). Their digest slots say
+        "guest" first (core.digests: they travel with the bits); the slot of a region
+        staying absent means nothing, and its fill will write "guest"."""
+        present = own.runs if not keep_absent else []
         if blocks:
-            partial = set(blocks) - self._own.mark_blocks(blocks, self.geometry.full_mask)
-            own.present = _without(own.runs, partial)
+            whole = self._own.mark_blocks(blocks, self.geometry.full_mask)
+            present = ([(r, r + 1) for r in sorted(whole)] if keep_absent
+                       else _without(own.runs, set(blocks) - whole))
+        self._durability.guest_made_present(present)
+        own.present = present
         own.made_present = True
-        self._digests.note_marked(own.runs)
+        self._digests.note_marked(present)
 
     def _fill_outside(self, start: int, stop: int, s: int, e: int) -> None:
         """Fill ``[start, stop)`` from the source, but for ``[s, e)`` inside it."""
@@ -476,13 +483,12 @@ class Clone:
             self._fill.copy([(e, stop)])
 
     def _mark_guest(self, first: int, end: int, owned: list[Run]) -> None:
-        """Digest slots of the regions a guest changes say "guest" (core.digests):
-        those of owned absent regions travel with their bits; present regions get
-        theirs durably before their bytes change (write intent)."""
+        """Write intent (core.digests): the present regions a guest changes (those of
+        ``[first, end)`` between the ``owned`` absent runs) get "guest" slots durably
+        before their bytes change. Owned ones get theirs in ``_made_present``."""
         present = _gaps(first, end, owned)
         if present:
             self._durability.guest_intent(present)
-        self._durability.guest_made_present(owned)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._modify(offset, len(data), fua, lambda: fsops.pwrite_all(self._fd, data, offset))
@@ -515,8 +521,7 @@ class Clone:
                 with self._own.owning(first, end) as own:
                     self._mark_guest(first, end, own.runs)
                     fsops.punch_hole(self._fd, inner_start, inner_end - inner_start)
-                    own.made_present = True
-                    self._digests.note_marked(own.runs)
+                    self._made_present(own, {})
             else:
                 inner_start = inner_end = offset
             # Partly covered edges, under ownership so a concurrent fill cannot make
@@ -540,15 +545,11 @@ class Clone:
                             continue
                         b0, b1 = self.geometry.blocks_covered(r, s, e)
                         if b1 > b0 and self._own.may_track(r, self.subblock_limit) is not None:
-                            self._durability.guest_made_present([(r, r + 1)])
                             bs = rs + (b0 << BLOCK_SHIFT)
                             fsops.punch_hole(self._fd, bs, min(rs + (b1 << BLOCK_SHIFT), re_) - bs)
                             blocks[r] = block_mask(b0, b1)
                     if blocks:  # a region whose blocks are now all written is present
-                        whole = self._own.mark_blocks(blocks, self.geometry.full_mask)
-                        own.present = [(r, r + 1) for r in sorted(whole)]
-                        own.made_present = True
-                        self._digests.note_marked(own.present)
+                        self._made_present(own, blocks, keep_absent=True)
         if fua:
             self.flush()
 
