@@ -153,3 +153,23 @@ def test_block_status_reports_written_blocks_from_the_clone(
         ext = [(e.offset, e.length, e.data) for e in c.block_status(rs, rs)
                if e.offset <= rs + B < e.offset + e.length]
         assert ext == [(rs + B, B, False)]
+
+
+def test_copy_on_read_and_cache_fill_around_written_blocks(
+        tmp_path: Path, source_image: tuple[Path, bytes]) -> None:
+    """The other fills (a guest read with copy-on-read, CACHE) copy only the blocks
+    not written, like the copier."""
+    src, data = source_image
+    model = bytearray(data)
+    with _clone(tmp_path, src) as c:
+        c.copy_on_read = True
+        for r in (2, 8):
+            c.write(r * RS + 5 * B, b"g" * B)
+            model[r * RS + 5 * B:r * RS + 6 * B] = b"g" * B
+        assert bytes(c.read(2 * RS, RS)) == bytes(model[2 * RS:3 * RS])
+        c.cache(8 * RS, RS)
+        assert c.is_present(2) and c.is_present(8) and c.regions_partial == 0
+    with open(tmp_path / "clone.img", "rb") as f:
+        got = f.read()
+    for r in (2, 8):
+        assert got[r * RS:(r + 1) * RS] == model[r * RS:(r + 1) * RS]
