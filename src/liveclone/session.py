@@ -170,6 +170,7 @@ class CloneSession:
             "clone": clone.path,
             "regions_total": clone.regions_total,
             "regions_present": clone.regions_present,
+            "regions_partial": clone.regions_partial,
             "region_size": clone.region_size,
             "bytes_total": clone.size,
             "bytes_present": min(clone.regions_present * clone.region_size, clone.size),

@@ -239,6 +239,47 @@ def test_fio_random_writes_verify(setup: Setup) -> None:
             assert out[lo:hi] == setup.model[lo:hi]
 
 
+def _fio_verify(uri: str, cwd: Path, *extra: str) -> dict[str, object]:
+    # A quarter of each job's 8 MiB: most regions get only some of their blocks.
+    res = run(["fio", "--name=v", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite",
+               "--bs=4k", "--size=8M", "--io_size=2M", "--offset_increment=16M",
+               "--numjobs=4", "--iodepth=16", "--verify=crc32c", "--group_reporting",
+               "--output-format=json", *extra], cwd=cwd)  # fio drops verify state in cwd
+    job: dict[str, object] = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+    assert job["error"] == 0
+    return job
+
+
+@pytest.mark.parametrize("region", ["4K", "64K"])
+def test_fio_random_writes_verify_on_a_copying_clone_until_complete(
+        tmp_path: Path, region: str) -> None:
+    """4 KiB random writes into a copying clone (with 64K regions: into absent
+    regions, as sub-blocks), verified by fio as written; then the copy finishes and
+    fio verifies the same blocks again: the copier filled around them and never over
+    them. Regions fio did not touch hold the source."""
+    source = tmp_path / "source.img"
+    data = make_image(source, SIZE, seed=7)
+    clone = tmp_path / "clone.img"
+    with serve(source, clone, "--rate", SLOW, "--region-size", region) as s:
+        job = _fio_verify(s.uri, tmp_path, "--do_verify=1")
+        assert job["write"]["io_bytes"] == job["read"]["io_bytes"] == 4 * (2 << 20)  # type: ignore[index]
+        stop_gracefully(s)
+    st = json.loads(run([LIVECLONE, "status", "--json", str(clone)]).stdout)
+    assert st["phase"] != "complete"
+    if region == "64K":  # the writes left absent regions with written sub-blocks
+        assert st["regions_partial"] > 0, st
+    run([LIVECLONE, "clone", "--no-progress", str(source), str(clone)])
+    assert json.loads(run([LIVECLONE, "status", "--json", str(clone)]).stdout)[
+        "regions_partial"] == 0
+    with serve(source, clone) as s:
+        job = _fio_verify(s.uri, tmp_path, "--verify_only")
+        assert job["read"]["io_bytes"] == 4 * (2 << 20)  # type: ignore[index]
+    out = clone.read_bytes()
+    for j in range(4):
+        lo, hi = j * (16 << 20) + (8 << 20), (j + 1) * (16 << 20)
+        assert out[lo:hi] == data[lo:hi]
+
+
 def raw_client(path: Path) -> socket.socket:
     """A hand-made client (liveclone.nbdwire.wire) through GO with structured replies,
     for requests a real client would refuse to send."""

@@ -35,15 +35,17 @@ def read_status(clone_path: str) -> dict[str, Any]:
         except ValueError:
             time.sleep(0.02)
     running = bool(live.get("running")) and _alive(live.get("pid"))
-    return combine_status(clone_path, header, rmap.count, rmap.present_count, live, running)
+    return combine_status(clone_path, header, rmap.count, rmap.present_count, live, running,
+                          partial=len(rmap.blocks))
 
 
 def combine_status(clone_path: str, header: MapHeader, regions: int, committed: int,
-                   live: dict[str, Any], running: bool) -> dict[str, Any]:
+                   live: dict[str, Any], running: bool, partial: int = 0) -> dict[str, Any]:
     """The status object: the committed map's facts merged with what the running
     process reports (``live``, a ``CloneSession.status()``). ``read_status`` reads
     both from disk; the daemon passes its own in-memory ones, so ``liveclone status
-    --json`` and its API give one and the same object."""
+    --json`` and its API give one and the same object. ``partial``: absent regions
+    with committed guest-written sub-blocks."""
     present = committed
     if running:
         present = max(present, int(live.get("regions_present", 0)))
@@ -64,6 +66,8 @@ def combine_status(clone_path: str, header: MapHeader, regions: int, committed: 
         "regions_total": regions,
         "regions_present": present,
         "regions_committed": committed,
+        # absent regions holding guest-written 4 KiB blocks (core.regions)
+        "regions_partial": int(live.get("regions_partial", partial)) if running else partial,
         "region_size": header.region_size,
         "bytes_total": header.size,
         "bytes_present": min(present * header.region_size, header.size),

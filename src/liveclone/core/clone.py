@@ -18,6 +18,7 @@ This module decides *where* each byte goes; the parts below it do the rest:
 
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import threading
@@ -31,8 +32,16 @@ from liveclone.core.durability import Durability
 from liveclone.core.fill import DIRECT_MIN, FillEngine
 from liveclone.core.lifecycle import Lifecycle, State
 from liveclone.core.metadata import MapHeader, MapStore
-from liveclone.core.ownership import Ownership, Run
-from liveclone.core.regions import Geometry, RegionMap
+from liveclone.core.ownership import Owned, Ownership, Run
+from liveclone.core.regions import (
+    BLOCK_SHIFT,
+    BLOCK_SIZE,
+    Geometry,
+    RegionMap,
+    block_mask,
+    mask_runs,
+    subblock_limit,
+)
 from liveclone.errors import CloneFailedError, SourceChangedError
 from liveclone.sources.base import Extent, Source
 from liveclone.sources.local import fd_extents
@@ -86,10 +95,12 @@ class Clone:
         self.guest_inflight = 0  # guest requests now running (under _stats_lock)
         self.last_guest_io = 0.0  # time.monotonic() of the last guest request
         self.last_error: str | None = None  # the last harmless error worth showing
-        self._durability = Durability(fd, store, RegionMap(rmap.count, rmap.to_bytes()),
-                                      self.lifecycle)
+        self._durability = Durability(fd, store, rmap.copy(), self.lifecycle)
         self._digests = store.digests  # a slot per region: copied digest, or "guest"
-        self._own = Ownership(rmap, self._durability.note_present)
+        self._own = Ownership(rmap, self._durability.note_present, self._durability.note_blocks)
+        # How many absent regions may have written sub-blocks at once (memory bound;
+        # 0 for 4 KiB regions). A partial write into another absent region fills it.
+        self.subblock_limit = subblock_limit(self.region_size)
         self._fill = FillEngine(fd, source, self.region_size, self._count_source_bytes)
         self.lifecycle.to(State.RUNNING)
         if autocommit:  # tests that model commits exactly turn it off
@@ -104,6 +115,11 @@ class Clone:
     @property
     def regions_present(self) -> int:
         return self._own.map.present_count
+
+    @property
+    def regions_partial(self) -> int:
+        """Absent regions with guest-written sub-blocks (``RegionMap.blocks``)."""
+        return len(self._own.map.blocks)
 
     @property
     def regions_committed(self) -> int:
@@ -169,11 +185,17 @@ class Clone:
             return 0, 0
         shift, size = self.geometry.shift, self.size
         spans = [(a << shift, min(b << shift, size)) for a, b in runs]
+        # Regions with written sub-blocks: only their other blocks are copied
+        # (invariant 4 per block); they are owned, so the marks cannot change.
+        blocks = self._own.blocks_of(runs)
+        pieces = _unwritten(spans, blocks, shift) if blocks else spans
         progress = [spans[0][0]]
         read = copied = 0
         digester = Digester(size, self.region_size)
         try:
-            read, copied = self._fill.copy(spans, progress, bulk, digester)
+            if pieces:
+                read, copied = self._fill.copy(pieces, progress, bulk, digester)
+            progress[0] = spans[-1][1]  # the written blocks between were there already
         finally:
             # Keep the whole regions copied before a failure (a full disk mid-batch
             # must not throw away what was written).
@@ -197,8 +219,12 @@ class Clone:
             finally:
                 try:
                     # Their digest slots before their bits (core.digests); a region
-                    # whose slot could not be written stays absent.
+                    # whose slot could not be written stays absent. A region with
+                    # guest-written blocks is a guest region.
                     self._durability.record_digests(digester, done)
+                    if blocks:
+                        self._durability.guest_made_present(
+                            [(r, r + 1) for r in blocks if any(a <= r < b for a, b in done)])
                 except BaseException:
                     done = []
                     raise
@@ -287,21 +313,45 @@ class Clone:
         return buf
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
-        """Do a small write at once if every region it touches is present, and
-        return True; return False (nothing done) if the caller must use ``write``.
+        """Do a small write at once if it needs no wait, and return True; return
+        False (nothing done) if the caller must use ``write``.
 
         A present region needs no ownership and no fill (it never goes back to
-        absent), so this is one ``pwrite`` into the page cache. For event-loop
-        frontends, for small writes only: a large one could wait on writeback."""
+        absent), so this is one ``pwrite`` into the page cache. An absent region
+        nobody owns takes whole 4 KiB blocks as sub-blocks with no source read
+        (``_write_absent_nowait``). For event-loop frontends, for small writes
+        only: a large one could wait on writeback."""
         self.lifecycle.check_writable()
         if len(data) > NOWAIT_WRITE_MAX:
             return False
         span = self._span(offset, len(data))
         if not self.complete and self._own.any_absent(*span):
-            return False
+            return self._write_absent_nowait(offset, data, *span)
         if not self._digests.marked(*span):  # the first write there needs write intent
             return False
         fsops.pwrite_all(self._fd, data, offset)
+        self._count_write(len(data))
+        return True
+
+    def _write_absent_nowait(self, offset: int, data: bytes | bytearray | memoryview,
+                             first: int, end: int) -> bool:
+        """``write_nowait`` into absent regions: done when nobody else owns them, it
+        needs no source read (whole blocks, or whole regions) and no write intent
+        (the present regions it touches are marked). The same steps as ``write``."""
+        runs = self._own.try_take(first, end)
+        if runs is None:
+            return False
+        with Owned(self._own, runs) as own:
+            if not all(self._digests.marked(a, b) for a, b in _gaps(first, end, runs)):
+                return False
+            blocks = self._partial_blocks(offset, offset + len(data), runs, fill=False)
+            if blocks is None:
+                return False
+            try:
+                fsops.pwrite_all(self._fd, data, offset)
+                self._made_present(own, blocks)
+            except OSError:
+                return False  # ``write`` meets it again and reports it
         self._count_write(len(data))
         return True
 
@@ -331,51 +381,119 @@ class Clone:
         return span.start, span.stop
 
     def _byte_runs(self, offset: int, length: int) -> Iterator[tuple[int, int, bool]]:
-        """Split ``[offset, offset+length)`` into byte runs that are all present or
-        all absent, from one snapshot of the map."""
+        """Split ``[offset, offset+length)`` into byte runs whose authoritative bytes
+        are all the clone's (True: present regions, and written sub-blocks of absent
+        ones) or all the source's (False), from one snapshot of the map."""
         first, end = self._span(offset, length)
         stop_at = offset + length
         shift = self.geometry.shift
-        for a, b, present in self._own.runs(first, end):
-            yield max(offset, a << shift), min(stop_at, b << shift), present
+        runs, blocks = self._own.runs_and_blocks(first, end)
+        for a, b, present in runs:
+            lo, hi = max(offset, a << shift), min(stop_at, b << shift)
+            if present or not blocks:
+                yield lo, hi, present
+                continue
+            pos = lo
+            for r in sorted(r for r in blocks if a <= r < b):
+                base = r << shift
+                for f, e in mask_runs(blocks[r]):
+                    s_, t = max(pos, base + (f << BLOCK_SHIFT)), min(hi, base + (e << BLOCK_SHIFT))
+                    if s_ >= t:
+                        continue
+                    if s_ > pos:
+                        yield pos, s_, False
+                    yield s_, t, True
+                    pos = t
+            if pos < hi:
+                yield pos, hi, False
 
     def _modify(self, offset: int, length: int, fua: bool,
                 apply: Callable[[], None]) -> None:
-        """A guest write, or zero-write: own the absent regions touched, fill the parts
-        of partly covered absent regions from the source (invariant 5), apply the
-        change, then mark them present. All before returning (the acknowledgement)."""
+        """A guest write, or zero-write: own the absent regions touched, apply the
+        change, then mark them present; all before returning (the acknowledgement).
+
+        A partly covered absent region (invariant 5) keeps the source's bytes
+        outside the write as sub-blocks: the blocks the write touches are marked
+        written, and only a block it covers in part is first completed from the
+        source (unless written before). The region stays absent until its blocks
+        are all written or a fill copies the rest. Past ``subblock_limit``, or with
+        4 KiB regions, the region's uncovered parts are filled from the source first
+        and it becomes present."""
         self.lifecycle.check_writable()
         first, end = self._span(offset, length)
+        stop = offset + length
         with self._guest(), self._own.owning(first, end) as own:
             self._mark_guest(first, end, own.runs)
-            for a, b in own.runs:
-                for r in {a, b - 1}:
-                    rs, re_ = self.geometry.bounds(r)
-                    if offset > rs:
-                        self._fill.copy([(rs, min(offset, re_))])
-                    if offset + length < re_:
-                        self._fill.copy([(max(offset + length, rs), re_)])
+            blocks = self._partial_blocks(offset, stop, own.runs, fill=True)
+            assert blocks is not None  # with fill, never None
             apply()
-            own.made_present = True
-            self._digests.note_marked(own.runs)
+            self._made_present(own, blocks)
             self._count_write(length)
         if fua:
             self.flush()
 
+    def _partial_blocks(self, offset: int, stop: int, owned: list[Run],
+                        fill: bool) -> dict[int, int] | None:
+        """The sub-blocks a change of ``[offset, stop)`` writes in the owned absent
+        regions it covers in part (region → mask). With ``fill``, first complete
+        from the source what must be: a region past ``subblock_limit`` whole, a
+        block covered in part and not written before; without, None if anything
+        must."""
+        blocks: dict[int, int] = {}
+        for a, b in owned:
+            for r in {a, b - 1}:
+                rs, re_ = self.geometry.bounds(r)
+                if offset <= rs and stop >= re_:
+                    continue
+                s, e = max(offset, rs), min(stop, re_)
+                mask = self._own.may_track(r, self.subblock_limit)
+                if mask is None:  # fill the whole region's uncovered parts
+                    if not fill:
+                        return None
+                    self._fill_outside(rs, re_, s, e)
+                    continue
+                b0, b1 = self.geometry.blocks_touched(r, s, e)
+                for blk in {b0, b1 - 1}:
+                    bs = rs + (blk << BLOCK_SHIFT)
+                    be = min(bs + BLOCK_SIZE, re_)
+                    if not mask >> blk & 1 and (s > bs or e < be):
+                        if not fill:
+                            return None
+                        self._fill_outside(bs, be, s, e)
+                blocks[r] = block_mask(b0, b1)
+        return blocks
+
+    def _made_present(self, own: Owned, blocks: dict[int, int],
+                      keep_absent: bool = False) -> None:
+        """After a change's bytes are written: mark its sub-blocks; the owned regions
+        keeping sub-blocks stay absent, the others become present on release (only
+        those written whole, with ``keep_absent``: a trim's). Their digest slots say
+        "guest" first (core.digests: they travel with the bits); the slot of a region
+        staying absent means nothing, and its fill will write "guest"."""
+        present = own.runs if not keep_absent else []
+        if blocks:
+            whole = self._own.mark_blocks(blocks, self.geometry.full_mask)
+            present = ([(r, r + 1) for r in sorted(whole)] if keep_absent
+                       else _without(own.runs, set(blocks) - whole))
+        self._durability.guest_made_present(present)
+        own.present = present
+        own.made_present = True
+        self._digests.note_marked(present)
+
+    def _fill_outside(self, start: int, stop: int, s: int, e: int) -> None:
+        """Fill ``[start, stop)`` from the source, but for ``[s, e)`` inside it."""
+        if s > start:
+            self._fill.copy([(start, s)])
+        if e < stop:
+            self._fill.copy([(e, stop)])
+
     def _mark_guest(self, first: int, end: int, owned: list[Run]) -> None:
-        """Digest slots of the regions a guest changes say "guest" (core.digests):
-        those of owned absent regions travel with their bits; present regions get
-        theirs durably before their bytes change (write intent)."""
-        present, at = [], first
-        for a, b in owned:  # owned: the absent runs of [first, end), sorted
-            if a > at:
-                present.append((at, a))
-            at = b
-        if at < end:
-            present.append((at, end))
+        """Write intent (core.digests): the present regions a guest changes (those of
+        ``[first, end)`` between the ``owned`` absent runs) get "guest" slots durably
+        before their bytes change. Owned ones get theirs in ``_made_present``."""
+        present = _gaps(first, end, owned)
         if present:
             self._durability.guest_intent(present)
-        self._durability.guest_made_present(owned)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
         self._modify(offset, len(data), fua, lambda: fsops.pwrite_all(self._fd, data, offset))
@@ -408,21 +526,35 @@ class Clone:
                 with self._own.owning(first, end) as own:
                     self._mark_guest(first, end, own.runs)
                     fsops.punch_hole(self._fd, inner_start, inner_end - inner_start)
-                    own.made_present = True
-                    self._digests.note_marked(own.runs)
+                    self._made_present(own, {})
             else:
                 inner_start = inner_end = offset
-            # Partly covered edges: punch only where present, under ownership so a
-            # concurrent fill cannot make them present behind our back.
+            # Partly covered edges, under ownership so a concurrent fill cannot make
+            # them present behind our back: punch the covered part where present;
+            # where absent, punch the whole blocks covered and mark them written
+            # (sub-blocks), or, past the limit, leave the region alone (advisory).
             for start, stop in ((offset, min(inner_start, offset + length)),
                                 (max(inner_end, offset), offset + length)):
                 if stop <= start:
                     continue
-                with self._own.owning(*self._span(start, stop - start)):
-                    for s, e, present in self._byte_runs(start, stop - start):
-                        if present:
-                            self._durability.guest_intent([self._span(s, e - s)])
+                first, end = self._span(start, stop - start)
+                with self._own.owning(first, end) as own:
+                    owned = {r for a, b in own.runs for r in range(a, b)}
+                    blocks: dict[int, int] = {}
+                    for r in range(first, end):
+                        rs, re_ = self.geometry.bounds(r)
+                        s, e = max(start, rs), min(stop, re_)
+                        if r not in owned:
+                            self._durability.guest_intent([(r, r + 1)])
                             fsops.punch_hole(self._fd, s, e - s)
+                            continue
+                        b0, b1 = self.geometry.blocks_covered(r, s, e)
+                        if b1 > b0 and self._own.may_track(r, self.subblock_limit) is not None:
+                            bs = rs + (b0 << BLOCK_SHIFT)
+                            fsops.punch_hole(self._fd, bs, min(rs + (b1 << BLOCK_SHIFT), re_) - bs)
+                            blocks[r] = block_mask(b0, b1)
+                    if blocks:  # a region whose blocks are now all written is present
+                        self._made_present(own, blocks, keep_absent=True)
         if fua:
             self.flush()
 
@@ -517,3 +649,50 @@ class _GuestOp:
         if isinstance(exc, SourceChangedError):
             # A guest gets an I/O error for data it can no longer have (invariant 10).
             raise OSError(errno.EIO, exc.message) from exc
+
+
+def _unwritten(spans: list[tuple[int, int]], blocks: dict[int, int],
+               shift: int) -> list[tuple[int, int]]:
+    """The byte runs of ``spans`` outside the written sub-blocks of ``blocks``."""
+    out: list[tuple[int, int]] = []
+    regions = sorted(blocks)
+    for start, stop in spans:
+        pos = start
+        for r in regions[bisect.bisect_left(regions, start >> shift):
+                         bisect.bisect_left(regions, -(-stop >> shift))]:
+            base = r << shift
+            for f, e in mask_runs(blocks[r]):
+                s, t = base + (f << BLOCK_SHIFT), min(base + (e << BLOCK_SHIFT), stop)
+                if s > pos:
+                    out.append((pos, s))
+                pos = max(pos, t)
+        if pos < stop:
+            out.append((pos, stop))
+    return out
+
+
+def _gaps(first: int, end: int, runs: list[Run]) -> list[Run]:
+    """The runs of ``[first, end)`` between the sorted ``runs`` (the present ones,
+    when ``runs`` are the absent ones owned)."""
+    out, at = [], first
+    for a, b in runs:
+        if a > at:
+            out.append((at, a))
+        at = b
+    if at < end:
+        out.append((at, end))
+    return out
+
+
+def _without(runs: list[Run], regions: set[int]) -> list[Run]:
+    """``runs`` with ``regions`` cut out."""
+    out: list[Run] = []
+    for a, b in runs:
+        pos = a
+        for r in sorted(r for r in regions if a <= r < b):
+            if r > pos:
+                out.append((pos, r))
+            pos = r + 1
+        if pos < b:
+            out.append((pos, b))
+    return out

@@ -1,7 +1,8 @@
 """Durability: pending and committed maps, the commit thread, and the failed mode.
 
 Invariant 6, data first, then map. A ``flush`` takes the runs made present since
-the last commit, makes the clone file's data durable (fdatasync), then their digest
+the last commit (and the sub-blocks written in absent regions: they are committed
+the same way), makes the clone file's data durable (fdatasync), then their digest
 slots (``core.digests``), and only then commits those runs to the journal
 (``MapStore.commit``). FLUSH and FUA are
 acknowledged only after that. Without a FLUSH, a commit runs at least once a
@@ -53,10 +54,13 @@ class Durability:
         self._lock = threading.Lock()
         # --- guarded by _lock ------------------------------------------------------
         # Invariant: bit r set ⇒ r's bytes were fdatasynced before the bit reached
-        # the journal. committed ⊆ the in-core map.
+        # the journal; the same for each sub-block in committed.blocks.
+        # committed ⊆ the in-core map.
         self._committed = committed
         # Runs set in the in-core map and not yet committed, in the order set.
         self._pending: list[Run] = []
+        # Sub-blocks marked written in the in-core map and not yet committed.
+        self._pending_blocks: dict[int, int] = {}
         self.commits = 0
         self.last_commit = 0.0
         self.note: str | None = None  # a harmless event worth showing (postponed compaction)
@@ -74,6 +78,17 @@ class Durability:
         """A run's bits were just set in the in-core map (called under ownership's lock)."""
         with self._lock:
             self._pending.append(run)
+
+    def note_blocks(self, region: int, mask: int) -> None:
+        """Sub-blocks of an absent region were just marked written (under
+        ownership's lock, after their bytes were written)."""
+        with self._lock:
+            self._pending_blocks[region] = self._pending_blocks.get(region, 0) | mask
+
+    @property
+    def committed_blocks(self) -> dict[int, int]:
+        with self._lock:
+            return dict(self._committed.blocks)
 
     def committed_snapshot(self) -> bytes:
         with self._lock:
@@ -121,6 +136,7 @@ class Durability:
             self._lifecycle.check_writable()
         with self._lock:
             ranges, self._pending = self._pending, []
+            blocks, self._pending_blocks = self._pending_blocks, {}
         try:
             # step 1: data first (always: writes to present regions pend no runs)
             fsops.fdatasync(self._fd)
@@ -133,18 +149,19 @@ class Durability:
         except OSError as e:
             raise self._fail("fdatasync of the digest file", e) from None
         try:
-            self._store.commit(_merge(ranges))  # step 2: then the map
+            self._store.commit(_merge(ranges), blocks)  # step 2: then the map
         except OSError as e:
             raise self._fail("the journal commit", e) from None
         with self._lock:
             for a, b in ranges:
                 self._committed.set(a, b)
+            for r, mask in blocks.items():  # after the ranges: present supersedes
+                self._committed.add_blocks(r, mask)
             self.commits += 1
             self.last_commit = time.time()
             compact = (self._store.records > COMPACT_RECORDS
                        or (self._committed.complete and self._store.records > 0))
-            snapshot = RegionMap(self._committed.count, self._committed.to_bytes()) \
-                if compact else None
+            snapshot = self._committed.copy() if compact else None
         if snapshot is not None:
             try:
                 done = self._store.compact(snapshot)
@@ -198,7 +215,7 @@ class Durability:
             if self._lifecycle.failure is not None:
                 return
             with self._lock:
-                idle = not self._pending
+                idle = not self._pending and not self._pending_blocks
             if idle:
                 continue
             try:

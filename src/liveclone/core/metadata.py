@@ -4,12 +4,16 @@ Layout, beside the clone file ``CLONE``:
 
 ``CLONE.lcmap`` — the superblock, replaced atomically, never edited in place::
 
-    0   8  magic  b"LVCLMAP2" (b"LVCLMAP1": made before digests; upgraded on open)
+    0   8  magic  b"LVCLMAP3" (b"LVCLMAP2": before sub-blocks, b"LVCLMAP1": before
+                  digests; both read, and upgraded when opened for writing)
     8   4  u32    length H of the header JSON
     12  4  u32    length B of the zlib-compressed bitmap
     16  8  u64    generation G
     24  H  JSON   header: uuid, size, region_size, source spec and identity, created
     ..  B  zlib   bitmap, one bit per region, bit r of byte r//8 = region r present
+    ..  4  u32    length S of the sub-block section (LVCLMAP3 only)
+    ..  S  zlib   sub-blocks of absent regions: 16-byte runs u64 region, u32 first
+                  block, u32 block count (``core.regions``: written 4 KiB blocks)
     ..  4  u32    CRC32 of every byte before it
 
 ``CLONE.lcjournal`` — an append-only log of commits of newly present ranges::
@@ -18,23 +22,32 @@ Layout, beside the clone file ``CLONE``:
     64  32 × n    commits, each: k range records then one trailer record
                   range:   u32 b"LCCR", u32 CRC32 of the next 24 bytes,
                            u64 commit sequence, u64 first region, u64 region count
+                  blocks:  u32 b"LCCB", u32 CRC32 of the next 24 bytes,
+                           u64 commit sequence, u64 region, u32 first block,
+                           u32 block count (written sub-blocks of an absent region)
                   trailer: u32 b"LCCT", u32 CRC32 of the next 24 bytes,
                            u64 commit sequence, u64 k, u32 CRC32 of the k ranges, u32 0
     ..            zeros (space reserved with fallocate so a full disk cannot stop a commit)
 
 ``CLONE.lcdigest`` — one slot per region: the digest of what a fill copied, or
-"guest" (see ``core.digests``). A LVCLMAP2 superblock promises this file exists. A
-LVCLMAP1 map (no digest file) is upgraded when opened for writing: an empty digest
-file is made, then the superblock is rewritten as LVCLMAP2 (a compaction), so an
-older liveclone, which would not keep the digests, refuses the map from then on. A
-missing digest file under LVCLMAP2 is made again, empty (its regions verify as
-"unverified", never as a mismatch); a damaged one is refused.
+"guest" (see ``core.digests``). A LVCLMAP2 or 3 superblock promises this file
+exists. A LVCLMAP1 map (no digest file) is upgraded when opened for writing: an
+empty digest file is made, then the superblock is rewritten as LVCLMAP3 (a
+compaction), so an older liveclone, which would not keep the digests, refuses the
+map from then on. A LVCLMAP2 map is rewritten as LVCLMAP3 the same way: its
+journal may then get sub-block records, which an older liveclone would take for a
+torn commit and drop. A missing digest file under LVCLMAP2/3 is made again, empty
+(its regions verify as "unverified", never as a mismatch); a damaged one is
+refused.
 
 What *committed* means: region r is committed present iff its bit is set in the
 superblock bitmap, or a **complete** commit of a journal of the same generation
-covers it. A commit is complete when its trailer is valid, counts its ranges and
-their CRC matches; sequence numbers strictly increase. Replay is idempotent
-because bits only ever go absent → present (invariant 2).
+covers it. A block of an absent region is committed written iff the superblock's
+sub-block section or a complete commit's blocks record names it. A commit is
+complete when its trailer is valid, counts its records and their CRC matches;
+sequence numbers strictly increase. Replay is idempotent because bits only ever go
+absent → present (invariant 2) and written blocks stay written until their region
+is present, which supersedes them.
 
 Commit order (the caller's half comes first, see ``core.durability``):
 
@@ -84,22 +97,33 @@ from typing import Any
 
 from liveclone.core import fsops
 from liveclone.core.digests import DigestStore, digest_path
-from liveclone.core.regions import RegionMap, check_region_size
+from liveclone.core.regions import (
+    BLOCK_SHIFT,
+    RegionMap,
+    block_mask,
+    check_region_size,
+    mask_runs,
+)
 from liveclone.errors import CorruptMetadataError, NotACloneError, TargetError
 
 MAP_SUFFIX = ".lcmap"
 JOURNAL_SUFFIX = ".lcjournal"
 
-_SB_MAGIC = b"LVCLMAP2"
+_SB_MAGIC = b"LVCLMAP3"
+_SB_MAGIC_V2 = b"LVCLMAP2"  # before sub-blocks: read, and upgraded when opened for writing
 _SB_MAGIC_V1 = b"LVCLMAP1"  # before digests: read, and upgraded when opened for writing
+_SB_MAGICS = (_SB_MAGIC, _SB_MAGIC_V2, _SB_MAGIC_V1)
 _SB_HEAD = struct.Struct("<8sIIQ")
 _JR_MAGIC = b"LVCLJRN2"
 _JR_HEAD = struct.Struct("<8s16sQ")  # + zero padding + CRC32 in the last 4 bytes
 _JR_HEAD_SIZE = 64
 _REC = struct.Struct("<IIQQQ")
 _REC_MAGIC = 0x5243434C  # "LCCR": a range
+_BLK_MAGIC = 0x4243434C  # "LCCB": written sub-blocks of one absent region
 _END_MAGIC = 0x5443434C  # "LCCT": a commit's trailer
 _REC_BODY = struct.Struct("<QQQ")
+_BLK_BODY = struct.Struct("<QQII")
+_BLK_RUN = struct.Struct("<QII")  # a run of the superblock's sub-block section
 _END_BODY = struct.Struct("<QQII")
 REC_SIZE = _REC.size
 # Journal space reserved ahead of the write position; enough for many commits
@@ -147,11 +171,29 @@ class MapHeader:
         return hdr
 
 
+def _block_runs(blocks: dict[int, int]) -> list[tuple[int, int, int]]:
+    """``(region, first block, block count)`` runs of sub-block masks, in order."""
+    return [(r, a, b - a) for r in sorted(blocks) for a, b in mask_runs(blocks[r])]
+
+
 def _encode_superblock(header: MapHeader, rmap: RegionMap, generation: int) -> bytes:
     hdr = header.to_json()
     bitmap = zlib.compress(rmap.to_bytes(), 1)
-    body = _SB_HEAD.pack(_SB_MAGIC, len(hdr), len(bitmap), generation) + hdr + bitmap
+    blocks = zlib.compress(b"".join(_BLK_RUN.pack(*run) for run in _block_runs(rmap.blocks)), 1)
+    body = (_SB_HEAD.pack(_SB_MAGIC, len(hdr), len(bitmap), generation) + hdr + bitmap
+            + struct.pack("<I", len(blocks)) + blocks)
     return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _add_block_run(rmap: RegionMap, region_size: int, region: int, first: int,
+                   count: int, apply: bool = True) -> str | None:
+    """Apply one run of written sub-blocks (if ``apply``); the reason if it cannot
+    be valid."""
+    if region >= rmap.count or count == 0 or first + count > region_size >> BLOCK_SHIFT:
+        return f"sub-blocks {first}+{count} of region {region} are out of range"
+    if apply:
+        rmap.add_blocks(region, block_mask(first, first + count))
+    return None
 
 
 def _corrupt(path: str, what: str) -> CorruptMetadataError:
@@ -163,10 +205,14 @@ def _corrupt(path: str, what: str) -> CorruptMetadataError:
 
 
 def _decode_superblock(path: str, raw: bytes) -> tuple[MapHeader, RegionMap, int]:
-    if len(raw) < _SB_HEAD.size + 4 or raw[:8] not in (_SB_MAGIC, _SB_MAGIC_V1):
+    if len(raw) < _SB_HEAD.size + 4 or raw[:8] not in _SB_MAGICS:
         raise _corrupt(path, "bad magic or truncated superblock")
     _, hlen, blen, generation = _SB_HEAD.unpack_from(raw)
-    end = _SB_HEAD.size + hlen + blen
+    end = bitmap_end = _SB_HEAD.size + hlen + blen
+    if raw[:8] == _SB_MAGIC:  # the sub-block section follows the bitmap
+        if len(raw) < end + 8:
+            raise _corrupt(path, "superblock is truncated in its sub-block section")
+        end += 4 + struct.unpack_from("<I", raw, end)[0]
     if len(raw) != end + 4:
         raise _corrupt(path, f"superblock is {len(raw)} bytes, expected {end + 4} (truncated?)")
     (crc,) = struct.unpack_from("<I", raw, end)
@@ -175,10 +221,17 @@ def _decode_superblock(path: str, raw: bytes) -> tuple[MapHeader, RegionMap, int
     header = MapHeader.from_json(raw[_SB_HEAD.size:_SB_HEAD.size + hlen], path)
     count = (header.size + header.region_size - 1) // header.region_size
     try:
-        bits = zlib.decompress(raw[_SB_HEAD.size + hlen:end])
+        bits = zlib.decompress(raw[_SB_HEAD.size + hlen:bitmap_end])
         rmap = RegionMap(count, bits)
+        runs = zlib.decompress(raw[bitmap_end + 4:end]) if end > bitmap_end else b""
     except (zlib.error, ValueError) as e:
         raise _corrupt(path, f"bitmap is unreadable ({e})") from None
+    if len(runs) % _BLK_RUN.size:
+        raise _corrupt(path, "the sub-block section is not whole runs")
+    for region, first, n in _BLK_RUN.iter_unpack(runs):
+        why = _add_block_run(rmap, header.region_size, region, first, n)
+        if why:
+            raise _corrupt(path, why)
     return header, rmap, generation
 
 
@@ -192,16 +245,24 @@ def _record(magic: int, body: bytes) -> bytes:
     return struct.pack("<II", magic, zlib.crc32(body)) + body
 
 
-def encode_commit(seq: int, ranges: list[tuple[int, int]]) -> bytes:
-    """One commit: a range record per ``(first, end)``, then the trailer."""
-    recs = b"".join(_record(_REC_MAGIC, _REC_BODY.pack(seq, a, b - a)) for a, b in ranges)
-    return recs + _record(_END_MAGIC, _END_BODY.pack(seq, len(ranges), zlib.crc32(recs), 0))
+def encode_commit(seq: int, ranges: list[tuple[int, int]],
+                  blocks: dict[int, int] | None = None) -> bytes:
+    """One commit: a range record per ``(first, end)``, a blocks record per run of
+    written sub-blocks (``region → mask``), then the trailer."""
+    recs = b"".join([
+        *(_record(_REC_MAGIC, _REC_BODY.pack(seq, a, b - a)) for a, b in ranges),
+        *(_record(_BLK_MAGIC, _BLK_BODY.pack(seq, *run)) for run in _block_runs(blocks or {})),
+    ])
+    count = len(recs) // REC_SIZE
+    return recs + _record(_END_MAGIC, _END_BODY.pack(seq, count, zlib.crc32(recs), 0))
 
 
 def _decode_record(raw: bytes, pos: int, magic: int) -> tuple[int, int, int] | None:
-    """``(seq, a, b)`` of a valid record of kind ``magic`` at ``pos``, else None."""
+    """``(seq, a, b)`` of a valid record of kind ``magic`` at ``pos`` (a range or
+    a blocks record for ``_REC_MAGIC``), else None."""
     m, crc, seq, a, b = _REC.unpack_from(raw, pos)
-    if m != magic or zlib.crc32(raw[pos + 8:pos + REC_SIZE]) != crc:
+    if (m != magic and (magic, m) != (_REC_MAGIC, _BLK_MAGIC)) \
+            or zlib.crc32(raw[pos + 8:pos + REC_SIZE]) != crc:
         return None
     return seq, a, b
 
@@ -260,11 +321,18 @@ def _replay(path: str, raw: bytes, header: MapHeader, generation: int,
         found = _commit_ending_at(raw, trailer, pos) if trailer < limit else None
         if found is None or found[0] != pos or found[1] <= seq:
             break
+        current = jgen == generation
         for rpos in range(pos, trailer, REC_SIZE):
+            if _REC.unpack_from(raw, rpos)[0] == _BLK_MAGIC:
+                _, region, first, n = _BLK_BODY.unpack_from(raw, rpos + 8)
+                why = _add_block_run(rmap, header.region_size, region, first, n, current)
+                if why:
+                    raise _corrupt(path, f"journal record at byte {rpos}: {why}")
+                continue
             _, first, count = _REC.unpack_from(raw, rpos)[2:]
             if first + count > rmap.count:
                 raise _corrupt(path, f"journal record at byte {rpos} is out of range")
-            if jgen == generation:
+            if current:
                 rmap.set(first, first + count)
         records += (trailer - pos) // REC_SIZE
         seq, pos = found[1], trailer + REC_SIZE
@@ -407,7 +475,7 @@ class MapStore:
             replay = _replay(journal_path, raw, header, generation, rmap)
             mode = stat.S_IMODE(os.stat(map_path).st_mode)
             with open(map_path, "rb") as f:
-                upgrade = f.read(8) == _SB_MAGIC_V1
+                upgrade = f.read(8) != _SB_MAGIC
             dpath = digest_path(clone_path)
             if not os.path.exists(dpath):
                 # LVCLMAP1 (before digests), or removed by the user after a damaged
@@ -425,10 +493,10 @@ class MapStore:
                 fsops.pwrite_all(store._jfd, bytes(replay.torn), replay.end)
                 fsops.fdatasync(store._jfd)
             store._reserve(0)
-            if upgrade and not store.compact(rmap):  # now LVCLMAP2: older versions refuse it
+            if upgrade and not store.compact(rmap):  # now LVCLMAP3: older versions refuse it
                 raise TargetError(f"cannot upgrade the region map {map_path} to record "
-                                  "digests: its new superblock could not be written; "
-                                  "check the directory's space and permissions")
+                                  "digests and sub-blocks: its new superblock could not be "
+                                  "written; check the directory's space and permissions")
         except BaseException:
             if store is not None:
                 store.close()
@@ -458,17 +526,19 @@ class MapStore:
                                "while the clone was open")
                 raise OSError(errno.ESTALE, f"the region map cannot be written: {self.broken}")
 
-    def commit(self, ranges: list[tuple[int, int]]) -> None:
-        """Make ``(first, end)`` region ranges committed-present. Blocks; durable on
-        return. The caller must have made their clone data durable before calling.
-        Any failure breaks the store: whether the commit reached the disk is unknown."""
-        if not ranges:
+    def commit(self, ranges: list[tuple[int, int]],
+               blocks: dict[int, int] | None = None) -> None:
+        """Make ``(first, end)`` region ranges committed-present, and the sub-blocks
+        of ``blocks`` (region → mask) committed-written. Blocks; durable on return.
+        The caller must have made their clone data durable before calling. Any
+        failure breaks the store: whether the commit reached the disk is unknown."""
+        if not ranges and not blocks:
             return
         self._check()
         if self._journal_generation != self.generation:
             self._reset_journal()  # never append to a journal replay would ignore
         seq = self._seq + 1
-        data = encode_commit(seq, ranges)
+        data = encode_commit(seq, ranges, blocks)
         try:
             self._reserve(len(data))
             fsops.pwrite_all(self._jfd, data, self._write_pos)  # step 2
@@ -478,7 +548,7 @@ class MapStore:
             raise
         self._write_pos += len(data)
         self._seq = seq
-        self.records += len(ranges) + 1
+        self.records += len(data) // REC_SIZE
 
     def _reserve(self, nbytes: int) -> None:
         """Keep reserved journal space ahead of the write position."""

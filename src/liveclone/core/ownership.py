@@ -1,7 +1,8 @@
 """Region ownership: the in-core map, and who may change an absent region.
 
-A region that is absent can only change (its clone bytes written, its bit set) by
-the one caller that *owns* it. Ownership is taken for runs of regions under
+A region that is absent can only change (its clone bytes written, its bit set,
+its written sub-blocks marked: ``RegionMap.blocks``) by the one caller that *owns*
+it. Ownership is taken for runs of regions under
 ``cond`` and released there. Guest writes wait until no region they touch is owned
 by someone else; the copier never waits: it skips owned and present regions.
 Since a region's bit is set only by its owner, and the copier only writes regions
@@ -26,18 +27,24 @@ Run = tuple[int, int]  # regions [first, end)
 class Ownership:
     """The in-core map and the owned runs, under one condition variable."""
 
-    def __init__(self, rmap: RegionMap, on_present: Callable[[Run], None]) -> None:
+    def __init__(self, rmap: RegionMap, on_present: Callable[[Run], None],
+                 on_blocks: Callable[[int, int], None] | None = None) -> None:
         self.cond = threading.Condition()
         # --- guarded by cond -------------------------------------------------------
         # Invariant: bit r set ⇒ the clone file holds r's authoritative bytes
         # (perhaps not yet durable). Bits only go 0 → 1 (invariant 2).
+        # Invariant: block i of absent r marked in map.blocks ⇒ the clone file holds
+        # that block's authoritative bytes; the other blocks' are the source's.
+        # Marks only grow, and only r's owner adds them.
         self.map = rmap
         # Invariant: runs of absent regions owned by one caller each; no two overlap;
         # sorted. Only the owner writes an owned region's clone bytes or sets its bit.
         self._owned: list[Run] = []
         # --- end -------------------------------------------------------------------
-        # Told of every run made present, under cond (durability queues its commit).
+        # Told of every run made present, and of sub-blocks marked (region, mask),
+        # under cond (durability queues their commit).
         self._on_present = on_present
+        self._on_blocks = on_blocks
 
     # -- queries (each takes the lock) ------------------------------------------
 
@@ -45,6 +52,48 @@ class Ownership:
         """``(a, b, present)`` runs of ``[first, end)``, from one snapshot."""
         with self.cond:
             return list(self.map.runs(first, end))
+
+    def runs_and_blocks(self, first: int, end: int
+                        ) -> tuple[list[tuple[int, int, bool]], dict[int, int]]:
+        """``runs`` and the sub-block masks of ``[first, end)``, from one snapshot."""
+        with self.cond:
+            return list(self.map.runs(first, end)), self.map.blocks_in(first, end)
+
+    def blocks_of(self, runs: list[Run]) -> dict[int, int]:
+        """Sub-block masks of the regions of ``runs`` (owned by the caller: they
+        cannot change under it)."""
+        with self.cond:
+            if not self.map.blocks:
+                return {}
+            out: dict[int, int] = {}
+            for a, b in runs:
+                out.update(self.map.blocks_in(a, b))
+            return out
+
+    def may_track(self, region: int, limit: int) -> int | None:
+        """The sub-block mask of absent ``region`` (0: none yet), or None when it has
+        none and ``limit`` regions already have some: its write must fill it whole."""
+        with self.cond:
+            mask = self.map.blocks.get(region)
+            if mask is None and len(self.map.blocks) >= limit:
+                return None
+            return mask or 0
+
+    def mark_blocks(self, blocks: dict[int, int], full: Callable[[int], int]) -> set[int]:
+        """Mark sub-blocks of owned absent regions written (their bytes are), and
+        return the regions now written whole: the caller makes them present
+        instead (``release``), so they are not marked."""
+        whole = set()
+        with self.cond:
+            for r, mask in blocks.items():
+                old = self.map.blocks.get(r, 0)
+                if old | mask == full(r):
+                    whole.add(r)
+                elif mask & ~old:
+                    self.map.add_blocks(r, mask)
+                    if self._on_blocks is not None:
+                        self._on_blocks(r, mask & ~old)
+        return whole
 
     def absent_runs(self, first: int, end: int) -> list[Run]:
         with self.cond:
@@ -140,6 +189,14 @@ class Ownership:
                 self._on_present(run)
             self.cond.notify_all()
 
+    def try_take(self, first: int, end: int) -> list[Run] | None:
+        """Own every absent region of ``[first, end)`` if none is owned by another,
+        else None (nothing taken). Never waits."""
+        with self.cond:  # an RLock: ``take`` takes it again
+            if self._owned_within(first, end):
+                return None
+            return self.take(first, end, wait=False)[0]
+
     def owning(self, first: int, end: int, wait: bool = True) -> Owned:
         """Own the absent regions of ``[first, end)`` for a ``with`` block."""
         return Owned(self, self.take(first, end, wait)[0])
@@ -147,16 +204,19 @@ class Ownership:
 
 class Owned:
     """Owned runs, released on exit; made present on exit if ``made_present`` was set
-    and the block raised nothing."""
+    and the block raised nothing: all of them, or only the runs of ``present`` if
+    set (regions keeping sub-blocks stay absent)."""
 
     def __init__(self, ownership: Ownership, runs: list[Run]) -> None:
         self.ownership = ownership
         self.runs = runs
         self.made_present = False
+        self.present: list[Run] | None = None
 
     def __enter__(self) -> Owned:
         return self
 
     def __exit__(self, *exc: object) -> None:
         ok = self.made_present and exc[0] is None
-        self.ownership.release(self.runs, self.runs if ok else [])
+        present = self.runs if self.present is None else self.present
+        self.ownership.release(self.runs, present if ok else [])

@@ -3,6 +3,15 @@
 The clone is cut into fixed-size regions (a power of two from 4 KiB to 1 GiB).
 Each region is *absent* (its authoritative bytes are the source's) or *present*
 (the clone file holds them). The map is one bit per region.
+
+Sub-blocks (DESIGN invariant 5 allows finer tracking): inside a region still
+absent, the guest may have written some 4 KiB blocks (``BLOCK_SIZE``) without the
+rest of the region being fetched. ``RegionMap.blocks`` maps such a region to the
+bitmask of its written blocks (bit i: bytes ``[i·4K, (i+1)·4K)`` of the region).
+Those blocks' authoritative bytes are in the clone file, the others' in the
+source; a fill copies only the others, and the region then becomes present. Only
+regions with such blocks pay for them (a dict entry); ``subblock_limit`` bounds how
+many may have them at once. A region of 4 KiB is one block and never has any.
 """
 
 from __future__ import annotations
@@ -14,6 +23,13 @@ from collections.abc import Iterator
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 1 << 30
 DEFAULT_REGION_SIZE = 64 << 10
+BLOCK_SHIFT = 12
+BLOCK_SIZE = 1 << BLOCK_SHIFT  # the sub-block: the unit a guest write may mark
+# Memory for sub-block state, counted as a dict entry (about 128 bytes) plus the
+# mask's bits per region: at 64 KiB regions that is about 120k regions at once,
+# whatever the clone's size. Past it, a partial write into a new region falls back
+# to filling that region first (read-modify-write), which needs no state.
+SUBBLOCK_MEMORY = 16 << 20
 
 # The first byte holding a region that is present (not all clear) or absent (not
 # all set). A regex search scans in C without copying, at about 120 MB/s: right for
@@ -70,6 +86,30 @@ def check_region_size(region_size: int) -> None:
         )
 
 
+def subblock_limit(region_size: int) -> int:
+    """How many regions may have sub-block state at once (``SUBBLOCK_MEMORY``)."""
+    if region_size <= BLOCK_SIZE:
+        return 0
+    return max(64, SUBBLOCK_MEMORY // (128 + (region_size >> BLOCK_SHIFT) // 8))
+
+
+def block_mask(first: int, end: int) -> int:
+    """The mask of blocks ``[first, end)``."""
+    return ((1 << (end - first)) - 1) << first if end > first else 0
+
+
+def mask_runs(mask: int) -> Iterator[tuple[int, int]]:
+    """``(first, end)`` runs of the set bits of ``mask``, in order."""
+    at = 0
+    while mask:
+        skip = (mask & -mask).bit_length() - 1  # clear bits before the next run
+        mask >>= skip
+        ones = (~mask & (mask + 1)).bit_length() - 1  # the run's length
+        yield at + skip, at + skip + ones
+        mask >>= ones
+        at += skip + ones
+
+
 class Geometry:
     """How byte offsets map to region indices for a clone of ``size`` bytes."""
 
@@ -102,18 +142,39 @@ class Geometry:
         start, end = self.bounds(region)
         return offset <= start and offset + length >= end
 
+    def full_mask(self, region: int) -> int:
+        """The mask of every block of ``region`` (the last one's last may be short)."""
+        start, end = self.bounds(region)
+        return block_mask(0, (end - start + BLOCK_SIZE - 1) >> BLOCK_SHIFT)
+
+    def blocks_touched(self, region: int, start: int, stop: int) -> tuple[int, int]:
+        """``(first, end)`` blocks of ``region`` that bytes ``[start, stop)`` touch."""
+        base = region << self.shift
+        return (start - base) >> BLOCK_SHIFT, (stop - base + BLOCK_SIZE - 1) >> BLOCK_SHIFT
+
+    def blocks_covered(self, region: int, start: int, stop: int) -> tuple[int, int]:
+        """``(first, end)`` blocks of ``region`` that bytes ``[start, stop)`` cover
+        whole (a short last block counts as covered when ``stop`` is the end)."""
+        base, end = self.bounds(region)
+        stop = min(stop, end)
+        last = (stop - base + BLOCK_SIZE - 1 if stop == end else stop - base) >> BLOCK_SHIFT
+        return (start - base + BLOCK_SIZE - 1) >> BLOCK_SHIFT, last
+
 
 class RegionMap:
-    """One bit per region: set ⇔ present.
+    """One bit per region: set ⇔ present; and the sub-blocks of absent regions.
 
     Invariant: a bit only goes from 0 to 1 (DESIGN invariant 2). There is no
     ``clear``; ``present_count`` always equals the number of set bits.
+    Invariant: ``blocks`` holds only absent regions, each with a non-zero mask of
+    blocks whose authoritative bytes are the clone's; a mask only gains bits, and
+    the entry goes when its region becomes present (``set``).
     """
 
-    __slots__ = ("count", "_bits", "present_count")
+    __slots__ = ("count", "_bits", "present_count", "blocks")
     _bits: bytearray | mmap.mmap
 
-    def __init__(self, count: int, bits: bytes | None = None) -> None:
+    def __init__(self, count: int, bits: bytes | bytearray | mmap.mmap | None = None) -> None:
         self.count = count
         nbytes = (count + 7) >> 3
         if bits is not None and len(bits) != nbytes:
@@ -131,6 +192,12 @@ class RegionMap:
             if count & 7:
                 self._bits[-1] &= (1 << (count & 7)) - 1
         self.present_count = 0 if bits is None else _count_set(self._bits)
+        self.blocks: dict[int, int] = {}
+
+    def copy(self) -> RegionMap:
+        other = RegionMap(self.count, self._bits)
+        other.blocks = dict(self.blocks)
+        return other
 
     def __contains__(self, region: int) -> bool:
         return bool(self._bits[region >> 3] >> (region & 7) & 1)
@@ -157,7 +224,32 @@ class RegionMap:
             bits[last_byte] |= (1 << (((stop - 1) & 7) + 1)) - 1
         added = int.from_bytes(bits[first_byte:last_byte + 1], "little").bit_count() - before
         self.present_count += added
+        blocks = self.blocks
+        if blocks:  # present regions have no sub-blocks
+            if stop - start <= len(blocks):
+                for r in range(start, stop):
+                    blocks.pop(r, None)
+            else:
+                for r in [r for r in blocks if start <= r < stop]:
+                    del blocks[r]
         return added
+
+    def add_blocks(self, region: int, mask: int) -> int:
+        """Mark blocks of absent ``region`` written; return its new mask (0, and
+        nothing kept, if the region is present: its bytes are the clone's anyway)."""
+        if region in self or not mask:
+            return 0
+        new = self.blocks[region] = self.blocks.get(region, 0) | mask
+        return new
+
+    def blocks_in(self, first: int, end: int) -> dict[int, int]:
+        """The sub-block masks of regions in ``[first, end)``."""
+        blocks = self.blocks
+        if not blocks:
+            return {}
+        if end - first <= len(blocks):
+            return {r: blocks[r] for r in range(first, end) if r in blocks}
+        return {r: m for r, m in blocks.items() if first <= r < end}
 
     def find_absent(self, start: int, stop: int | None = None) -> int | None:
         """The first absent region in ``[start, stop)``, or None."""

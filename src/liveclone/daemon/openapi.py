@@ -166,6 +166,7 @@ DOCUMENT: dict[str, Any] = {
                     "running": {"type": "boolean"},
                     "regions_total": {"type": "integer"},
                     "regions_present": {"type": "integer"},
+                    "regions_partial": {"type": "integer"},
                     "bytes_total": {"type": "integer"},
                     "bytes_copied": {"type": "integer"},
                     "rate": {"type": "number"},

@@ -33,16 +33,21 @@ def test_reads_come_from_source_until_copied(tmp_path: Path, source_image) -> No
         assert c.stats.bytes_copied == 0
 
 
-def test_partial_write_to_absent_region_fills_it_first(tmp_path: Path, source_image) -> None:
+def test_partial_write_to_absent_region_completes_only_its_block(tmp_path: Path,
+                                                                 source_image) -> None:
+    """Invariant 5 at 4 KiB: the write's block is completed from the source and
+    marked; the rest of the region stays the source's, fetched by nobody."""
     src, data = source_image
     with _clone(tmp_path, src) as c:
         c.write(RS + 100, b"x" * 50)
-        assert c.is_present(1) and not c.is_present(0) and not c.is_present(2)
-        # The clone file alone holds the whole region: source bytes around the write.
+        assert not any(c.is_present(r) for r in range(3)) and c.regions_partial == 1
+        assert c.stats.bytes_from_source == 4096 - 50
+        # The clone file holds the whole block: source bytes around the write.
         with open(c.path, "rb") as f:
             f.seek(RS)
-            region = f.read(RS)
-    assert region == data[RS:RS + 100] + b"x" * 50 + data[RS + 150:2 * RS]
+            block = f.read(4096)
+        assert block == data[RS:RS + 100] + b"x" * 50 + data[RS + 150:RS + 4096]
+        assert bytes(c.read(0, 3 * RS)) == data[:RS + 100] + b"x" * 50 + data[RS + 150:3 * RS]
 
 
 def test_write_across_regions_and_unaligned(tmp_path: Path, source_image) -> None:
@@ -155,7 +160,7 @@ def test_flushed_writes_survive_a_crash(tmp_path: Path, source_image) -> None:
     c.abandon()
     with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src))) as c2:
         assert bytes(c2.read(3 * RS + 5, 7)) == b"durable"
-        assert c2.is_present(3)
+        assert c2.regions_partial == 1  # block 0 of region 3, committed; region 6 lost
         got = bytes(c2.read(6 * RS, RS))
         assert got in (data[6 * RS:7 * RS],
                        data[6 * RS:6 * RS + 5] + b"volatile" + data[6 * RS + 13:7 * RS])

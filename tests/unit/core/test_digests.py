@@ -174,10 +174,11 @@ def test_a_commit_syncs_the_digests_after_the_data_and_before_the_map(
 def _as_version_1(path: str) -> None:
     """Make a clone look as one made before digests: a LVCLMAP1 superblock, no
     digest file."""
-    raw = bytearray(Path(path + ".lcmap").read_bytes())
-    raw[:8] = b"LVCLMAP1"
-    raw[-4:] = struct.pack("<I", zlib.crc32(raw[:-4]))
-    Path(path + ".lcmap").write_bytes(raw)
+    raw = Path(path + ".lcmap").read_bytes()
+    _, hlen, blen, _ = struct.unpack_from("<8sIIQ", raw)
+    v1 = bytearray(b"LVCLMAP1" + raw[8:24 + hlen + blen])  # nor sub-blocks
+    v1 += struct.pack("<I", zlib.crc32(v1))
+    Path(path + ".lcmap").write_bytes(bytes(v1))
     os.unlink(digest_path(path))
 
 
@@ -193,7 +194,7 @@ def test_a_map_from_before_digests_is_upgraded(tmp_path: Path,
     with open_clone(path, LocalFileSource(str(src))) as c:
         # Upgraded at open, before anything else is written: an older liveclone,
         # which would not keep the digests, now refuses the map.
-        assert Path(path + ".lcmap").read_bytes()[:8] == b"LVCLMAP2"
+        assert Path(path + ".lcmap").read_bytes()[:8] == b"LVCLMAP3"
         assert c.regions_committed == 10
         assert Copier(c).start().wait(30) and c.complete
     got = slots(path, 41)
