@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import random
 import shutil
 import statistics
@@ -174,6 +175,7 @@ def main() -> None:
     ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "fragment"))
     args = ap.parse_args()
     size = parse_size(args.size)
+    load_before = os.getloadavg()[0]
     work = Path(args.dir)
     www = work / "www"
     www.mkdir(parents=True, exist_ok=True)
@@ -197,8 +199,9 @@ def main() -> None:
     body = f"""
 `python benchmarks/fragment_bench.py --size {args.size} --rounds {args.rounds}{flags}` \
 — {time.strftime('%Y-%m-%d')}, this 2-vCPU machine
-(shared with a soak test using 2-3 cores at times). A clone of {format_size(size)} of random
-data gets N scattered 4 KiB guest writes (`Clone.write`), then a copier finishes it
+(1-minute load average {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end).
+A clone of {format_size(size)} of random data gets N scattered 4 KiB guest writes
+(`Clone.write`), then a copier finishes it
 (start to complete and committed). Its twin has as many present regions, as one run
 at the start: the same bytes left, unfragmented. Each round times both, shuffled,
 from templates, page cache dropped; ratio = fragmented rate / unfragmented rate per
