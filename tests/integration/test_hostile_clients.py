@@ -31,7 +31,7 @@ from tests.integration.test_nbd_clients import recv_exact
 
 MiB = 1 << 20
 SIZE = 64 * MiB
-BOUND = 256 * MiB  # the default --max-memory
+BOUND = 256 * MiB  # the --max-memory these tests serve with (the default is 64M)
 # Peak RSS may pass the bytes counted by one answer being copied (asyncio keeps a
 # copy of what the socket did not take) and by allocator slack; no more.
 MARGIN = 48 * MiB
@@ -87,6 +87,8 @@ def serve(tmp: Path, *args: str, nofile: int | None = None) -> Iterator[Server]:
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     with open(log, "w") as err:
+        if "--max-memory" not in args:
+            args = ("--max-memory", "256M", *args)
         proc = subprocess.Popen([LIVECLONE, "serve", str(source), str(clone), *args],
                                 stdout=subprocess.PIPE, stderr=err, text=True,
                                 preexec_fn=limit_fds)

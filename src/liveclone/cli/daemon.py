@@ -50,7 +50,7 @@ DEFAULT_MAX_COPIERS = 4
 @click.option("--max-connections", type=click.IntRange(min=1), default=1024,
               show_default=True, help="Most NBD clients at once, all clones together.")
 @click.option("--max-memory", type=SIZE, default=nbd_limits.DEFAULT_MAX_MEMORY,
-              show_default="256M", help="Most memory held for NBD clients' requests.")
+              show_default="64M", help="Most memory held for NBD clients' requests.")
 def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
             listen: str | None, tls_dir: str | None, mountpoint: str | None,
             cache_dir: str | None, cache_size: int | None, no_cache: bool, max_copiers: int,

@@ -223,7 +223,7 @@ def default_export_name(clone_path: str) -> str:
               help="Drop a client that has not chosen an export this long after "
                    "connecting (0: never).")
 @click.option("--max-memory", type=SIZE, default=nbd_limits.DEFAULT_MAX_MEMORY,
-              show_default="256M",
+              show_default="64M",
               help="Most memory held for clients' requests and answers, in total (one "
                    "client gets at most a quarter, up to 64M); a client that does not "
                    "read its answers is not read from. At least 4M.")

@@ -59,9 +59,10 @@ READ_ALONG = 256 << 10
 DIRECT_MIN = 64 << 10
 
 
-# Each thread's copy buffer, shared by every clone it fills: a thread fills one run
-# at a time, so a process holds one buffer per filling thread, however many clones
-# it has (the daemon: its copier pool's threads). Freed when the thread ends.
+# Each copier thread's copy buffer, shared by every clone it fills: a thread fills
+# one batch at a time, so a process holds one buffer per copier thread, however
+# many clones it has (the daemon: its copier pool's threads). Freed when the thread
+# ends. Guest-driven fills read into buffers of their own size (``_read``).
 _BUFFERS = threading.local()
 
 
@@ -278,9 +279,18 @@ class FillEngine:
         src_fd = source.fileno()
         if src_fd is None:
             return memoryview(self.source_pread(offset, length)), False
-        buf = getattr(_BUFFERS, "buf", None)
-        if buf is None:  # anonymous mmap: page-aligned, as direct I/O needs
-            buf = _BUFFERS.buf = memoryview(mmap.mmap(-1, COPY_CHUNK))
+        if not bulk:
+            # A guest-driven fill (copy-on-read, CACHE, a partial write) runs on any
+            # of a frontend's threads: it reads into a buffer of its own size, freed
+            # with it. Only bulk fills (the copier's workers) keep a COPY_CHUNK
+            # buffer, so fill buffers are bounded by the copier's threads, not by
+            # how many threads a frontend runs.
+            buf = memoryview(bytearray(length))
+        else:
+            kept: memoryview | None = getattr(_BUFFERS, "buf", None)
+            if kept is None:  # anonymous mmap: page-aligned, as direct I/O needs
+                kept = _BUFFERS.buf = memoryview(mmap.mmap(-1, COPY_CHUNK))
+            buf = kept
         dfd = source.direct_fileno() if bulk and self._direct else None
         direct = dfd is not None and offset % DIRECT_ALIGN == 0
         got = 0

@@ -331,3 +331,27 @@ def test_direct_io_refused_midway_falls_back(tmp_path: Path, source_image, monke
         monkeypatch.undo()
         assert c.complete and not c._fill._direct
     assert (tmp_path / "clone.img").read_bytes() == data
+
+
+def test_only_bulk_fills_keep_a_copy_buffer_in_their_thread(tmp_path: Path,
+                                                            source_image) -> None:
+    """Fill buffers are bounded by the copier's threads: a guest-driven fill
+    (copy-on-read, CACHE) on a frontend's thread reads into a buffer of its own size
+    and keeps nothing; a copier batch keeps its thread's COPY_CHUNK buffer."""
+    from liveclone.core import fill
+
+    src, data = source_image
+    kept: dict[str, bool] = {}
+
+    def run(name: str, first: int, end: int, bulk: bool) -> None:
+        c.fill(first, end, bulk=bulk)
+        kept[name] = getattr(fill._BUFFERS, "buf", None) is not None
+
+    with _clone(tmp_path, src) as c:
+        for name, args in (("guest", (0, 4, False)), ("copier", (4, 8, True))):
+            t = threading.Thread(target=run, args=(name, *args))
+            t.start()
+            t.join()
+        assert kept == {"guest": False, "copier": True}
+        assert bytes(c.read(0, 8 * RS)) == data[:8 * RS]
+        assert c.regions_present == 8
