@@ -388,24 +388,13 @@ class Clone:
         stop_at = offset + length
         shift = self.geometry.shift
         runs, blocks = self._own.runs_and_blocks(first, end)
+        regions = sorted(blocks)
         for a, b, present in runs:
             lo, hi = max(offset, a << shift), min(stop_at, b << shift)
             if present or not blocks:
                 yield lo, hi, present
-                continue
-            pos = lo
-            for r in sorted(r for r in blocks if a <= r < b):
-                base = r << shift
-                for f, e in mask_runs(blocks[r]):
-                    s_, t = max(pos, base + (f << BLOCK_SHIFT)), min(hi, base + (e << BLOCK_SHIFT))
-                    if s_ >= t:
-                        continue
-                    if s_ > pos:
-                        yield pos, s_, False
-                    yield s_, t, True
-                    pos = t
-            if pos < hi:
-                yield pos, hi, False
+            else:
+                yield from _split_by_blocks(lo, hi, blocks, regions, shift)
 
     def _modify(self, offset: int, length: int, fua: bool,
                 apply: Callable[[], None]) -> None:
@@ -651,24 +640,33 @@ class _GuestOp:
             raise OSError(errno.EIO, exc.message) from exc
 
 
+def _split_by_blocks(start: int, stop: int, blocks: dict[int, int], regions: list[int],
+                     shift: int) -> Iterator[tuple[int, int, bool]]:
+    """Split bytes ``[start, stop)`` into runs that are all written sub-blocks of
+    ``blocks`` (True) or all outside them (False); ``regions``: ``blocks``, sorted."""
+    pos = start
+    for r in regions[bisect.bisect_left(regions, start >> shift):
+                     bisect.bisect_left(regions, -(-stop >> shift))]:
+        base = r << shift
+        for f, e in mask_runs(blocks[r]):
+            s, t = max(pos, base + (f << BLOCK_SHIFT)), min(stop, base + (e << BLOCK_SHIFT))
+            if s >= t:
+                continue
+            if s > pos:
+                yield pos, s, False
+            yield s, t, True
+            pos = t
+    if pos < stop:
+        yield pos, stop, False
+
+
 def _unwritten(spans: list[tuple[int, int]], blocks: dict[int, int],
                shift: int) -> list[tuple[int, int]]:
     """The byte runs of ``spans`` outside the written sub-blocks of ``blocks``."""
-    out: list[tuple[int, int]] = []
     regions = sorted(blocks)
-    for start, stop in spans:
-        pos = start
-        for r in regions[bisect.bisect_left(regions, start >> shift):
-                         bisect.bisect_left(regions, -(-stop >> shift))]:
-            base = r << shift
-            for f, e in mask_runs(blocks[r]):
-                s, t = base + (f << BLOCK_SHIFT), min(base + (e << BLOCK_SHIFT), stop)
-                if s > pos:
-                    out.append((pos, s))
-                pos = max(pos, t)
-        if pos < stop:
-            out.append((pos, stop))
-    return out
+    return [(s, t) for start, stop in spans
+            for s, t, written in _split_by_blocks(start, stop, blocks, regions, shift)
+            if not written]
 
 
 def _gaps(first: int, end: int, runs: list[Run]) -> list[Run]:

@@ -224,14 +224,8 @@ class RegionMap:
             bits[last_byte] |= (1 << (((stop - 1) & 7) + 1)) - 1
         added = int.from_bytes(bits[first_byte:last_byte + 1], "little").bit_count() - before
         self.present_count += added
-        blocks = self.blocks
-        if blocks:  # present regions have no sub-blocks
-            if stop - start <= len(blocks):
-                for r in range(start, stop):
-                    blocks.pop(r, None)
-            else:
-                for r in [r for r in blocks if start <= r < stop]:
-                    del blocks[r]
+        for r in self.blocks_in(start, stop):  # present regions have no sub-blocks
+            del self.blocks[r]
         return added
 
     def add_blocks(self, region: int, mask: int) -> int:
