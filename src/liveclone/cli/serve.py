@@ -285,8 +285,7 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             opening = Background(partial(CloneSession, source, clone_path, region_size, rate,
                                          copy_on_read=copy_on_read, profile=profile))
             try:
-                import asyncio
-
+                from liveclone import eventloop
                 from liveclone.nbd.server import NBDServer
             except BaseException:
                 opening.discard(CloneSession.close)
@@ -295,7 +294,7 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             try:
                 server = NBDServer(session.clone, export_name=name, read_only=read_only,
                                    tls=tls, limits=limits)
-                asyncio.run(_serve(session, server, stop, listeners, read_only, mountpoint))
+                eventloop.run(_serve(session, server, stop, listeners, read_only, mountpoint))
             finally:
                 session.close()
     finally:

@@ -119,6 +119,7 @@ def _detach_stale_mount(mountpoint: str) -> None:
 
 def run(opts: Options) -> None:
     """Run the daemon until SIGTERM or SIGINT. Raises LivecloneError if it cannot start."""
+    from liveclone import eventloop
     from liveclone.cli.serve import open_listeners
     from liveclone.daemon.records import StateDir
     from liveclone.errors import TargetError, UsageError
@@ -158,7 +159,7 @@ def run(opts: Options) -> None:
             mount = start_dir_mount(opts.mount)
             closers.append(mount.stop)
             log.info("clones appear as files in %s", opts.mount)
-        asyncio.run(_main(opts, state, api_sock, listeners, cache, mount))
+        eventloop.run(_main(opts, state, api_sock, listeners, cache, mount))
     finally:
         for close in reversed(closers):
             try:

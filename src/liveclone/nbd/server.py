@@ -83,6 +83,7 @@ from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
+from liveclone import eventloop
 from liveclone.nbd import protocol as p
 from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
 from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
@@ -975,7 +976,7 @@ class ServerThread:
 
     def __init__(self, clone: Storage, **kwargs: Any) -> None:
         self.server = NBDServer(clone, **kwargs)
-        self._loop = asyncio.new_event_loop()
+        self._loop = eventloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="nbd-server",
                                         daemon=True)
         self._thread.start()
