@@ -34,6 +34,11 @@ check guestfish libguestfs-tools
 # (Debian 12's libfuse2; from Debian 13 on it is libfuse2t64, chosen after the update.)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 installed libfuse2 || installed libfuse2t64 || need+=(libfuse2)
+# The NBD read lane is C, compiled at install (cffi): a compiler and Python's headers.
+check gcc gcc
+python3 -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+    2>/dev/null || need+=(python3-dev)
 # The packaging test installs the wheel into a fresh venv (ensurepip).
 python3 -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -eq 0 ]; then exit 0; fi

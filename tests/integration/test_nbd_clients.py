@@ -382,3 +382,14 @@ def test_socket_is_private_and_removed(setup: Setup) -> None:
         assert (s.socket.stat().st_mode & 0o777) == 0o600
         stop_gracefully(s)
         assert not s.socket.exists()
+
+
+def test_the_pure_python_path_gives_the_same_answers(setup: Setup,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the compiled read lane and on the standard library's event loop
+    (what a machine without a C compiler or without uvloop runs), the same
+    clients get the same bytes: every other test here runs with both."""
+    monkeypatch.setenv("LIVECLONE_LANE", "0")
+    monkeypatch.setenv("LIVECLONE_LOOP", "asyncio")
+    test_qemu_io_patterns_unaligned_zero_discard_aio(setup)
+    test_fio_random_writes_verify(setup)

@@ -48,10 +48,10 @@ def dist(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("dist")
     tree = base / "tree"
     tree.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copy2(ROOT / name, tree / name)
     shutil.copytree(ROOT / "src", tree / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "*.so"))
     out = base / "out"
     r = _run(sys.executable, "-m", "build", "--outdir", out, tree, cwd=base)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -85,6 +85,8 @@ def test_wheel_and_sdist_hold_the_package_and_core_dependencies(
             for p in (ROOT / "src" / "liveclone").rglob("*.py")}
     assert ours <= names, sorted(ours - names)
     assert "liveclone/fuse/libfuse.py" in names
+    # The compiled read lane, built from the C source the sdist carries.
+    assert any(n.startswith("liveclone/nbd/_lane.") and n.endswith(".so") for n in names)
     assert not any(n.startswith("tests/") for n in names)
     assert "liveclone = liveclone.cli.main:main" in entry_points
     requires = [line.split(":", 1)[1].strip() for line in meta.splitlines()
@@ -98,13 +100,16 @@ def test_wheel_and_sdist_hold_the_package_and_core_dependencies(
 
     with tarfile.open(sdist) as t:
         members = {m.split("/", 1)[1] for m in t.getnames() if "/" in m}
-    assert {"pyproject.toml", "README.md", "src/liveclone/fuse/libfuse.py",
-            "src/liveclone/cli/main.py"} <= members
+    assert {"pyproject.toml", "setup.py", "README.md", "src/liveclone/fuse/libfuse.py",
+            "src/liveclone/cli/main.py", "src/liveclone/nbd/lane.c",
+            "src/liveclone/nbd/lane_build.py"} <= members
 
 
 def test_fresh_venv_has_no_extras_and_runs_its_own_copy(venv: Path) -> None:
     r = _run(venv / "bin" / "python", "-c",
-             "import liveclone, mfusepy, urllib3; print(liveclone.__file__)", cwd=venv)
+             "import liveclone, mfusepy, urllib3, uvloop; print(liveclone.__file__)\n"
+             "from liveclone.nbd import lane; assert lane.available(), 'no read lane'",
+             cwd=venv)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).is_relative_to(venv)
     r = _run(venv / "bin" / "python", "-c", "import boto3", cwd=venv)

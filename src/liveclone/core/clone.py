@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import mmap
 import os
 import threading
 import time
@@ -311,6 +312,25 @@ class Clone:
                 return None  # ``read`` reports it
         self._count_read(offset, length, absent, absent > 0)
         return buf
+
+    def lane(self) -> tuple[int, int, bytearray | mmap.mmap | None] | None:
+        """What the NBD read lane (``nbd/lane.py``) needs to answer READs of present
+        regions itself: ``(clone fd, log2 of the region size, present bitmap)``,
+        the bitmap None once the clone is complete. None when every read must come
+        through ``read`` or ``read_nowait``: closed, or reads recorded for a boot
+        profile. The lane reports what it read with ``count_lane_reads``."""
+        self.lifecycle.check_open()
+        if self.on_read is not None:
+            return None
+        return self._fd, self.geometry.shift, None if self.complete else self._own.map.bits()
+
+    def count_lane_reads(self, count: int, nbytes: int) -> None:
+        """Account ``count`` reads of ``nbytes`` in all, of present regions only,
+        that the NBD read lane answered."""
+        with self._stats_lock:
+            self.stats.guest_reads += count
+            self.stats.guest_bytes_read += nbytes
+            self.last_guest_io = time.monotonic()
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:
         """Do a small write at once if it needs no wait, and return True; return

@@ -194,6 +194,13 @@ class RegionMap:
         self.present_count = 0 if bits is None else _count_set(self._bits)
         self.blocks: dict[int, int] = {}
 
+    def bits(self) -> bytearray | mmap.mmap:
+        """The bitmap itself (bit ``r & 7`` of byte ``r >> 3`` is region ``r``), for
+        a reader in C that checks present bits without the GIL. Its size never
+        changes, and a bit only goes from 0 to 1 (above), so a region such a reader
+        finds present stays present; one it finds absent it leaves to ``runs``."""
+        return self._bits
+
     def copy(self) -> RegionMap:
         other = RegionMap(self.count, self._bits)
         other.blocks = dict(self.blocks)

@@ -500,6 +500,21 @@ class ServerConnection:
             return 0
         return max(0, REQUEST.size + length - len(buf))
 
+    @property
+    def to_boundary(self) -> int:
+        """Bytes of input still to come before the next message starts (0 at a
+        boundary): the rest of a request header, of a WRITE's payload, or of an
+        oversized payload being skipped. Known once a header is whole, so after a
+        partial header it counts only the header's rest."""
+        if self.state is not State.TRANSMISSION:
+            return 0
+        if self._discard:
+            return self._discard
+        held = len(self._buf)
+        if not held:
+            return 0
+        return REQUEST.size - held if held < REQUEST.size else self.incomplete
+
     # -- bytes in -------------------------------------------------------------------------
 
     def tls_started(self) -> list[Event]:
@@ -624,6 +639,16 @@ class ServerConnection:
         if cmd == Cmd.BLOCK_STATUS:
             length = min(length, MAX_BLOCK_STATUS)  # the reply may cover less
         events.append(Command(cookie, cmd, flags, offset, length, payload))
+
+    def answered_in_lane(self, count: int) -> None:
+        """``count`` READs the I/O layer's read lane (``nbd/lane.py``) answered
+        itself, taking them out of the input before ``receive_data`` saw it, at a
+        message boundary. The lane answers only what ``validate_request``'s fast
+        path accepts: count them as parsed and answered."""
+        if self.state is not State.TRANSMISSION or self._buf:
+            raise LocalProtocolError(f"no read lane in state {self.state.value} with "
+                                     f"{len(self._buf)} bytes buffered")
+        self.received += count
 
     # -- options ----------------------------------------------------------------------------
 

@@ -84,7 +84,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from liveclone import eventloop
+from liveclone.errors import CloneClosedError
 from liveclone.nbd import protocol as p
+from liveclone.nbd.lane import ReadLane
+from liveclone.nbd.lane import available as lane_available
 from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
 from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
 from liveclone.nbdwire import wire
@@ -127,6 +130,9 @@ class Storage(Protocol):
     region_size: int
 
     def read(self, offset: int, length: int) -> bytearray: ...
+    # For the read lane; a storage without ``lane`` gets none (``_new_lane``).
+    def lane(self) -> tuple[int, int, Any] | None: ...
+    def count_lane_reads(self, count: int, nbytes: int) -> None: ...
     # Served on the event loop when they can be done without blocking; None/False
     # sends the request to the pool instead.
     def read_nowait(self, offset: int, length: int) -> bytearray | None: ...
@@ -147,6 +153,7 @@ class ServerStats:
     connections: int = 0  # accepted since start
     active: int = 0  # open now
     requests: int = 0
+    lane: int = 0  # of them, READs answered by the read lane (nbd/lane.py)
     rejected: int = 0  # invalid requests answered by the protocol
     errors: int = 0  # valid requests whose storage call failed
     dropped: int = 0  # connections closed for breaking the protocol
@@ -503,6 +510,18 @@ def _block_status(clone: Storage, offset: int, length: int) -> list[tuple[int, i
     return p.extent_flags(clone.block_status(offset, length))
 
 
+def _new_lane(clone: Storage, export: p.Export, structured: bool) -> ReadLane | None:
+    """A read lane for a connection to ``export`` on ``clone``, where one can work:
+    built, storage that offers it (``Clone.lane``), no alignment to check."""
+    if not lane_available() or export.min_block != 1 or not hasattr(clone, "lane"):
+        return None
+    state = clone.lane()
+    if state is None:
+        return None
+    fd, shift, _ = state
+    return ReadLane(fd, export.size, export.max_block, structured, shift)
+
+
 def _answer_bytes(c: p.Command) -> int:
     """Memory the answer to ``c`` may hold while it is made: a READ's bytes twice
     (a read from the source is copied into the answer; asyncio copies an answer
@@ -553,6 +572,7 @@ class _Connection(asyncio.Protocol):
         self._drained_at = 0.0
         self._out_seen = 0
         self._looked_at = -1e9
+        self._lane: ReadLane | None = None  # set on ExportChosen, if there is a lane
         # proto.received when the partial WRITE being received was admitted: its
         # whole payload is then counted (and read in) before it is complete.
         self._admitted = -1
@@ -616,7 +636,57 @@ class _Connection(asyncio.Protocol):
         self.server.freed()
 
     def data_received(self, data: bytes) -> None:
-        self._handle(lambda: self.proto.receive_data(data))
+        rest = data
+        if self._lane is not None:
+            proto = self.proto
+            # The end of a message begun in an earlier piece goes to the protocol
+            # first, so that the lane starts at a message boundary.
+            need = proto.to_boundary
+            while 0 < need < len(rest) and not self.closing:
+                head, rest = rest[:need], rest[need:]
+                self._handle(partial(proto.receive_data, head))
+                need = proto.to_boundary
+            if not need:
+                rest = self._lane_reads(rest)
+                if not rest:
+                    self._after_change()
+                    return
+        self._handle(lambda: self.proto.receive_data(rest))
+
+    def _lane_reads(self, data: bytes) -> bytes:
+        """Answer the plain READs of present, cached data in ``data`` in the read
+        lane (``nbd/lane.py``); return every other message, for the protocol.
+
+        Only at a message boundary (no partial message buffered), with no request
+        waiting for memory and the transport taking answers; the lane's answers
+        are held to the same memory bounds as any other. The lane does not see
+        the cookies in flight here: a client that reuses one while in flight
+        (which NBD forbids) may get both answers, in any order."""
+        proto, server, lane = self.proto, self.server, self._lane
+        assert lane is not None and self.transport is not None
+        if (proto.state is not p.State.TRANSMISSION or proto.buffered
+                or self._waiting or self._write_blocked or self.closing):
+            return data
+        room = min(server.connection_memory - self.held, server.max_memory - server.memory)
+        if room <= 0:
+            return data
+        try:
+            state = self.clone.lane()
+        except CloneClosedError:
+            return data  # the protocol's path answers with the error
+        if state is None:
+            return data
+        out, n, count, nbytes, rest = lane.reads(data, state[2], room)
+        if not count:
+            return data
+        proto.answered_in_lane(count)
+        server.stats.requests += count
+        server.stats.lane += count
+        self.clone.count_lane_reads(count, nbytes)
+        self.transport.write(lane.view(out, n))
+        if not proto.tls_active and self.transport.get_write_buffer_size() == 0:
+            lane.sent(out)  # nothing of it is held by the transport: reuse it
+        return rest
 
     def _handle(self, parse: Callable[[], list[p.Event]]) -> None:
         """Run the protocol on new input and act on its events."""
@@ -648,6 +718,7 @@ class _Connection(asyncio.Protocol):
                 self.clone = entry.storage
                 self.run = partial(self.server._run_for, entry)
                 entry.connections.add(self)
+                self._lane = _new_lane(self.clone, ev.export, ev.structured)
             elif type(ev) is p.StartTLS:
                 self._write(self.proto.data_to_send())  # the ACK goes out in plain text
                 assert self.transport is not None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 from liveclone.nbd import protocol as p
 from liveclone.nbdwire import wire
 
@@ -27,6 +29,16 @@ def option_replies(data: bytes) -> list[tuple[int, int, bytes]]:
         out.append((hdr.option, hdr.reply, data[pos:pos + hdr.length]))
         pos += hdr.length
     return out
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a server's socket (which must not close first)."""
+    buf = bytearray()
+    while len(buf) < n:
+        got = sock.recv(n - len(buf))
+        assert got, "server closed the connection"
+        buf += got
+    return bytes(buf)
 
 
 def out(conn: p.ServerConnection) -> bytes:

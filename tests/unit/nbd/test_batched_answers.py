@@ -12,6 +12,7 @@ from pathlib import Path
 
 from liveclone.nbd.server import ServerThread
 from liveclone.nbdwire import wire
+from tests.unit.nbd.drive import recv_exact as _recv
 
 K = 1024
 SIZE = 4 << 20
@@ -70,15 +71,6 @@ def _connect(path: str) -> socket.socket:
                  + wire.encode_option(wire.Opt.EXPORT_NAME, b""))
     _recv(sock, 10)
     return sock
-
-
-def _recv(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        got = sock.recv(n - len(buf))
-        assert got, "server closed the connection"
-        buf += got
-    return bytes(buf)
 
 
 def _answers(sock: socket.socket, lengths: dict[int, int]) -> dict[int, bytes]:

@@ -1,0 +1,32 @@
+"""Build recipe of ``liveclone.nbd._lane``, the compiled read lane (``lane.c``).
+
+Run by setuptools at install (``cffi_modules`` in setup.py), with the C compiler
+and Python's headers from Debian (``build-essential``, ``python3-dev``). When the
+module is missing, ``liveclone.nbd.lane`` says so and the server answers every
+request in Python, with the same results.
+"""
+
+from pathlib import Path
+
+from cffi import FFI
+
+ffibuilder = FFI()
+ffibuilder.cdef("""
+struct lc_lane {
+    int fd;
+    int structured;
+    uint32_t max_block;
+    uint32_t shift;
+    uint64_t size;
+    const uint8_t *bits;
+};
+size_t lc_lane_reads(const struct lc_lane *l, const uint8_t *in, size_t n,
+                     uint8_t *out, size_t cap, size_t *out_used,
+                     uint8_t *rest, size_t *rest_used,
+                     uint64_t *count, uint64_t *nbytes);
+""")
+ffibuilder.set_source("liveclone.nbd._lane", (Path(__file__).parent / "lane.c").read_text(),
+                      extra_compile_args=["-O2", "-std=c11", "-Wall"])
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,183 @@
+"""The read lane (``nbd/lane.py``, compiled from ``nbd/lane.c``) answers exactly as
+the protocol's path does: the same bytes for every READ of a clone whose regions
+are partly present (absent ones come from the source, never from the lane), the
+same errors for requests it must leave alone, with simple and structured replies.
+Each case runs with the lane and without it (``LIVECLONE_LANE=0``), and the two
+must agree byte for byte with a model of the clone.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+from pathlib import Path
+
+import pytest
+
+from liveclone.core.opening import open_clone
+from liveclone.nbd import lane
+from liveclone.nbd.server import ServerThread
+from liveclone.nbdwire import wire
+from liveclone.sources.local import LocalFileSource
+from tests.conftest import make_image
+from tests.unit.nbd.drive import recv_exact as _recv
+
+RS = 64 << 10
+SIZE = 8 << 20
+HALF = SIZE // 2
+
+pytestmark = pytest.mark.skipif(not lane.available(),
+                                reason="the read lane is not built (no C compiler at install)")
+
+
+def _connect(path: str, structured: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX)
+    sock.settimeout(30)  # against a hang only
+    sock.connect(path)
+    _recv(sock, wire.GREETING.size)
+    sock.sendall(wire.encode_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES))
+    if not structured:
+        sock.sendall(wire.encode_option(wire.Opt.EXPORT_NAME, b""))
+        _recv(sock, 10)
+        return sock
+    sock.sendall(wire.encode_option(wire.Opt.STRUCTURED_REPLY)
+                 + wire.encode_option(wire.Opt.GO, wire.encode_info_request("", [])))
+    acks = 0
+    while acks < 2:
+        hdr = wire.decode_option_reply_header(_recv(sock, wire.OPTION_REPLY_HEADER.size))
+        _recv(sock, hdr.length)
+        assert not wire.is_error_reply(hdr.reply), hdr
+        acks += hdr.reply == wire.Rep.ACK
+    return sock
+
+
+def _answers(sock: socket.socket, lengths: dict[int, int],
+             structured: bool) -> dict[int, tuple[int, bytes]]:
+    """Read the replies to every cookie in ``lengths`` (a READ's length, or 0):
+    cookie -> (NBD error, data)."""
+    got: dict[int, tuple[int, bytes]] = {}
+    parts: dict[int, bytearray] = {}
+    while len(got) < len(lengths):
+        magic = int.from_bytes(_recv(sock, 4), "big")
+        if magic == wire.SIMPLE_REPLY_MAGIC:
+            rest = _recv(sock, wire.SIMPLE_REPLY.size - 4)
+            _, error, cookie = wire.SIMPLE_REPLY.unpack(magic.to_bytes(4, "big") + rest)
+            assert not structured or error or lengths[cookie] == 0, "simple reply to a READ"
+            data = _recv(sock, lengths[cookie]) if not error else b""
+            got[cookie] = (error, data)
+            continue
+        assert magic == wire.STRUCTURED_REPLY_MAGIC and structured
+        rest = _recv(sock, wire.STRUCTURED_REPLY.size - 4)
+        _, flags, rtype, cookie, length = wire.STRUCTURED_REPLY.unpack(
+            magic.to_bytes(4, "big") + rest)
+        payload = _recv(sock, length)
+        buf = parts.setdefault(cookie, bytearray())
+        error = 0
+        if rtype == wire.ReplyType.OFFSET_DATA:
+            buf += payload[8:]
+        elif rtype == wire.ReplyType.ERROR:
+            error = int.from_bytes(payload[:4], "big")
+        else:
+            assert rtype == wire.ReplyType.NONE, rtype
+        if flags & wire.REPLY_FLAG_DONE:
+            got[cookie] = (error, bytes(buf) if not error else b"")
+    return got
+
+
+def _requests(rng: random.Random, max_block: int) -> list[tuple[int, int, int, int, bytes]]:
+    """A mixed batch: (cookie, cmd, flags, offset, length-or-payload) ..."""
+    out: list[tuple[int, int, int, int, bytes]] = []
+    for cookie in range(1, 400):
+        kind = rng.random()
+        length = rng.choice([1, 512, 4096, 4096, 4096, 4096, 65536, 70000, 300000])
+        # Reads in the upper half, writes in the lower: NBD runs a batch's
+        # requests in any order, so a read must not overlap a write of its batch.
+        offset = HALF + rng.randrange(HALF - length + 1)
+        if kind < 0.75:
+            out.append((cookie, wire.Cmd.READ, 0, offset, b"%d" % length))
+        elif kind < 0.80:  # flags the lane leaves to the protocol (DF, FUA)
+            flag = rng.choice([wire.CMD_FLAG_FUA, wire.CMD_FLAG_DF])
+            out.append((cookie, wire.Cmd.READ, flag, offset, b"%d" % length))
+        elif kind < 0.85:  # rejected: past the end, empty, over the maximum block
+            bad = rng.choice([(SIZE - 10, 4096), (0, 0), (0, max_block + 1)])
+            out.append((cookie, wire.Cmd.READ, 0, bad[0], b"%d" % bad[1]))
+        else:
+            data = rng.randbytes(min(length, 9000))
+            out.append((cookie, wire.Cmd.WRITE, 0, offset - HALF, data))
+    return out
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@pytest.mark.parametrize("with_lane", [True, False], ids=["lane", "no-lane"])
+def test_the_lane_answers_as_the_protocol_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               structured: bool, with_lane: bool) -> None:
+    if not with_lane:
+        monkeypatch.setenv(lane.ENV, "0")
+    src = tmp_path / "source.img"
+    model = bytearray(make_image(src, SIZE, seed=3))
+    rng = random.Random(11)
+    with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=RS,
+                    create=True, exclusive=True) as clone:
+        # Most regions present (copied, or written by the guest), some absent.
+        for region in rng.sample(range(clone.regions_total), clone.regions_total * 3 // 4):
+            clone.fill(region, region + 1, wait=True)
+        for _ in range(20):
+            offset = rng.randrange(SIZE - 9000)
+            chunk = rng.randbytes(rng.randrange(1, 9000))
+            clone.write(offset, chunk)
+            model[offset:offset + len(chunk)] = chunk
+        assert 0 < clone.regions_present < clone.regions_total
+        with open(tmp_path / "clone.img", "rb") as f:  # cached: what the lane reads
+            while f.read(1 << 20):
+                pass
+        sock_path = str(tmp_path / "nbd.sock")
+        with ServerThread(clone, export_name="") as server:
+            server.start(unix_path=sock_path)
+            max_block = server.server.export.max_block
+            sock = _connect(sock_path, structured)
+            for _ in range(3):  # batches, each sent in one piece
+                batch = _requests(rng, max_block)
+                wire_bytes = bytearray()
+                lengths = {}
+                for cookie, cmd, flags, offset, arg in batch:
+                    if cmd == wire.Cmd.WRITE:
+                        wire_bytes += wire.encode_request(cmd, cookie, offset, len(arg), flags)
+                        wire_bytes += arg
+                        lengths[cookie] = 0
+                    else:
+                        wire_bytes += wire.encode_request(cmd, cookie, offset, int(arg), flags)
+                        lengths[cookie] = int(arg)
+                sock.sendall(wire_bytes)
+                answers = _answers(sock, lengths, structured)
+                for cookie, cmd, _flags, offset, arg in batch:
+                    if cmd == wire.Cmd.WRITE:
+                        assert answers[cookie] == (0, b""), cookie
+                        model[offset:offset + len(arg)] = arg
+                for cookie, cmd, flags, offset, arg in batch:
+                    if cmd != wire.Cmd.READ:
+                        continue
+                    length = int(arg)
+                    error, data = answers[cookie]
+                    if (length == 0 or length > max_block or offset + length > SIZE
+                            or flags == wire.CMD_FLAG_DF and not structured):
+                        assert error == wire.EINVAL, (cookie, offset, length)
+                        continue
+                    assert error == 0, (cookie, offset, length, error)
+                    assert data == model[offset:offset + length], (cookie, offset)
+            # Reads alone, after the writes: exactly the model.
+            lengths = {}
+            wire_bytes = bytearray()
+            for cookie in range(1000, 1300):
+                length = rng.choice([512, 4096, 4096, 65536, 200000])
+                offset = rng.randrange(SIZE - length + 1)
+                wire_bytes += wire.encode_request(wire.Cmd.READ, cookie, offset, length)
+                lengths[cookie] = length
+            sock.sendall(wire_bytes)
+            answers = _answers(sock, lengths, structured)
+            for cookie, length in lengths.items():
+                offset = wire.decode_request(wire_bytes, (cookie - 1000) * wire.REQUEST.size).offset
+                assert answers[cookie] == (0, bytes(model[offset:offset + length])), cookie
+            sock.close()
+            lane_answers = server.server.stats.lane
+        # The lane answered many reads with it, none without it.
+        assert (lane_answers > 100) if with_lane else lane_answers == 0, lane_answers
