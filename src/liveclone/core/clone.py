@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from liveclone.core import fsops
 from liveclone.core.digests import Digester
@@ -62,6 +63,18 @@ class CloneStats:
     guest_writes: int = 0
     guest_bytes_read: int = 0
     guest_bytes_written: int = 0
+
+
+class LaneState(NamedTuple):
+    """``Clone.lane``: what the NBD lane reads and writes, and how it checks."""
+
+    fd: int  # the clone file
+    shift: int  # log2 of the region size
+    # RegionMap bitmaps (``RegionMap.bits``), read without locks: bits only go
+    # from 0 to 1. ``present`` is None once every region is.
+    present: bytearray | mmap.mmap | None
+    marked: bytearray | mmap.mmap  # regions needing no write intent (core.digests)
+    max_write: int  # the largest write done without a wait; 0 after a failure
 
 
 class Clone:
@@ -313,23 +326,27 @@ class Clone:
         self._count_read(offset, length, absent, absent > 0)
         return buf
 
-    def lane(self) -> tuple[int, int, bytearray | mmap.mmap | None] | None:
-        """What the NBD read lane (``nbd/lane.py``) needs to answer READs of present
-        regions itself: ``(clone fd, log2 of the region size, present bitmap)``,
-        the bitmap None once the clone is complete. None when every read must come
-        through ``read`` or ``read_nowait``: closed, or reads recorded for a boot
-        profile. The lane reports what it read with ``count_lane_reads``."""
+    def lane(self) -> LaneState | None:
+        """What the NBD lane (``nbd/lane.py``) needs to do plain READs and WRITEs
+        of present regions itself, as ``read_nowait`` and ``write_nowait`` would;
+        None when every request must come through them (closed, or reads
+        recorded for a boot profile). It reports what it did with ``count_lane``."""
         self.lifecycle.check_open()
         if self.on_read is not None:
             return None
-        return self._fd, self.geometry.shift, None if self.complete else self._own.map.bits()
+        writable = self.lifecycle.failure is None
+        return LaneState(self._fd, self.geometry.shift,
+                         None if self.complete else self._own.map.bits(),
+                         self._digests.marked_bits(),
+                         NOWAIT_WRITE_MAX if writable else 0)
 
-    def count_lane_reads(self, count: int, nbytes: int) -> None:
-        """Account ``count`` reads of ``nbytes`` in all, of present regions only,
-        that the NBD read lane answered."""
+    def count_lane(self, reads: int, read_bytes: int, writes: int, write_bytes: int) -> None:
+        """Account the reads and writes, of present regions only, the NBD lane did."""
         with self._stats_lock:
-            self.stats.guest_reads += count
-            self.stats.guest_bytes_read += nbytes
+            self.stats.guest_reads += reads
+            self.stats.guest_bytes_read += read_bytes
+            self.stats.guest_writes += writes
+            self.stats.guest_bytes_written += write_bytes
             self.last_guest_io = time.monotonic()
 
     def write_nowait(self, offset: int, data: bytes | bytearray | memoryview) -> bool:

@@ -43,6 +43,7 @@ Blocking: every call does file I/O and may block. Thread-safe.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import struct
 import threading
@@ -342,6 +343,10 @@ class DigestStore:
         slot (a write there needs no intent). No I/O."""
         with self._lock:
             return self._marked.find_absent(first, end) is None
+
+    def marked_bits(self) -> bytearray | mmap.mmap:
+        """``marked`` as a bitmap (``RegionMap.bits``), for the NBD lane in C."""
+        return self._marked.bits()
 
     def note_marked(self, runs: Iterable[Run]) -> None:
         """The guest's bytes reached these regions, whose slots say "guest"."""

@@ -1,20 +1,29 @@
-/* The NBD read lane: plain READs of present data, answered from the page cache.
+/* The NBD lane: plain READs and WRITEs of present data, done in C.
  *
- * lc_lane_reads() walks the whole requests in a buffer the client sent. It
- * answers each one that is a READ with no flags, of 1..max_block bytes within
- * the export, whose regions are all present (or every region is: bits == NULL)
- * and whose bytes the page cache holds (preadv2 with RWF_NOWAIT), by appending
- * its reply (simple, or one OFFSET_DATA chunk with structured replies) to `out`.
+ * lc_lane() walks the whole requests in a buffer the client sent. It answers:
+ *
+ *  - a READ with no flags, of 1..max_block bytes within the export, whose regions
+ *    are all present (or every region is: present == NULL) and whose bytes the
+ *    page cache holds (preadv2 with RWF_NOWAIT), by appending its reply (simple,
+ *    or one OFFSET_DATA chunk with structured replies) to `out`;
+ *  - a WRITE with no flags, of 1..max_write bytes within the export, on an export
+ *    that takes writes (max_write > 0), whose regions are all present and all
+ *    marked (their digest slots durably say "guest", so no write intent is due:
+ *    core/digests.py), by one pwrite from the request's own payload and a simple
+ *    reply. This is Clone.write_nowait's path for present regions.
+ *
  * Every other message it copies, in order, to `rest`, which the caller gives to
  * the protocol layer to validate and answer as any other (NBD lets a server
- * answer requests in flight in any order), as it does a READ whose reply would
- * not fit in what is left of `cap`. It stops at a partial message, at DISC or
- * at a bad magic: what it did not reach goes to the protocol layer too.
+ * answer requests in flight in any order); so does a READ whose reply would not
+ * fit in what is left of `cap`, one not all cached, and a WRITE whose pwrite
+ * failed (the protocol's path does it again and reports the error). It stops at
+ * a partial message, at DISC or at a bad magic: what it did not reach goes to
+ * the protocol layer too.
  *
- * Accepting only what validate_request's own fast path accepts means the lane
- * never answers a request the protocol layer would reject. It does no other I/O
- * than that pread: the caller sends `out`. It runs without the GIL (cffi lets
- * it go), so its reads overlap the other threads' work.
+ * It answers only what validate_request's own fast path accepts, so never a
+ * request the protocol layer would reject. Its only I/O is those preads and
+ * pwrites: the caller sends `out`. It runs without the GIL (cffi lets it go), so
+ * its I/O overlaps the other threads' work.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -24,6 +33,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
@@ -35,14 +45,25 @@
 #define STRUCTURED_MAGIC 0x668e33efu
 #define SIMPLE_SIZE 16
 #define CHUNK_SIZE 28 /* structured header (20) and the chunk's offset (8) */
+#define CMD_READ 0
+#define CMD_WRITE 1
+#define CMD_DISC 2
 
 struct lc_lane {
-    int fd;                /* the clone file */
-    int structured;        /* structured replies negotiated */
-    uint32_t max_block;    /* largest READ the export takes */
-    uint32_t shift;        /* log2 of the region size */
-    uint64_t size;         /* the export's size */
-    const uint8_t *bits;   /* present regions, bit r of byte r/8; NULL: all */
+    int fd;                  /* the clone file */
+    int structured;          /* structured replies negotiated */
+    uint32_t max_block;      /* largest READ the export takes */
+    uint32_t max_write;      /* largest WRITE the lane does; 0: none */
+    uint32_t shift;          /* log2 of the region size */
+    uint64_t size;           /* the export's size */
+    const uint8_t *present;  /* present regions, bit r of byte r/8; NULL: all */
+    const uint8_t *marked;   /* regions whose slot says "guest"; NULL: none */
+};
+
+struct lc_done {
+    size_t out_used;         /* bytes of replies in `out` */
+    size_t rest_used;        /* bytes of messages passed on in `rest` */
+    uint64_t reads, read_bytes, writes, write_bytes;
 };
 
 static uint32_t get32(const uint8_t *p)
@@ -73,26 +94,71 @@ static void put64(uint8_t *p, uint64_t v)
     put32(p + 4, (uint32_t)v);
 }
 
-static int all_present(const struct lc_lane *l, uint64_t offset, uint32_t length)
+/* Whether every region of [offset, offset+length) has its bit set in `bits`
+ * (NULL: `all`). Bits only go from 0 to 1 while we look (RegionMap). */
+static int all_set(const uint8_t *bits, int all, uint32_t shift, uint64_t offset,
+                   uint32_t length)
 {
-    if (l->bits == NULL)
-        return 1;
-    uint64_t r = offset >> l->shift, last = (offset + length - 1) >> l->shift;
+    if (bits == NULL)
+        return all;
+    uint64_t r = offset >> shift, last = (offset + length - 1) >> shift;
     for (; r <= last; r++)
-        if (!(l->bits[r >> 3] >> (r & 7) & 1))
+        if (!(bits[r >> 3] >> (r & 7) & 1))
             return 0;
     return 1;
 }
 
-size_t lc_lane_reads(const struct lc_lane *l, const uint8_t *in, size_t n,
-                     uint8_t *out, size_t cap, size_t *out_used,
-                     uint8_t *rest, size_t *rest_used,
-                     uint64_t *count, uint64_t *nbytes)
+static void simple_reply(uint8_t *reply, const uint8_t *cookie)
 {
-    size_t pos = 0, used = 0, kept = 0;
-    uint64_t answered = 0, total = 0;
+    put32(reply, SIMPLE_MAGIC);
+    put32(reply + 4, 0);
+    memcpy(reply + 8, cookie, 8);
+}
+
+/* The READ's reply at `reply`, header and data; 0 if it cannot be done now. */
+static int do_read(const struct lc_lane *l, uint8_t *reply, const uint8_t *cookie,
+                   uint64_t offset, uint32_t length)
+{
+    size_t header = l->structured ? CHUNK_SIZE : SIMPLE_SIZE;
+    struct iovec iov = { reply + header, length };
+    if (preadv2(l->fd, &iov, 1, (off_t)offset, RWF_NOWAIT) != (ssize_t)length)
+        return 0; /* not all cached, or an error */
+    if (l->structured) {
+        put32(reply, STRUCTURED_MAGIC);
+        put16(reply + 4, 1); /* NBD_REPLY_FLAG_DONE */
+        put16(reply + 6, 1); /* NBD_REPLY_TYPE_OFFSET_DATA */
+        memcpy(reply + 8, cookie, 8);
+        put32(reply + 16, length + 8);
+        put64(reply + 20, offset);
+    } else {
+        simple_reply(reply, cookie);
+    }
+    return 1;
+}
+
+static int do_write(const struct lc_lane *l, const uint8_t *data, uint64_t offset,
+                    uint32_t length)
+{
+    while (length) {
+        ssize_t n = pwrite(l->fd, data, length, (off_t)offset);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return 0;
+        data += n;
+        offset += (uint64_t)n;
+        length -= (uint32_t)n;
+    }
+    return 1;
+}
+
+size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
+               uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
+{
+    size_t pos = 0;
     size_t header = l->structured ? CHUNK_SIZE : SIMPLE_SIZE;
 
+    memset(done, 0, sizeof *done);
     while (n - pos >= REQUEST_SIZE) {
         const uint8_t *r = in + pos;
         uint32_t magic = get32(r);
@@ -102,52 +168,40 @@ size_t lc_lane_reads(const struct lc_lane *l, const uint8_t *in, size_t n,
         uint64_t offset = get64(r + 16);
         uint32_t length = get32(r + 24);
 
-        if (magic != REQUEST_MAGIC || type == 2 /* DISC */)
+        if (magic != REQUEST_MAGIC || type == CMD_DISC)
             break; /* the protocol layer's to judge, with all that follows */
-        if (flags != 0 || type != 0 /* READ */ || length == 0 || length > l->max_block
-            || offset > l->size || length > l->size - offset
-            || header + length > cap - used || !all_present(l, offset, length)) {
-            /* Not ours: pass the whole message on (a WRITE with its payload,
-             * framed as the protocol layer frames it, whatever its length). */
-            size_t whole = REQUEST_SIZE + (type == 1 /* WRITE */ ? (size_t)length : 0);
-            if (whole > n - pos)
-                break;
-            memcpy(rest + kept, r, whole);
-            kept += whole;
-            pos += whole;
-            continue;
+        /* A message as the protocol layer frames it: a WRITE carries its payload,
+         * whatever its length. */
+        size_t whole = REQUEST_SIZE + (type == CMD_WRITE ? (size_t)length : 0);
+        if (whole > n - pos)
+            break;
+        int plain = flags == 0 && length != 0 && offset <= l->size
+                    && length <= l->size - offset;
+        int answered = 0;
+        if (plain && type == CMD_READ && length <= l->max_block
+            && header + length <= cap - done->out_used
+            && all_set(l->present, 1, l->shift, offset, length)
+            && do_read(l, out + done->out_used, cookie, offset, length)) {
+            done->out_used += header + length;
+            done->reads++;
+            done->read_bytes += length;
+            answered = 1;
+        } else if (plain && type == CMD_WRITE && length <= l->max_write
+                   && SIMPLE_SIZE <= cap - done->out_used
+                   && all_set(l->present, 1, l->shift, offset, length)
+                   && all_set(l->marked, 0, l->shift, offset, length)
+                   && do_write(l, r + REQUEST_SIZE, offset, length)) {
+            simple_reply(out + done->out_used, cookie);
+            done->out_used += SIMPLE_SIZE;
+            done->writes++;
+            done->write_bytes += length;
+            answered = 1;
         }
-        uint8_t *reply = out + used;
-        struct iovec iov = { reply + header, length };
-        ssize_t got = preadv2(l->fd, &iov, 1, (off_t)offset, RWF_NOWAIT);
-        if (got != (ssize_t)length) {
-            /* Not all cached (or an error): the protocol layer's path reads it
-             * in a worker thread, and reports any error. */
-            memcpy(rest + kept, r, REQUEST_SIZE);
-            kept += REQUEST_SIZE;
-            pos += REQUEST_SIZE;
-            continue;
+        if (!answered) { /* the protocol layer's, in order */
+            memcpy(rest + done->rest_used, r, whole);
+            done->rest_used += whole;
         }
-        if (l->structured) {
-            put32(reply, STRUCTURED_MAGIC);
-            put16(reply + 4, 1); /* NBD_REPLY_FLAG_DONE */
-            put16(reply + 6, 1); /* NBD_REPLY_TYPE_OFFSET_DATA */
-            memcpy(reply + 8, cookie, 8);
-            put32(reply + 16, length + 8);
-            put64(reply + 20, offset);
-        } else {
-            put32(reply, SIMPLE_MAGIC);
-            put32(reply + 4, 0);
-            memcpy(reply + 8, cookie, 8);
-        }
-        used += header + length;
-        answered++;
-        total += length;
-        pos += REQUEST_SIZE;
+        pos += whole;
     }
-    *out_used = used;
-    *rest_used = kept;
-    *count = answered;
-    *nbytes = total;
     return pos;
 }

@@ -1,13 +1,15 @@
-"""The read lane: plain READs of present, cached data answered in C.
+"""The lane: plain READs and WRITEs of present data done in C.
 
-Most of what a VM asks of its disk are READs of data that is already in the
-clone and in the page cache. The lane (``lane.c``, compiled at install through
-cffi) answers a run of them at the front of what the client sent in one call:
-it checks each request as ``validate_request``'s own fast path would, checks
-the present bits of the regions it reads, reads with ``RWF_NOWAIT`` and writes
-the replies into one buffer that the connection sends. Every other request, and
-any read it cannot do at once, goes on to the protocol layer as if the lane were
-not there.
+Most of what a VM asks of its disk are READs of data already in the clone and
+in the page cache, and WRITEs over data already there. The lane (``lane.c``,
+compiled at install through cffi) does a whole batch of them, as the client
+pipelined them, in one call that lets the GIL go: it checks each request as
+``validate_request``'s own fast path would, checks the present bits of the
+regions it touches (and, for a write, that no write intent is due: the same
+test as ``Clone.write_nowait``), reads with ``RWF_NOWAIT`` or writes from the
+request's own payload, and puts the replies in one buffer that the connection
+sends. Every other message, and any request it cannot do at once, goes on to
+the protocol layer, in order, as if the lane were not there.
 
 Without the compiled module (no C compiler at install), or with
 ``LIVECLONE_LANE=0``, there is no lane and the connection answers every request
@@ -17,7 +19,10 @@ in Python: the same answers, more slowly. Tests run both ways.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from liveclone.core.clone import LaneState
 
 _ffi: Any = None
 _lib: Any = None
@@ -40,54 +45,48 @@ def available() -> bool:
     return _lib is not None and os.environ.get(ENV, "1") != "0"
 
 
-class ReadLane:
+class Lane:
     """One connection's lane, for one export: its geometry and reply buffer."""
 
     def __init__(self, fd: int, size: int, max_block: int, structured: bool,
-                 region_shift: int) -> None:
+                 region_shift: int, writable: bool) -> None:
+        self._writable = writable  # the export takes writes
         self._spec = _ffi.new("struct lc_lane *", {
             "fd": fd, "structured": int(structured), "max_block": max_block,
             "shift": region_shift, "size": size})
         self._alloc = _ffi.new_allocator(should_clear_after_alloc=False)
         self._out: Any = None  # the reply buffer, when the transport holds none of it
-        self._used = _ffi.new("size_t *")
-        self._kept = _ffi.new("size_t *")
-        self._count = _ffi.new("uint64_t *")
-        self._bytes = _ffi.new("uint64_t *")
+        self._done = _ffi.new("struct lc_done *")
 
-    def reads(self, data: bytes, bits: Any, cap: int) -> tuple[Any, int, int, int, bytes]:
-        """Answer the READs the lane can in ``data``, in at most ``cap`` bytes of
-        replies. ``bits``: the present bitmap (a buffer read while the copier may
-        set bits in it), or None when every region is.
+    def run(self, data: bytes, state: LaneState, cap: int) -> tuple[Any, Any, bytes]:
+        """Do the READs and WRITEs the lane can in ``data``, in at most ``cap``
+        bytes of replies, with the clone's ``state`` of now (``Clone.lane``).
 
-        Returns (the reply buffer, bytes of replies in it, requests answered,
-        bytes read, what the protocol layer must be given: every message not
-        answered, in order). The buffer is the caller's to send; it calls
-        ``sent(buffer)`` once the transport holds none of it."""
+        Returns (the reply buffer, what was done: ``struct lc_done``, what the
+        protocol layer must be given: every message not answered, in order).
+        The caller sends the buffer's first ``done.out_used`` bytes (``view``),
+        and calls ``sent(buffer)`` once the transport holds none of them."""
         out = self._out
         if out is None:  # the last one is still held by the transport
             out = self._alloc("uint8_t[]", BUFFER)
         self._out = None
         rest = self._alloc("uint8_t[]", len(data))
-        spec = self._spec
-        with _ffi.from_buffer("uint8_t[]", data) as inp:
-            if bits is None:
-                spec.bits = _ffi.NULL
-                used = _lib.lc_lane_reads(spec, inp, len(data), out, min(cap, BUFFER),
-                                          self._used, rest, self._kept, self._count,
-                                          self._bytes)
+        spec, done = self._spec, self._done
+        spec.max_write = state.max_write if self._writable else 0
+        with (_ffi.from_buffer("uint8_t[]", data) as inp,
+              _ffi.from_buffer("uint8_t[]", state.marked) as marked):
+            spec.marked = marked
+            if state.present is None:
+                used = _lib.lc_lane(spec, inp, len(data), out, min(cap, BUFFER), rest, done)
             else:
-                with _ffi.from_buffer("uint8_t[]", bits) as b:
-                    spec.bits = b
-                    used = _lib.lc_lane_reads(spec, inp, len(data), out, min(cap, BUFFER),
-                                              self._used, rest, self._kept, self._count,
-                                              self._bytes)
-                spec.bits = _ffi.NULL
-        count = self._count[0]
-        if not count:  # nothing answered: ``rest`` is data up to ``used``
-            return out, 0, 0, 0, data
-        left = _ffi.buffer(rest, self._kept[0])[:] + data[used:]
-        return out, self._used[0], count, self._bytes[0], left
+                with _ffi.from_buffer("uint8_t[]", state.present) as present:
+                    spec.present = present
+                    used = _lib.lc_lane(spec, inp, len(data), out, min(cap, BUFFER), rest,
+                                        done)
+            spec.present = spec.marked = _ffi.NULL
+        if not (done.reads or done.writes):  # ``rest`` is data up to ``used``
+            return out, done, data
+        return out, done, _ffi.buffer(rest, done.rest_used)[:] + data[used:]
 
     def view(self, out: Any, n: int) -> memoryview:
         return memoryview(_ffi.buffer(out, n))

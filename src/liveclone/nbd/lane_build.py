@@ -1,4 +1,4 @@
-"""Build recipe of ``liveclone.nbd._lane``, the compiled read lane (``lane.c``).
+"""Build recipe of ``liveclone.nbd._lane``, the compiled lane (``lane.c``).
 
 Run by setuptools at install (``cffi_modules`` in setup.py), with the C compiler
 and Python's headers from Debian (``build-essential``, ``python3-dev``). When the
@@ -16,15 +16,21 @@ struct lc_lane {
     int fd;
     int structured;
     uint32_t max_block;
+    uint32_t max_write;
     uint32_t shift;
     uint64_t size;
-    const uint8_t *bits;
+    const uint8_t *present;
+    const uint8_t *marked;
 };
-size_t lc_lane_reads(const struct lc_lane *l, const uint8_t *in, size_t n,
-                     uint8_t *out, size_t cap, size_t *out_used,
-                     uint8_t *rest, size_t *rest_used,
-                     uint64_t *count, uint64_t *nbytes);
+struct lc_done {
+    size_t out_used;
+    size_t rest_used;
+    uint64_t reads, read_bytes, writes, write_bytes;
+};
+size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
+               uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done);
 """)
+
 ffibuilder.set_source("liveclone.nbd._lane", (Path(__file__).parent / "lane.c").read_text(),
                       extra_compile_args=["-O2", "-std=c11", "-Wall"])
 

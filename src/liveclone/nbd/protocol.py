@@ -641,12 +641,12 @@ class ServerConnection:
         events.append(Command(cookie, cmd, flags, offset, length, payload))
 
     def answered_in_lane(self, count: int) -> None:
-        """``count`` READs the I/O layer's read lane (``nbd/lane.py``) answered
+        """``count`` READs and WRITEs the I/O layer's lane (``nbd/lane.py``) answered
         itself, taking them out of the input before ``receive_data`` saw it, at a
         message boundary. The lane answers only what ``validate_request``'s fast
         path accepts: count them as parsed and answered."""
         if self.state is not State.TRANSMISSION or self._buf:
-            raise LocalProtocolError(f"no read lane in state {self.state.value} with "
+            raise LocalProtocolError(f"no lane in state {self.state.value} with "
                                      f"{len(self._buf)} bytes buffered")
         self.received += count
 

@@ -86,7 +86,7 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 from liveclone import eventloop
 from liveclone.errors import CloneClosedError
 from liveclone.nbd import protocol as p
-from liveclone.nbd.lane import ReadLane
+from liveclone.nbd.lane import Lane
 from liveclone.nbd.lane import available as lane_available
 from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
 from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
@@ -96,6 +96,7 @@ from liveclone.nbdwire.wire import Cmd
 if TYPE_CHECKING:  # ssl is imported only when TLS is used: it costs start-up time
     import ssl
 
+    from liveclone.core.clone import LaneState
     from liveclone.sources.base import Extent
 
 log = logging.getLogger("liveclone.nbd")
@@ -130,9 +131,10 @@ class Storage(Protocol):
     region_size: int
 
     def read(self, offset: int, length: int) -> bytearray: ...
-    # For the read lane; a storage without ``lane`` gets none (``_new_lane``).
-    def lane(self) -> tuple[int, int, Any] | None: ...
-    def count_lane_reads(self, count: int, nbytes: int) -> None: ...
+    # For the lane; a storage without ``lane`` gets none (``_new_lane``).
+    def lane(self) -> LaneState | None: ...
+    def count_lane(self, reads: int, read_bytes: int, writes: int,
+                   write_bytes: int) -> None: ...
     # Served on the event loop when they can be done without blocking; None/False
     # sends the request to the pool instead.
     def read_nowait(self, offset: int, length: int) -> bytearray | None: ...
@@ -153,7 +155,7 @@ class ServerStats:
     connections: int = 0  # accepted since start
     active: int = 0  # open now
     requests: int = 0
-    lane: int = 0  # of them, READs answered by the read lane (nbd/lane.py)
+    lane: int = 0  # of them, READs and WRITEs done by the lane (nbd/lane.py)
     rejected: int = 0  # invalid requests answered by the protocol
     errors: int = 0  # valid requests whose storage call failed
     dropped: int = 0  # connections closed for breaking the protocol
@@ -510,16 +512,16 @@ def _block_status(clone: Storage, offset: int, length: int) -> list[tuple[int, i
     return p.extent_flags(clone.block_status(offset, length))
 
 
-def _new_lane(clone: Storage, export: p.Export, structured: bool) -> ReadLane | None:
-    """A read lane for a connection to ``export`` on ``clone``, where one can work:
+def _new_lane(clone: Storage, export: p.Export, structured: bool) -> Lane | None:
+    """A lane for a connection to ``export`` on ``clone``, where one can work:
     built, storage that offers it (``Clone.lane``), no alignment to check."""
     if not lane_available() or export.min_block != 1 or not hasattr(clone, "lane"):
         return None
     state = clone.lane()
     if state is None:
         return None
-    fd, shift, _ = state
-    return ReadLane(fd, export.size, export.max_block, structured, shift)
+    return Lane(state.fd, export.size, export.max_block, structured, state.shift,
+                writable=not export.read_only)
 
 
 def _answer_bytes(c: p.Command) -> int:
@@ -572,7 +574,7 @@ class _Connection(asyncio.Protocol):
         self._drained_at = 0.0
         self._out_seen = 0
         self._looked_at = -1e9
-        self._lane: ReadLane | None = None  # set on ExportChosen, if there is a lane
+        self._lane: Lane | None = None  # set on ExportChosen, if there is a lane
         # proto.received when the partial WRITE being received was admitted: its
         # whole payload is then counted (and read in) before it is complete.
         self._admitted = -1
@@ -647,15 +649,15 @@ class _Connection(asyncio.Protocol):
                 self._handle(partial(proto.receive_data, head))
                 need = proto.to_boundary
             if not need:
-                rest = self._lane_reads(rest)
+                rest = self._lane_run(rest)
                 if not rest:
                     self._after_change()
                     return
         self._handle(lambda: self.proto.receive_data(rest))
 
-    def _lane_reads(self, data: bytes) -> bytes:
-        """Answer the plain READs of present, cached data in ``data`` in the read
-        lane (``nbd/lane.py``); return every other message, for the protocol.
+    def _lane_run(self, data: bytes) -> bytes:
+        """Do the plain READs and WRITEs of present data in ``data`` in the lane
+        (``nbd/lane.py``); return every other message, for the protocol.
 
         Only at a message boundary (no partial message buffered), with no request
         waiting for memory and the transport taking answers; the lane's answers
@@ -676,14 +678,15 @@ class _Connection(asyncio.Protocol):
             return data  # the protocol's path answers with the error
         if state is None:
             return data
-        out, n, count, nbytes, rest = lane.reads(data, state[2], room)
+        out, done, rest = lane.run(data, state, room)
+        count = done.reads + done.writes
         if not count:
             return data
         proto.answered_in_lane(count)
         server.stats.requests += count
         server.stats.lane += count
-        self.clone.count_lane_reads(count, nbytes)
-        self.transport.write(lane.view(out, n))
+        self.clone.count_lane(done.reads, done.read_bytes, done.writes, done.write_bytes)
+        self.transport.write(lane.view(out, done.out_used))
         if not proto.tls_active and self.transport.get_write_buffer_size() == 0:
             lane.sent(out)  # nothing of it is held by the transport: reuse it
         return rest
