@@ -131,12 +131,30 @@ def _fail(code: int) -> mfusepy.FuseOSError:
     return mfusepy.FuseOSError(code)
 
 
+# libfuse's worker threads are not Python threads: for each callback ctypes makes a
+# Python thread state (PyGILState_Ensure) and deletes it on return, and each new one
+# maps a fresh frame stack and faults its pages in. One more PyGILState_Ensure, never
+# released, on a worker's first callback keeps its thread state for the life of the
+# thread: a 4 KiB write through the mount took 20-25 µs less. The workers never exit
+# before the loop ends (libfuse 3.12 and later runs at most ``max_threads``, 10 by
+# default, and ends idle ones only past ``max_idle_threads``, 16), so a mount keeps
+# at most 10 of them, until the process exits.
+_kept = threading.local()
+
+
+def _keep_thread_state() -> None:
+    if not getattr(_kept, "state", False):
+        _kept.state = True
+        ctypes.pythonapi.PyGILState_Ensure()
+
+
 def _errno_only(fn: Callable[..., T]) -> Callable[..., T]:
     """Whatever a callback raises becomes an errno for the kernel: an OSError keeps
     its errno, anything else is logged and answered with EIO. mfusepy would turn
     a stray exception into EINVAL, and a BaseException would end the loop."""
     @functools.wraps(fn)
     def guarded(self: CloneFS, *args: Any) -> T:
+        _keep_thread_state()
         try:
             return fn(self, *args)
         except mfusepy.FuseOSError:
@@ -153,7 +171,15 @@ def _errno_only(fn: Callable[..., T]) -> Callable[..., T]:
 
 class _File:
     """One clone shown as a file. ``inflight`` counts the calls running on it (under
-    CloneFS._lock); a removed file takes no new ones and is let go at 0."""
+    CloneFS._lock); a removed file takes no new ones and is let go at 0.
+
+    ``changes`` counts the writes and fallocates through this file that have ended
+    (failed ones too), and ``synced`` how many of them a completed fsync covers (it
+    read ``changes``, then flushed), both under CloneFS._lock. An fsync with
+    ``changes == synced`` has nothing of ours to make durable: every write this file
+    acknowledged before it is covered by that earlier flush, so it is answered at
+    once, sparing the disk a cache flush (a loop device sends one for each flush of
+    the file system above it, with or without writes between)."""
 
     def __init__(self, clone: Clone, name: str, ino: int, read_only: bool) -> None:
         self.clone = clone
@@ -163,6 +189,8 @@ class _File:
         self.mtime = time.time_ns()
         self.inflight = 0
         self.removed = False
+        self.changes = 0
+        self.synced = 0
 
 
 class CloneFS(mfusepy.Operations):  # type: ignore[misc]
@@ -235,8 +263,9 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
         return f
 
     @contextlib.contextmanager
-    def _using(self, fh: int) -> Iterator[_File]:
-        """The open file ``fh`` while a call runs on it (EIO once it was removed)."""
+    def _using(self, fh: int, change: bool = False) -> Iterator[_File]:
+        """The open file ``fh`` while a call runs on it (EIO once it was removed).
+        ``change``: the call may change the file's bytes (counted when it ends)."""
         with self._lock:
             f = self._by_ino.get(fh)
             if f is None:
@@ -247,6 +276,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
         finally:
             with self._lock:
                 f.inflight -= 1
+                f.changes += change
                 if f.removed and not f.inflight:
                     self._lock.notify_all()
 
@@ -360,7 +390,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 
     @_errno_only
     def write(self, path: str | None, data: bytes, offset: int, fi: Any) -> int:
-        with self._using(fi.fh) as f:
+        with self._using(fi.fh, change=True) as f:
             if f.read_only:
                 raise _fail(errno.EROFS)
             if not data:
@@ -369,7 +399,11 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
                 raise _fail(errno.ENOSPC)
             n = min(len(data), f.clone.size - offset)
             self.writes += 1
-            f.clone.write(offset, memoryview(data)[:n])
+            view = memoryview(data)[:n]
+            # write_nowait: one pwrite where that is all a write needs (a present
+            # region with its write intent done), a third of ``write``'s Python.
+            if not f.clone.write_nowait(offset, view):
+                f.clone.write(offset, view)
             f.mtime = time.time_ns()
             return n
 
@@ -377,7 +411,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
     def fallocate(self, path: str | None, mode: int, offset: int, length: int,
                   fi: Any) -> int:
         """The mapping is in the module docstring."""
-        with self._using(fi.fh) as f:
+        with self._using(fi.fh, change=True) as f:
             if f.read_only:
                 raise _fail(errno.EROFS)
             if offset < 0 or length <= 0:
@@ -397,8 +431,15 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
     @_errno_only
     def fsync(self, path: str | None, datasync: int, fi: Any) -> int:
         with self._using(fi.fh) as f:
-            if not f.read_only:
-                f.clone.flush()
+            if f.read_only:
+                return 0
+            with self._lock:
+                changes = f.changes
+                if changes == f.synced and f.clone.failure is None:
+                    return 0  # nothing since a completed flush (see _File)
+            f.clone.flush()  # covers every change counted in ``changes``
+            with self._lock:
+                f.synced = max(f.synced, changes)
             return 0
 
     def flush(self, path: str | None, fi: Any) -> int:
