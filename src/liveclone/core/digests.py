@@ -431,13 +431,13 @@ class DigestStore:
     def sync(self) -> None:
         """Make every slot written so far durable (a commit's step 1b). Without a
         slot write since the last sync, there is nothing to do."""
-        with self._write_lock:
-            written = self._written
+        # Plain reads, no lock: each is atomic, and a slot write that ends after the
+        # first read is a later commit's to sync (its bit is not pending in this one).
+        if self._written <= self._synced and self._failed is None:
+            return
         with self._group:
             if self._failed is not None:
                 raise self._failed
-            if written <= self._synced:
-                return
         self._fdatasync()
 
 
