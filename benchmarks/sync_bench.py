@@ -1,16 +1,22 @@
 """Sync-heavy guests on the file view: ext4 on a loop device on ``liveclone mount``
 against ext4 on a loop device on a plain file of the same disk, in one run.
 
-Workloads (stress-ng): ``--io`` (a loop on sync()), ``--hdd`` with fsync after
-each write, and ``--sync-file`` (sync_file_range). Each round runs every configuration once, in a
-shuffled order; the ratio of each round is liveclone's bogo-ops/s over the plain
-file's, and the medians of at least 5 ratios go to benchmarks/results.md.
+Workloads: stress-ng ``--io`` (a loop on sync()) and ``--hdd`` with fsync after
+each write, and ``fs_mark -S 1`` (files written and fsynced before close, by two
+threads), when fs_mark is installed. stress-ng ``--sync-file`` (sync_file_range)
+runs only when named with ``--workloads``: it does a handful of operations per
+second even on the plain file, too few to compare. Each round runs every
+configuration once, in a shuffled order; the ratio of each round is liveclone's
+rate (bogo-ops/s, files/s) over the plain file's, and the medians of at least 5
+ratios go to benchmarks/results.md, with the 1-minute load average at the start
+and the end.
 
 ``--compare REV`` also runs liveclone as it was at git revision REV (checked out
-with ``git worktree``), e.g. the commit before group commit. Needs root (loop
-devices, mount) and stress-ng (``apt-get install stress-ng``). Not a test.
+with ``git worktree``), e.g. main before a change. Needs root (loop devices,
+mount), stress-ng and fs_mark (``apt-get install stress-ng fsmark``). Not a test.
 
     python benchmarks/sync_bench.py [--rounds 5] [--seconds 8] [--compare REV]
+                                    [--workloads 'sync(),write+fsync,fs_mark']
 """
 
 from __future__ import annotations
@@ -38,6 +44,11 @@ STRESSORS = {
     "write+fsync": (["--hdd", "2", "--hdd-opts", "fsync", "--hdd-bytes", "8M"], "hdd"),
     "sync_file_range": (["--sync-file", "2"], "sync-file"),
 }
+# fs_mark: two threads, each writes FS_MARK_FILES files of 16 KiB per loop, fsyncing
+# each before close (-S 1), for 2 loops; its Files/sec of each loop, averaged.
+FS_MARK = "fs_mark"
+FS_MARK_FILES = 1000
+DEFAULT = ["sync()", "write+fsync", FS_MARK]
 
 
 def sh(*cmd: str) -> str:
@@ -45,7 +56,9 @@ def sh(*cmd: str) -> str:
 
 
 def stress(where: Path, name: str, seconds: int) -> float:
-    """bogo ops/s of one stressor run in ``where``."""
+    """bogo ops/s of one stressor run in ``where`` (files/s for fs_mark)."""
+    if name == FS_MARK:
+        return fs_mark(where)
     argv, metric = STRESSORS[name]
     out = subprocess.run(
         ["stress-ng", *argv, "--timeout", f"{seconds}s", "--metrics-brief",
@@ -55,6 +68,19 @@ def stress(where: Path, name: str, seconds: int) -> float:
     if out.returncode != 0 or m is None:
         raise RuntimeError(f"stress-ng {name} failed:\n{text[-2000:]}")
     return float(m.group(2))
+
+
+def fs_mark(where: Path) -> float:
+    """Files/s of ``fs_mark -S 1`` in ``where``: the mean of its loops' figures."""
+    out = subprocess.run(
+        ["fs_mark", "-d", "fsm", "-s", "16384", "-n", str(FS_MARK_FILES),
+         "-S", "1", "-t", "2", "-L", "2"],  # a relative -d: it takes under 40 bytes
+        cwd=where, capture_output=True, text=True, timeout=600)
+    rates = [float(m.group(1)) for m in
+             re.finditer(r"^\s*\d+\s+\d+\s+16384\s+([\d.]+)\s+\d+\s*$", out.stdout, re.M)]
+    if out.returncode != 0 or not rates:
+        raise RuntimeError(f"fs_mark failed:\n{(out.stdout + out.stderr)[-2000:]}")
+    return statistics.fmean(rates)
 
 
 class Loop:
@@ -89,7 +115,8 @@ def run_liveclone(work: Path, golden: Path, name: str, seconds: int, src: Path) 
     # The old tree may load libfuse2 where both are installed: name libfuse3.
     env = dict(os.environ, PYTHONPATH=str(src), FUSE_LIBRARY_NAME="fuse3")
     proc = subprocess.Popen([sys.executable, "-m", "liveclone.cli.main", "mount", str(golden),
-                             str(clone), str(mnt)], env=env, stderr=subprocess.DEVNULL)
+                             str(clone), str(mnt)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         image = mnt / clone.name
         deadline = time.monotonic() + 30
@@ -115,9 +142,18 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--compare", help="also run liveclone at this git revision")
     ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "sync"))
+    ap.add_argument("--workloads", default=",".join(DEFAULT),
+                    help=f"comma-separated, of: {', '.join([*STRESSORS, FS_MARK])}")
     args = ap.parse_args()
+    workloads = args.workloads.split(",")
+    if unknown := set(workloads) - {*STRESSORS, FS_MARK}:
+        sys.exit(f"unknown workloads: {', '.join(sorted(unknown))}")
     if shutil.which("stress-ng") is None:
         sys.exit("stress-ng is missing: apt-get install stress-ng")
+    if FS_MARK in workloads and shutil.which("fs_mark") is None:
+        print("fs_mark is missing (apt-get install fsmark): left out", file=sys.stderr)
+        workloads.remove(FS_MARK)
+    load_start = os.getloadavg()[0]
     work = Path(args.dir)
     work.mkdir(parents=True, exist_ok=True)
     golden = work / "golden.img"
@@ -135,7 +171,7 @@ def main() -> None:
         trees[f"liveclone@{args.compare}"] = wt / "src"
     results: dict[tuple[str, str], list[float]] = {}
     for r in range(args.rounds):
-        for name in STRESSORS:
+        for name in workloads:
             configs = ["plain", *trees]
             random.shuffle(configs)
             got = {}
@@ -148,13 +184,16 @@ def main() -> None:
             print(f"round {r + 1} {name}: " + ", ".join(f"{c} {v:.0f}/s" for c, v in got.items()),
                   flush=True)
     lines = ["Sync-heavy guest on the file view: ext4 on a loop device on `liveclone mount` "
-             "vs on a plain file on the same disk (stress-ng, bogo-ops/s, "
-             f"{args.seconds} s per run, {args.rounds} interleaved rounds, shuffled order). "
-             "Ratio: median over rounds of liveclone / plain in the same round; the spread "
-             "is the min-max of the ratios (this machine's noise).", "",
-             "| stressor | config | median ops/s | ratio to plain (median) | ratio min-max |",
+             "vs on a plain file on the same disk (stress-ng bogo-ops/s, "
+             f"{args.seconds} s per run; fs_mark -S 1 files/s, 2 threads x "
+             f"{FS_MARK_FILES} files of 16 KiB x 2 loops; {args.rounds} interleaved "
+             "rounds, shuffled order). Ratio: median over rounds of liveclone / plain in "
+             "the same round; the spread is the min-max of the ratios (this machine's "
+             f"noise). 1-minute load average {load_start:.1f} at the start, "
+             f"{os.getloadavg()[0]:.1f} at the end.", "",
+             "| workload | config | median ops/s | ratio to plain (median) | ratio min-max |",
              "|---|---|---|---|---|"]
-    for name in STRESSORS:
+    for name in workloads:
         plain = results[(name, "plain")]
         lines.append(f"| {name} | plain file | {statistics.median(plain):.0f} | 1 | |")
         for c in trees:

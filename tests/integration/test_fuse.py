@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from liveclone.core.opening import open_clone
 from liveclone.fuse import start_mount
 from liveclone.session import CloneSession
+from liveclone.sources.local import LocalFileSource
 
 LIVECLONE = [sys.executable, "-m", "liveclone.cli.main"]
 MiB = 1 << 20
@@ -335,3 +337,42 @@ def test_sigint_unmounts_and_commits(tmp_path: Path, mounts: list[Mount]) -> Non
     assert not os.path.ismount(m.mnt)
     finish(src, clone)
     assert clone.read_bytes() == model
+
+
+def test_fsync_commits_what_the_file_wrote_and_is_free_with_nothing_new(
+        tmp_path: Path) -> None:
+    """An fsync of the mounted file makes every write the file acknowledged before it
+    durable, data and map; one with no write or fallocate since the last completed
+    flush commits nothing (no fdatasync: a loop device sends such flushes). A crash
+    (``abandon``: no last commit) then keeps exactly what was fsynced."""
+    src, path, mnt = tmp_path / "src.img", tmp_path / "disk.img", tmp_path / "mnt"
+    expected = make_source(src, 2 * MiB)
+    mnt.mkdir()
+    clone = open_clone(str(path), LocalFileSource(str(src)), create=True, autocommit=False)
+    rs = clone.geometry.region_size
+    handle = start_mount(clone, str(mnt))
+    try:
+        fd = os.open(handle.path, os.O_RDWR)
+        try:
+            for n, region in enumerate((3, 7), start=1):  # absent: each write pends a run
+                data = random.Random(region).randbytes(rs)
+                assert os.pwrite(fd, data, region * rs) == rs
+                expected[region * rs:(region + 1) * rs] = data
+                os.fsync(fd)
+                assert clone.regions_committed == n
+                commits = clone.commits
+                os.fsync(fd)  # nothing new: answered without a commit
+                assert clone.commits == commits
+            fallocate(Path(handle.path), "--punch-hole", "--offset", str(9 * rs),
+                      "--length", str(rs)).check_returncode()
+            expected[9 * rs:10 * rs] = bytes(rs)
+            os.fsync(fd)
+            assert clone.regions_committed == 3
+        finally:
+            os.close(fd)
+    finally:
+        handle.stop()
+        clone.abandon()  # as kill -9: nothing more is committed
+    with open_clone(str(path), LocalFileSource(str(src))) as again:
+        assert again.regions_present == 3
+        assert again.read(0, 2 * MiB) == expected

@@ -249,6 +249,8 @@ class DigestStore:
         # the present regions' slots between them, as read under this lock: one
         # write per group instead of one per run, and no guest slot lost to it.
         self._write_lock = threading.Lock()
+        # Slot writes done (begun and ended, failed ones too), guarded by _write_lock.
+        self._written = 0
         # Regions whose slot is known to say "guest" and to be durable, or to travel
         # with the region's present bit (guarded by _lock). Bits only go 0 → 1.
         self._marked = RegionMap(count)
@@ -258,6 +260,10 @@ class DigestStore:
         self._covered = 0  # every one numbered up to this is durable
         self._syncing = False  # a leader's fdatasync is running
         self._failed: OSError | None = None  # a failed sync: every later one fails too
+        # Invariant: the first ``_synced`` slot writes are durable (an fdatasync that
+        # began after they ended has returned). ``sync`` with nothing written since
+        # is free: an fdatasync costs a disk cache flush even with nothing dirty.
+        self._synced = 0
 
     # -- creating and opening --------------------------------------------------------
 
@@ -329,7 +335,7 @@ class DigestStore:
                     for x, y in regions[g:k]:
                         out[(x - a) * SLOT_SIZE:(y - a) * SLOT_SIZE] = \
                             slots[(x - lo) * SLOT_SIZE:(y - lo) * SLOT_SIZE]
-                fsops.pwrite_all(self._fd, out, HEADER_SIZE + a * SLOT_SIZE)
+                self._pwrite(out, HEADER_SIZE + a * SLOT_SIZE)
             g = k
 
     def guest_made_present(self, runs: Iterable[Run]) -> None:
@@ -394,10 +400,7 @@ class DigestStore:
                 self._syncing, target = True, self._asked
                 self._group.release()
                 try:
-                    fsops.fdatasync(self._fd)
-                except OSError as e:
-                    self._failed = e
-                    raise
+                    self._fdatasync()
                 finally:
                     self._group.acquire()
                     self._syncing = False
@@ -407,11 +410,40 @@ class DigestStore:
     def _write_guest(self, a: int, b: int) -> None:
         slots = encode_slot(GUEST) * (b - a)
         with self._write_lock:
-            fsops.pwrite_all(self._fd, slots, HEADER_SIZE + a * SLOT_SIZE)
+            self._pwrite(slots, HEADER_SIZE + a * SLOT_SIZE)
+
+    def _pwrite(self, data: bytes | bytearray, offset: int) -> None:
+        """One slot write (under _write_lock), counted once it has ended."""
+        try:
+            fsops.pwrite_all(self._fd, data, offset)
+        finally:
+            self._written += 1  # failed too: it may have changed the file
+
+    def _fdatasync(self) -> None:
+        """fdatasync, covering the slot writes ended before it began. A failure
+        fails every later sync (invariant 9)."""
+        with self._write_lock:
+            written = self._written
+        try:
+            fsops.fdatasync(self._fd)
+        except OSError as e:
+            with self._group:
+                self._failed = e
+            raise
+        with self._group:
+            self._synced = max(self._synced, written)
 
     def sync(self) -> None:
-        """Make every slot written so far durable (a commit's step 1b)."""
-        fsops.fdatasync(self._fd)
+        """Make every slot written so far durable (a commit's step 1b). Without a
+        slot write since the last sync, there is nothing to do."""
+        # Plain reads, no lock: each is atomic, and a slot write that ends after the
+        # first read is a later commit's to sync (its bit is not pending in this one).
+        if self._written <= self._synced and self._failed is None:
+            return
+        with self._group:
+            if self._failed is not None:
+                raise self._failed
+        self._fdatasync()
 
 
 def read_slot_bytes(fd: int, first: int, end: int) -> bytes:

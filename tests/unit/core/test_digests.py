@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from liveclone.core import digests, fsops
+from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier
 from liveclone.core.digests import COPIED, GUEST, NONE, Digester, digest_path
 from liveclone.core.metadata import MapStore
@@ -148,12 +149,9 @@ def test_a_guest_write_to_a_copied_region_is_marked_durably_before_its_bytes(
         c.close()
 
 
-def test_a_commit_syncs_the_digests_after_the_data_and_before_the_map(
-        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    src, _ = source
-    path = str(tmp_path / "c.img")
-    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
-                   autocommit=False)
+def _syncs_of(c: Clone, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the files ``c`` fdatasyncs, in order ("clone", "lcdigest",
+    "lcjournal"); each sync still happens."""
     order: list[str] = []
     real = fsops.fdatasync
 
@@ -162,13 +160,55 @@ def test_a_commit_syncs_the_digests_after_the_data_and_before_the_map(
                      else os.readlink(f"/proc/self/fd/{fd}").rsplit(".", 1)[-1])
         real(fd)
 
+    monkeypatch.setattr(fsops, "fdatasync", sync)
+    return order
+
+
+def test_a_commit_syncs_the_digests_after_the_data_and_before_the_map(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
     try:
         c.fill(0, 4)
-        monkeypatch.setattr(fsops, "fdatasync", sync)
+        order = _syncs_of(c, monkeypatch)
         c.flush()
     finally:
         c.close()
     assert order[:3] == ["clone", "lcdigest", "lcjournal"]
+
+
+def test_a_commit_syncs_the_digests_only_after_slots_were_written(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An fdatasync costs a disk cache flush even with nothing to write: a commit
+    skips the digest file's when no slot was written since its last sync (a guest's
+    write intent syncs its own), and never when one was."""
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                   autocommit=False)
+    order = _syncs_of(c, monkeypatch)
+    try:
+        c.fill(0, 4)  # "copied" slots
+        c.flush()
+        assert order == ["clone", "lcdigest", "lcjournal"]
+        order.clear()
+        c.flush()  # nothing written anywhere
+        assert order == ["clone"]
+        order.clear()
+        c.write(1 * RS, b"guest")  # write intent: its slot is synced before the bytes
+        c.flush()
+        assert order == ["lcdigest", "clone"]
+        order.clear()
+        c.write(6 * RS, bytes(RS))  # an absent region made present: "guest", no sync yet
+        c.fill(8, 10)
+        c.flush()
+        assert order == ["clone", "lcdigest", "lcjournal"]
+    finally:
+        c.close()
+    assert [k for k, _ in slots(path, 10)] == [COPIED, GUEST, COPIED, COPIED, NONE,
+                                               NONE, GUEST, NONE, COPIED, COPIED]
 
 
 def _as_version_1(path: str) -> None:
