@@ -84,6 +84,12 @@ def _from_source(source: Source, what: Callable[[], T]) -> T:
         raise _source_error(source, e) from e
 
 
+def _check_length(source: Source, offset: int, length: int, got: int) -> None:
+    if got != length:
+        raise SourceReadError(errno.EIO, f"the source {source.spec} returned {got} "
+                              f"bytes at offset {offset}, not {length}: did it shrink?")
+
+
 def _is_zero(view: memoryview, zeros: memoryview) -> bool:
     """``zeros`` is a view of at least ``len(view)`` zero bytes (slicing it copies nothing)."""
     return view == zeros[: len(view)]
@@ -127,9 +133,7 @@ class FillEngine:
         source = self.need_source()
         data = _from_source(source, lambda: source.pread(offset, length))
         source.check_unchanged()
-        if len(data) != length:
-            raise SourceReadError(errno.EIO, f"the source {source.spec} returned {len(data)} "
-                                  f"bytes at offset {offset}, not {length}: did it shrink?")
+        _check_length(source, offset, length, len(data))
         return data
 
     def copy(self, runs: list[tuple[int, int]], progress: list[int] | None = None,
@@ -183,12 +187,17 @@ class FillEngine:
                 chunk = pieces(pos, min(pos + COPY_CHUNK, ext_end))
                 pos = min(pos + COPY_CHUNK, ext_end)
                 # One read per group of pieces whose gaps are short.
-                g = 0
+                groups, g = [], 0
                 for k in range(1, len(chunk) + 1):
                     if k < len(chunk) and chunk[k][0] - chunk[k - 1][1] <= READ_ALONG:
                         continue
+                    groups.append((g, k))
+                    g = k
+                for (g, k), (data, direct) in zip(
+                        groups, self._read_groups(source, [(chunk[g][0], chunk[k - 1][1])
+                                                           for g, k in groups], bulk),
+                        strict=True):
                     start, end = chunk[g][0], chunk[k - 1][1]
-                    data, direct = self._read(source, start, end - start, bulk)
                     read += end - start
                     self._count(end - start)
                     for a, b in chunk[g:k]:
@@ -197,7 +206,6 @@ class FillEngine:
                             digests.data(a, data[a - start:b - start])
                         self._put(source, data[a - start:b - start], a, direct, punch,
                                   flush_hole, progress)
-                    g = k
         flush_hole()
         try:
             source.check_unchanged()  # the bytes read are the source's as recorded
@@ -271,6 +279,23 @@ class FillEngine:
                 self._direct = False  # refused after all: the page cache from now on
         if data:
             fsops.pwrite_all(self._fd, data, offset, progress)
+
+    def _read_groups(self, source: Source, spans: list[tuple[int, int]],
+                     bulk: bool) -> Iterator[tuple[memoryview, bool]]:
+        """``_read`` of each ``(start, end)`` span, in order. A local source is read
+        one span at a time into the thread's buffer (the caller is done with a span
+        before asking for the next); any other source is asked for them all at
+        once (``Source.read_ranges``: one request for many, where it can)."""
+        if source.fileno() is not None or len(spans) < 2:
+            for start, end in spans:
+                yield self._read(source, start, end - start, bulk)
+            return
+        ranges = [(start, end - start) for start, end in spans]
+        got = _from_source(source, lambda: source.read_ranges(ranges))
+        source.check_unchanged()
+        for (offset, length), data in zip(ranges, got, strict=True):
+            _check_length(source, offset, length, len(data))
+            yield memoryview(data), False
 
     def _read(self, source: Source, offset: int, length: int,
               bulk: bool) -> tuple[memoryview, bool]:
