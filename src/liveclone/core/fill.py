@@ -90,11 +90,6 @@ def _check_length(source: Source, offset: int, length: int, got: int) -> None:
                               f"bytes at offset {offset}, not {length}: did it shrink?")
 
 
-def _is_zero(view: memoryview, zeros: memoryview) -> bool:
-    """``zeros`` is a view of at least ``len(view)`` zero bytes (slicing it copies nothing)."""
-    return view == zeros[: len(view)]
-
-
 class FillEngine:
     """Moves bytes from one source into one clone file. Thread-safe."""
 
@@ -222,24 +217,28 @@ class FillEngine:
              progress: list[int] | None) -> None:
         """Put one piece of a run: all-zero blocks (aligned to the clone) become
         holes, the data between them is written."""
-        zb, n = self._zero_block, len(data)
+        zb, n, zeros = self._zero_block, len(data), self._zeros
+        # Through the page cache, not shared: one pwrite, no more Python (a fill of
+        # a fragmented map puts tens of thousands of small pieces).
+        by_cache = self._share_blocks is False or source.fileno() is None
         i = 0
         while i < n:
-            j = min(n, (((offset + i) // zb) + 1) * zb - offset)
-            if _is_zero(data[i:j], self._zeros):
+            j = min(n, (offset + i) // zb * zb + zb - offset)
+            if data[i:j] == zeros[:j - i]:
                 punch(offset + i, offset + j)
                 i = j
                 continue
             flush_hole()
             # Extend the data run over following non-zero blocks.
             k = j
-            while k < n:
-                nk = min(n, k + zb)
-                if _is_zero(data[k:nk], self._zeros):
-                    break
-                k = nk
-            self._write(source, data[i:k], offset + i, direct and k - i >= DIRECT_MIN,
-                        progress)
+            while k < n and data[k:k + zb] != zeros[:min(zb, n - k)]:
+                k += zb
+            k = min(k, n)
+            if by_cache and not (direct and k - i >= DIRECT_MIN):
+                fsops.pwrite_all(self._fd, data[i:k], offset + i, progress)
+            else:
+                self._write(source, data[i:k], offset + i,
+                            direct and k - i >= DIRECT_MIN, progress)
             i = k
 
     def _write(self, source: Source, data: memoryview, offset: int,
