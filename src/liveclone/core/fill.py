@@ -13,7 +13,8 @@ writing the clone stay plain ``OSError`` and are never blamed on the source.
 
 A fill is a list of byte runs to write, in order (the absent runs of a batch). The
 engine reads them in few, large source reads: runs separated by a gap of at most
-``READ_ALONG`` bytes are read as one, and the gap's bytes are dropped; a longer
+``READ_ALONG`` bytes (or what the source says another range costs it:
+``Source.read_along``) are read as one, and the gap's bytes are dropped; a longer
 gap is skipped. Only the runs are ever written (invariant 4: the gaps are present
 regions, the guest's). Small runs are written through the page cache: a direct
 write waits for the device, and writeback of many small dirty runs goes out in
@@ -168,6 +169,8 @@ class FillEngine:
                 fsops.punch_hole(self._fd, hole[0], hole[1] - hole[0])
                 hole.clear()
 
+        along = source.read_along()
+        along = READ_ALONG if along is None else along
         read = copied = 0
         for ext in self.source_extents(runs[0][0], runs[-1][1]):
             ext_end = ext.offset + ext.length
@@ -184,7 +187,7 @@ class FillEngine:
                 # One read per group of pieces whose gaps are short.
                 groups, g = [], 0
                 for k in range(1, len(chunk) + 1):
-                    if k < len(chunk) and chunk[k][0] - chunk[k - 1][1] <= READ_ALONG:
+                    if k < len(chunk) and chunk[k][0] - chunk[k - 1][1] <= along:
                         continue
                     groups.append((g, k))
                     g = k

@@ -42,6 +42,13 @@ class Source(abc.ABC):
         for many ranges at once; the default reads them one by one."""
         return [self.pread(offset, length) for offset, length in ranges]
 
+    def read_along(self) -> int | None:
+        """What another range costs this source, in bytes it could read instead: a
+        fill reads a present gap at most this long along with its neighbours and
+        drops it, and asks for the runs apart past it. None: the fill's default,
+        set by a local read's cost."""
+        return None
+
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         """Yield the allocation of ``[offset, offset+length)`` in order, covering it whole.
 

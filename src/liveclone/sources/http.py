@@ -46,6 +46,11 @@ _BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
 # long header lines (nginx at 8 KiB by default, many proxies at 8 KiB in all).
 MAX_RANGES = 128
 MAX_RANGE_HEADER = 4096
+# While the server takes many ranges a request, another range costs its part's
+# headers (about 100 bytes) and a seek on the server, not a round trip: a present
+# gap longer than this is left out of the reads (over a real network the bytes
+# read along are what a copy waits for).
+MULTI_RANGE_ALONG = 16 << 10
 
 
 class HttpSource(RemoteSource):
@@ -213,6 +218,9 @@ class HttpSource(RemoteSource):
             return _cut(parts, ranges)
         except ValueError:
             return None
+
+    def read_along(self) -> int | None:
+        return MULTI_RANGE_ALONG if self._multi_range else None
 
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
         out: list[bytes | memoryview] = [b""] * len(ranges)
