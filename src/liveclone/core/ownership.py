@@ -170,9 +170,8 @@ class Ownership:
 
         The maximal present runs that hold ``present`` are noted, so runs separated
         only by regions already present are one: the durability layer commits it as
-        one journal record. The gap's
-        bits were set before ours, so its data is written too, and the fdatasync
-        of the next commit covers it (invariant 6)."""
+        one journal record. The gap's bits were set before ours, so its data is
+        written too, and the fdatasync of the next commit covers it (invariant 6)."""
         with self.cond:
             if runs:
                 gone = set(runs)
