@@ -9,7 +9,8 @@ restores both from templates, drops the page cache, and times a copier from star
 to a committed, complete clone (``Copier`` + ``close``), in shuffled order; the
 ratio (fragmented bytes/s over contiguous bytes/s) is taken per round and its
 median shown. With ``--remote`` the source is the same image served by nginx on
-loopback (``HttpSource``): each separate read is a range request.
+loopback (``HttpSource``): a fill asks for up to 128 separate reads in one request
+(``multipart/byteranges``).
 
 Not a test: it asserts only that every finished clone is the source plus the
 guest's writes (checksums).
@@ -206,8 +207,8 @@ A clone of {format_size(size)} of random data gets N scattered 4 KiB guest write
 at the start: the same bytes left, unfragmented. Each round times both, shuffled,
 from templates, page cache dropped; ratio = fragmented rate / unfragmented rate per
 round, median of {args.rounds} (range in brackets); noise = the unfragmented runs'
-standard deviation over their mean. HTTP: nginx on loopback, every separate read a
-range request. Every finished clone was checked against the source plus the writes.
+standard deviation over their mean. HTTP: nginx on loopback, up to 128 separate reads
+a request. Every finished clone was checked against the source plus the writes.
 
 | source | regions | N writes | left to copy | fragmented | unfragmented | ratio | noise |
 |---|---|---|---|---|---|---|---|

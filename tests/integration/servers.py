@@ -48,10 +48,12 @@ class Nginx:
     """nginx serving ``root`` on a loopback port, configured and run from ``workdir``."""
 
     def __init__(self, root: Path, workdir: Path, port: int | None = None,
-                 access_log: bool = False, limit_rate: str | None = None) -> None:
+                 access_log: bool = False, limit_rate: str | None = None,
+                 max_ranges: int | None = None) -> None:
         """``access_log``: log each request's status and body bytes to
         ``self.access_log`` (see ``bytes_sent``). ``limit_rate``: nginx's per-connection
-        send rate, e.g. "1m", for a source slow enough to be caught mid-copy."""
+        send rate, e.g. "1m", for a source slow enough to be caught mid-copy.
+        ``max_ranges``: nginx answers a request for more ranges with the whole file."""
         self.root, self.workdir = root, workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -61,6 +63,8 @@ class Nginx:
         log = (f"log_format sent '$status $body_bytes_sent $request_uri';\n"
                f"    access_log {self.access_log} sent;") if access_log else "access_log off;"
         rate = f"limit_rate {limit_rate};" if limit_rate else ""
+        if max_ranges is not None:
+            rate += f" max_ranges {max_ranges};"
         self.conf.write_text(f"""
 user root;
 worker_processes 2;

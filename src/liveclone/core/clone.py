@@ -193,8 +193,8 @@ class Clone:
         self.lifecycle.check_writable()
         runs, present = self._own.take(first, end, wait)
         with self._stats_lock:
-            for a, b in present:  # the seed's write reported done: each region once
-                self.stats.regions_skipped += self._reported.set(a, b)
+            # The seed's write reported done: each region once.
+            self.stats.regions_skipped += self._reported.set_runs(present)
         if not runs:
             return 0, 0
         shift, size = self.geometry.shift, self.size
@@ -244,8 +244,7 @@ class Clone:
                     raise
                 finally:
                     with self._stats_lock:
-                        for a, b in done:  # copied, so never reported skipped
-                            self._reported.set(a, b)
+                        self._reported.set_runs(done)  # copied: never reported skipped
                         self.stats.bytes_copied += copied
                     self._own.release(runs, done)
         return sum(b - a for a, b in runs), read

@@ -104,7 +104,8 @@ class Copier:
         self.batch_regions = max(1, batch_bytes // clone.region_size)
         self.busy_batch_regions = max(1, min(batch_bytes, BUSY_BATCH) // clone.region_size)
         # Present gaps up to this many regions are read along (FillEngine.copy).
-        self.gap_regions = READ_ALONG // clone.region_size
+        along = clone.source.read_along() if clone.source is not None else None
+        self.gap_regions = (READ_ALONG if along is None else along) // clone.region_size
         self.workers = workers
         self.limiter = RateLimiter(rate) if rate else None
         self._lock = threading.Lock()

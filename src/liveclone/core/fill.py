@@ -13,7 +13,8 @@ writing the clone stay plain ``OSError`` and are never blamed on the source.
 
 A fill is a list of byte runs to write, in order (the absent runs of a batch). The
 engine reads them in few, large source reads: runs separated by a gap of at most
-``READ_ALONG`` bytes are read as one, and the gap's bytes are dropped; a longer
+``READ_ALONG`` bytes (or what the source says another range costs it:
+``Source.read_along``) are read as one, and the gap's bytes are dropped; a longer
 gap is skipped. Only the runs are ever written (invariant 4: the gaps are present
 regions, the guest's). Small runs are written through the page cache: a direct
 write waits for the device, and writeback of many small dirty runs goes out in
@@ -84,9 +85,10 @@ def _from_source(source: Source, what: Callable[[], T]) -> T:
         raise _source_error(source, e) from e
 
 
-def _is_zero(view: memoryview, zeros: memoryview) -> bool:
-    """``zeros`` is a view of at least ``len(view)`` zero bytes (slicing it copies nothing)."""
-    return view == zeros[: len(view)]
+def _check_length(source: Source, offset: int, length: int, got: int) -> None:
+    if got != length:
+        raise SourceReadError(errno.EIO, f"the source {source.spec} returned {got} "
+                              f"bytes at offset {offset}, not {length}: did it shrink?")
 
 
 class FillEngine:
@@ -127,9 +129,7 @@ class FillEngine:
         source = self.need_source()
         data = _from_source(source, lambda: source.pread(offset, length))
         source.check_unchanged()
-        if len(data) != length:
-            raise SourceReadError(errno.EIO, f"the source {source.spec} returned {len(data)} "
-                                  f"bytes at offset {offset}, not {length}: did it shrink?")
+        _check_length(source, offset, length, len(data))
         return data
 
     def copy(self, runs: list[tuple[int, int]], progress: list[int] | None = None,
@@ -169,6 +169,8 @@ class FillEngine:
                 fsops.punch_hole(self._fd, hole[0], hole[1] - hole[0])
                 hole.clear()
 
+        along = source.read_along()
+        along = READ_ALONG if along is None else along
         read = copied = 0
         for ext in self.source_extents(runs[0][0], runs[-1][1]):
             ext_end = ext.offset + ext.length
@@ -183,12 +185,17 @@ class FillEngine:
                 chunk = pieces(pos, min(pos + COPY_CHUNK, ext_end))
                 pos = min(pos + COPY_CHUNK, ext_end)
                 # One read per group of pieces whose gaps are short.
-                g = 0
+                groups, g = [], 0
                 for k in range(1, len(chunk) + 1):
-                    if k < len(chunk) and chunk[k][0] - chunk[k - 1][1] <= READ_ALONG:
+                    if k < len(chunk) and chunk[k][0] - chunk[k - 1][1] <= along:
                         continue
+                    groups.append((g, k))
+                    g = k
+                for (g, k), (data, direct) in zip(
+                        groups, self._read_groups(source, [(chunk[g][0], chunk[k - 1][1])
+                                                           for g, k in groups], bulk),
+                        strict=True):
                     start, end = chunk[g][0], chunk[k - 1][1]
-                    data, direct = self._read(source, start, end - start, bulk)
                     read += end - start
                     self._count(end - start)
                     for a, b in chunk[g:k]:
@@ -197,7 +204,6 @@ class FillEngine:
                             digests.data(a, data[a - start:b - start])
                         self._put(source, data[a - start:b - start], a, direct, punch,
                                   flush_hole, progress)
-                    g = k
         flush_hole()
         try:
             source.check_unchanged()  # the bytes read are the source's as recorded
@@ -214,24 +220,28 @@ class FillEngine:
              progress: list[int] | None) -> None:
         """Put one piece of a run: all-zero blocks (aligned to the clone) become
         holes, the data between them is written."""
-        zb, n = self._zero_block, len(data)
+        zb, n, zeros = self._zero_block, len(data), self._zeros
+        # Through the page cache, not shared: one pwrite, no more Python (a fill of
+        # a fragmented map puts tens of thousands of small pieces).
+        by_cache = self._share_blocks is False or source.fileno() is None
         i = 0
         while i < n:
-            j = min(n, (((offset + i) // zb) + 1) * zb - offset)
-            if _is_zero(data[i:j], self._zeros):
+            j = min(n, (offset + i) // zb * zb + zb - offset)
+            if data[i:j] == zeros[:j - i]:
                 punch(offset + i, offset + j)
                 i = j
                 continue
             flush_hole()
             # Extend the data run over following non-zero blocks.
             k = j
-            while k < n:
-                nk = min(n, k + zb)
-                if _is_zero(data[k:nk], self._zeros):
-                    break
-                k = nk
-            self._write(source, data[i:k], offset + i, direct and k - i >= DIRECT_MIN,
-                        progress)
+            while k < n and data[k:k + zb] != zeros[:min(zb, n - k)]:
+                k += zb
+            k = min(k, n)
+            if by_cache and not (direct and k - i >= DIRECT_MIN):
+                fsops.pwrite_all(self._fd, data[i:k], offset + i, progress)
+            else:
+                self._write(source, data[i:k], offset + i,
+                            direct and k - i >= DIRECT_MIN, progress)
             i = k
 
     def _write(self, source: Source, data: memoryview, offset: int,
@@ -271,6 +281,23 @@ class FillEngine:
                 self._direct = False  # refused after all: the page cache from now on
         if data:
             fsops.pwrite_all(self._fd, data, offset, progress)
+
+    def _read_groups(self, source: Source, spans: list[tuple[int, int]],
+                     bulk: bool) -> Iterator[tuple[memoryview, bool]]:
+        """``_read`` of each ``(start, end)`` span, in order. A local source is read
+        one span at a time into the thread's buffer (the caller is done with a span
+        before asking for the next); any other source is asked for them all at
+        once (``Source.read_ranges``: one request for many, where it can)."""
+        if source.fileno() is not None or len(spans) < 2:
+            for start, end in spans:
+                yield self._read(source, start, end - start, bulk)
+            return
+        ranges = [(start, end - start) for start, end in spans]
+        got = _from_source(source, lambda: source.read_ranges(ranges))
+        source.check_unchanged()
+        for (offset, length), data in zip(ranges, got, strict=True):
+            _check_length(source, offset, length, len(data))
+            yield memoryview(data), False
 
     def _read(self, source: Source, offset: int, length: int,
               bulk: bool) -> tuple[memoryview, bool]:

@@ -96,7 +96,11 @@ def copy_file_range(src_fd: int, dst_fd: int, offset: int, length: int,
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int,
                progress: list[int] | None = None) -> None:
     """Write all of ``data``; ``progress[0]``, if given, follows the bytes written."""
-    view = memoryview(data)
+    n = os.pwrite(fd, data, offset)  # all of it, but for a full disk or a signal
+    view = memoryview(data)[n:]
+    offset += n
+    if progress is not None:
+        progress[0] = offset
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n

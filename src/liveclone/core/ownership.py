@@ -168,25 +168,23 @@ class Ownership:
         """Give owned ``runs`` back; the regions of ``present`` (within them, in
         order) had their clone bytes written, so their bits are set, pending commit.
 
-        Runs of ``present`` separated only by regions already present are noted as
-        one run: the durability layer commits it as one journal record. The gap's
-        bits were set before ours, so its data is written too, and the fdatasync
-        of the next commit covers it (invariant 6)."""
+        The maximal present runs that hold ``present`` are noted, so runs separated
+        only by regions already present are one: the durability layer commits it as
+        one journal record. The gap's bits were set before ours, so its data is
+        written too, and the fdatasync of the next commit covers it (invariant 6)."""
         with self.cond:
             if runs:
                 gone = set(runs)
                 self._owned = [r for r in self._owned if r not in gone]
-            joined: list[Run] = []
-            for a, b in present:
-                if b <= a:
-                    continue
-                if joined and self.map.find_absent(joined[-1][1], a) is None:
-                    joined[-1] = (joined[-1][0], b)
-                else:
-                    joined.append((a, b))
-            for run in joined:
-                self.map.set(*run)
-                self._on_present(run)
+            present = [(a, b) for a, b in present if b > a]
+            if present:
+                self.map.set_runs(present)  # one operation for many nearby runs
+                k = 0  # the present runs that hold some of ours are noted
+                for a, b, is_present in self.map.runs(present[0][0], present[-1][1]):
+                    while k < len(present) and present[k][1] <= a:
+                        k += 1
+                    if is_present and k < len(present) and present[k][0] < b:
+                        self._on_present((a, b))
             self.cond.notify_all()
 
     def try_take(self, first: int, end: int) -> list[Run] | None:

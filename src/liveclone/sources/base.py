@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +35,19 @@ class Source(abc.ABC):
     @abc.abstractmethod
     def pread(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` bytes at ``offset`` (short only past the end: never)."""
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
+        """The bytes of each ``(offset, length)`` range, in order (each as ``pread``
+        gives it). Sources where each request costs a round trip override it to ask
+        for many ranges at once; the default reads them one by one."""
+        return [self.pread(offset, length) for offset, length in ranges]
+
+    def read_along(self) -> int | None:
+        """What another range costs this source, in bytes it could read instead: a
+        fill reads a present gap at most this long along with its neighbours and
+        drops it, and asks for the runs apart past it. None: the fill's default,
+        set by a local read's cost."""
+        return None
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         """Yield the allocation of ``[offset, offset+length)`` in order, covering it whole.

@@ -5,11 +5,24 @@ connections. Opening asks for the first byte (``Range: bytes=0-0``): the 206
 answer proves range support and its ``Content-Range`` gives the size, with the
 ETag and Last-Modified that make the identity. Every later read checks that the
 server still serves the same ETag, so an image replaced mid-copy is noticed.
+
+Many small ranges (a fill of a map the guest fragmented) go out in few requests:
+``read_ranges`` asks for up to ``MAX_RANGES`` at once (``Range: bytes=a-b,c-d``)
+and takes the ``multipart/byteranges`` answer apart by each part's
+``Content-Range``. A server that answers such a request with the whole image
+(200: nginx past its ``max_ranges``), with one range that does not hold them all,
+or with a multipart body that does not parse, is asked one range at a time from
+then on.
 """
 
 from __future__ import annotations
 
+import bisect
+import errno
+import functools
+import itertools
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -28,6 +41,16 @@ OPEN_POLICY = RetryPolicy(tries=3, budget=3.0)
 
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
 _CONTENT_RANGE_EMPTY = re.compile(r"bytes\s+\*/(\d+)")
+_BOUNDARY = re.compile(r'boundary=(?:"([^"]+)"|([^;\s]+))', re.IGNORECASE)
+# Ranges asked for in one request, and the longest Range header: servers refuse
+# long header lines (nginx at 8 KiB by default, many proxies at 8 KiB in all).
+MAX_RANGES = 128
+MAX_RANGE_HEADER = 4096
+# While the server takes many ranges a request, another range costs its part's
+# headers (about 100 bytes) and a seek on the server, not a round trip: a present
+# gap longer than this is left out of the reads (over a real network the bytes
+# read along are what a copy waits for).
+MULTI_RANGE_ALONG = 16 << 10
 
 
 class HttpSource(RemoteSource):
@@ -59,13 +82,20 @@ class HttpSource(RemoteSource):
             self._pool.clear()
             raise
         self._fingerprint: str | None = None
+        # The server answers requests for several ranges usefully (``read_ranges``);
+        # set False for good by the first answer that does not.
+        self._multi_range = True
 
     # -- requests ----------------------------------------------------------------
 
     def _get(self, first: int, last: int) -> urllib3.BaseHTTPResponse:
         """GET bytes ``[first, last]``, body not yet read; network failures and 5xx
         become TransientError, a TLS failure is a SourceError."""
-        headers = {**self._headers, "Range": f"bytes={first}-{last}"}
+        return self._get_range(f"bytes={first}-{last}")
+
+    def _get_range(self, spec: str) -> urllib3.BaseHTTPResponse:
+        """GET with ``Range: spec``, as ``_get``."""
+        headers = {**self._headers, "Range": spec}
         try:
             r = self._pool.request("GET", self._url, headers=headers, preload_content=False)
         except urllib3.exceptions.MaxRetryError as e:
@@ -144,8 +174,10 @@ class HttpSource(RemoteSource):
             )
         raise SourceError(f"HTTP source {self._shown} answered {r.status} {r.reason}")
 
-    def _read_once(self, offset: int, length: int) -> bytes:
-        r = self._get(offset, offset + length - 1)
+    def _get_ranged(self, spec: str) -> urllib3.BaseHTTPResponse:
+        """GET ranges of the image: a 206 with its body to read, or a 200 already
+        discarded (the whole image: never read); any other answer raises."""
+        r = self._get_range(spec)
         if r.status != 206:
             _discard(r)
         if r.status == 416:
@@ -154,11 +186,9 @@ class HttpSource(RemoteSource):
                 "it was replaced or truncated while in use"
             )
         self._check_status(r)
-        if r.status == 200:
-            raise SourceError(
-                f"HTTP source {self._shown} stopped honouring range requests (it sent the "
-                "whole image for a range); serve the image from a server that supports Range"
-            )
+        return r
+
+    def _check_etag(self, r: urllib3.BaseHTTPResponse) -> None:
         etag = r.headers.get("ETag")
         if self._etag is not None and etag is not None and etag != self._etag:
             _discard(r)
@@ -167,6 +197,74 @@ class HttpSource(RemoteSource):
                 f"{self._etag}, now {etag}); restore the original image, or delete the "
                 "clone and start again"
             )
+
+    def _read_many_once(self, ranges: Sequence[tuple[int, int]]
+                        ) -> list[memoryview] | None:
+        """The bytes of several ``(offset, length)`` ranges inside the image, sorted
+        and apart, in one request; None if the server's answer cannot give them
+        (the caller reads them one by one)."""
+        r = self._get_ranged("bytes=" + ",".join(f"{o}-{o + n - 1}" for o, n in ranges))
+        if r.status == 200:
+            return None
+        self._check_etag(r)
+        content_type = r.headers.get("Content-Type", "")
+        content_range = r.headers.get("Content-Range", "")
+        body = self._body(r)
+        try:
+            if content_type.lower().startswith("multipart/byteranges"):
+                parts = parse_byteranges(body, content_type)
+            else:  # one range: the server may have joined ours into one
+                parts = [(_first_of(content_range), memoryview(body))]
+            return _cut(parts, ranges)
+        except ValueError:
+            return None
+
+    def read_along(self) -> int | None:
+        return MULTI_RANGE_ALONG if self._multi_range else None
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
+        out: list[bytes | memoryview] = [b""] * len(ranges)
+        inside = [i for i, (o, n) in enumerate(ranges) if n > 0 and o + n <= self.size]
+        groups: list[list[int]] = []
+        header = 0
+        for i in inside:  # at most MAX_RANGES and MAX_RANGE_HEADER bytes a request
+            item = len(f"{ranges[i][0]}-{sum(ranges[i]) - 1},")
+            if not groups or len(groups[-1]) == MAX_RANGES or header + item > MAX_RANGE_HEADER:
+                groups.append([])
+                header = len("bytes=")
+            groups[-1].append(i)
+            header += item
+        for group in groups:
+            if len(group) < 2 or not self._multi_range:
+                continue
+            asked = sorted((ranges[i], i) for i in group)
+            if any(a[0][0] + a[0][1] > b[0][0] for a, b in itertools.pairwise(asked)):
+                continue  # overlapping ranges: a server may join them; ask one by one
+            try:
+                got = self.retrier.call(
+                    functools.partial(self._read_many_once, [rng for rng, _ in asked]),
+                    f"reading {len(asked)} ranges from offset {asked[0][0][0]}",
+                    before_retry=self._before_retry)
+            except SourceError as e:
+                raise OSError(errno.EIO, e.message) from e
+            if got is None:
+                self._multi_range = False  # this server cannot: one range a request
+                continue
+            for (_, i), data in zip(asked, got, strict=True):
+                out[i] = data
+        for i, (o, n) in enumerate(ranges):
+            if not len(out[i]) and n > 0:
+                out[i] = self.pread(o, n)
+        return out
+
+    def _read_once(self, offset: int, length: int) -> bytes:
+        r = self._get_ranged(f"bytes={offset}-{offset + length - 1}")
+        if r.status == 200:
+            raise SourceError(
+                f"HTTP source {self._shown} stopped honouring range requests (it sent the "
+                "whole image for a range); serve the image from a server that supports Range"
+            )
+        self._check_etag(r)
         data = self._body(r)
         m = _CONTENT_RANGE.match(r.headers.get("Content-Range", ""))
         if m is None or int(m.group(1)) != offset or len(data) != length:
@@ -196,6 +294,66 @@ class HttpSource(RemoteSource):
 
     def close(self) -> None:
         self._pool.clear()
+
+
+def parse_byteranges(body: bytes, content_type: str) -> list[tuple[int, memoryview]]:
+    """The parts of a ``multipart/byteranges`` body as ``(first byte, data)``, in
+    the body's order. Each part's length comes from its ``Content-Range``, so data
+    that happens to hold the boundary cannot cut it short. ValueError if the body
+    does not parse (no boundary, a part without Content-Range, a part cut off)."""
+    m = _BOUNDARY.search(content_type)
+    if m is None:
+        raise ValueError(f"no boundary in Content-Type {content_type!r}")
+    delimiter = b"--" + (m.group(1) or m.group(2)).encode("latin-1")
+    view = memoryview(body)
+    parts: list[tuple[int, memoryview]] = []
+    pos = body.find(delimiter)  # a preamble before the first one is ignored
+    if pos < 0:
+        raise ValueError("no boundary in the body")
+    while True:
+        pos += len(delimiter)
+        if body.startswith(b"--", pos):  # the close delimiter
+            return parts
+        line_end = body.find(b"\r\n", pos)  # after optional padding
+        head_end = body.find(b"\r\n\r\n", line_end)
+        if line_end < 0 or head_end < 0:
+            raise ValueError("a part's headers are cut off")
+        content_range = None
+        for line in body[line_end + 2:head_end].split(b"\r\n"):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-range":
+                content_range = value.strip().decode("latin-1")
+        first = _first_of(content_range or "")
+        cr = _CONTENT_RANGE.match(content_range or "")
+        assert cr is not None  # _first_of checked it
+        start = head_end + 4
+        end = start + int(cr.group(2)) - first + 1
+        if end > len(body) or not body.startswith(b"\r\n" + delimiter, end):
+            raise ValueError(f"the part {content_range} is cut off or too long")
+        parts.append((first, view[start:end]))
+        pos = end + 2
+
+
+def _first_of(content_range: str) -> int:
+    m = _CONTENT_RANGE.match(content_range)
+    if m is None or int(m.group(2)) < int(m.group(1)):
+        raise ValueError(f"bad Content-Range {content_range!r}")
+    return int(m.group(1))
+
+
+def _cut(parts: list[tuple[int, memoryview]],
+         ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+    """Each range's bytes, from the parts that hold it (a server may join or
+    reorder ranges); ValueError if some range is not held whole by one part."""
+    parts = sorted(parts, key=lambda p: p[0])
+    starts = [p[0] for p in parts]
+    out = []
+    for offset, length in ranges:
+        k = bisect.bisect_right(starts, offset) - 1
+        if k < 0 or offset + length > starts[k] + len(parts[k][1]):
+            raise ValueError(f"no part holds bytes {offset}-{offset + length - 1}")
+        out.append(parts[k][1][offset - starts[k]:offset - starts[k] + length])
+    return out
 
 
 def _describe(e: BaseException) -> str:

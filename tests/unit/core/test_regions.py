@@ -140,3 +140,53 @@ def test_find_and_count_over_long_runs(edges: list[int], invert: bool,
     count = sum(b - a for a, b in runs)
     assert m.present_count == count
     assert RegionMap(BIG, m.to_bytes()).present_count == count
+    # Runs over the whole map (many text windows; all-clear and all-set ones) and
+    # over spans that start and end inside windows.
+    assert [(a, b) for a, b, p in m.runs(0, BIG) if p] == [(a, b) for a, b in runs if a < b]
+    for s in [0, *starts, *chunk_edges]:
+        s = min(s, BIG - 1)
+        e = min(BIG, s + 70_001)
+        want = [(max(a, s), min(b, e)) for a, b in runs if a < e and b > s and a < b]
+        assert [(a, b) for a, b, p in m.runs(s, e) if p] == want
+
+
+@given(st.integers(65, 5000), st.sets(st.integers(0, 4999), max_size=400),
+       st.integers(0, 4999), st.integers(0, 5000))
+def test_runs_of_a_fragmented_span(count: int, present: set[int], start: int,
+                                   stop: int) -> None:
+    """Spans longer than a guest request's are split by the bits' text (``_TEXT``)."""
+    m = RegionMap(count)
+    for r in present:
+        if r < count:
+            m.set(r, r + 1)
+    start, stop = min(start, count), min(stop, count)
+    got = list(m.runs(start, stop))
+    want: list[tuple[int, int, bool]] = []
+    for r in range(start, stop):
+        if want and want[-1][1] == r and want[-1][2] == (r in present):
+            want[-1] = (want[-1][0], r + 1, r in present)
+        else:
+            want.append((r, r + 1, r in present))
+    assert got == want
+
+
+@given(st.lists(st.integers(0, 300_000), max_size=60), st.sets(st.integers(0, 299_999),
+       max_size=50), st.sets(st.integers(0, 299_999), max_size=20))
+def test_set_runs_is_set_of_each_run(edges: list[int], before: set[int],
+                                     partial: set[int]) -> None:
+    """Runs near each other (one integer OR), far apart and long: the same bits,
+    count, and sub-block marks as ``set`` of each run."""
+    cuts = sorted(set(edges))
+    runs = [(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if a < b]
+    one, each = RegionMap(300_000), RegionMap(300_000)
+    for m in (one, each):
+        for r in before:
+            m.set(r, r + 1)
+        for r in partial - before:
+            m.add_blocks(r, 0b101)
+    added = one.set_runs(runs)
+    assert added == sum(each.set(a, b) for a, b in runs)
+    assert one.to_bytes() == each.to_bytes()
+    assert one.present_count == each.present_count == len(
+        before | {r for a, b in runs for r in range(a, b)})
+    assert one.blocks == each.blocks
