@@ -237,3 +237,32 @@ def test_lane_writes_never_skip_the_write_intent(tmp_path: Path) -> None:
     assert report.mismatch_count == 0, report.mismatched
     guest = {r for a, b in report.guest_runs for r in range(a, b)}
     assert guest == written
+
+
+def test_the_lane_never_reads_an_oversized_writes_payload_as_requests(tmp_path: Path) -> None:
+    """A WRITE over the maximum block is refused and its payload skipped by the
+    protocol (``_discard``). When that payload comes in later pieces, the lane
+    must wait for the next message boundary (``to_boundary``): a payload made of
+    valid READ requests gets no answer of its own."""
+    src = tmp_path / "source.img"
+    model = make_image(src, SIZE, seed=9)
+    with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=RS,
+                    create=True, exclusive=True) as clone:
+        clone.fill(0, clone.regions_total, wait=True)
+        with open(tmp_path / "clone.img", "rb") as f:  # cached: what the lane reads
+            while f.read(1 << 20):
+                pass
+        sock_path = str(tmp_path / "nbd.sock")
+        with ServerThread(clone, export_name="") as server:
+            server.start(unix_path=sock_path)
+            max_block = server.server.export.max_block
+            sock = _connect(sock_path, structured=False)
+            fake = wire.encode_request(wire.Cmd.READ, 7, 0, 4096)
+            length = (max_block // len(fake) + 1) * len(fake)
+            sock.sendall(wire.encode_request(wire.Cmd.WRITE, 1, 0, length))
+            assert _answers(sock, {1: 0}, False) == {1: (wire.EINVAL, b"")}
+            sock.sendall(fake * (length // len(fake)))  # the payload, after the refusal
+            sock.sendall(wire.encode_request(wire.Cmd.READ, 2, 4096, 4096))
+            # The next answer is the real READ's, with its bytes.
+            assert _answers(sock, {2: 4096}, False) == {2: (0, model[4096:8192])}
+            sock.close()
