@@ -32,6 +32,13 @@ pytestmark = pytest.mark.skipif(not lane.available(),
                                 reason="the lane is not built (no C compiler at install)")
 
 
+def _cache(path: Path) -> None:
+    """Read a file into the page cache."""
+    with open(path, "rb") as f:
+        while f.read(1 << 20):
+            pass
+
+
 def _connect(path: str, structured: bool) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(30)  # against a hang only
@@ -134,9 +141,7 @@ def test_the_lane_answers_as_the_protocol_does(tmp_path: Path, monkeypatch: pyte
             clone.write(offset, chunk)
             model[offset:offset + len(chunk)] = chunk
         assert 0 < clone.regions_present < clone.regions_total
-        with open(tmp_path / "clone.img", "rb") as f:  # cached: what the lane reads
-            while f.read(1 << 20):
-                pass
+        _cache(tmp_path / "clone.img")  # what the lane reads
         sock_path = str(tmp_path / "nbd.sock")
         with ServerThread(clone, export_name="") as server:
             server.start(unix_path=sock_path)
@@ -249,9 +254,7 @@ def test_the_lane_never_reads_an_oversized_writes_payload_as_requests(tmp_path: 
     with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=RS,
                     create=True, exclusive=True) as clone:
         clone.fill(0, clone.regions_total, wait=True)
-        with open(tmp_path / "clone.img", "rb") as f:  # cached: what the lane reads
-            while f.read(1 << 20):
-                pass
+        _cache(tmp_path / "clone.img")  # what the lane reads
         sock_path = str(tmp_path / "nbd.sock")
         with ServerThread(clone, export_name="") as server:
             server.start(unix_path=sock_path)
