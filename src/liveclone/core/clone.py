@@ -363,11 +363,16 @@ class Clone:
         span = self._span(offset, len(data))
         if not self.complete and self._own.any_absent(*span):
             return self._write_absent_nowait(offset, data, *span)
-        if not self._digests.marked(*span):  # the first write there needs write intent
+        if not self._intent_nowait(*span):
             return False
         fsops.pwrite_all(self._fd, data, offset)
         self._count_write(len(data))
         return True
+
+    def _intent_nowait(self, first: int, end: int) -> bool:
+        """Write intent for present regions with no I/O (core.digests): they are
+        marked, or their zones are open; else ``write`` takes it, with a sync."""
+        return self._digests.marked(first, end) or self._digests.intent_nowait(first, end)
 
     def _write_absent_nowait(self, offset: int, data: bytes | bytearray | memoryview,
                              first: int, end: int) -> bool:
@@ -378,7 +383,7 @@ class Clone:
         if runs is None:
             return False
         with Owned(self._own, runs) as own:
-            if not all(self._digests.marked(a, b) for a, b in _gaps(first, end, runs)):
+            if not all(self._intent_nowait(a, b) for a, b in _gaps(first, end, runs)):
                 return False
             blocks = self._partial_blocks(offset, offset + len(data), runs, fill=False)
             if blocks is None:
@@ -626,6 +631,7 @@ class Clone:
         try:
             if self.lifecycle.failure is None:
                 self._durability.flush(closing=True)
+                self._durability.close_zones()
         except OSError:
             if self.lifecycle.failure is None:
                 raise

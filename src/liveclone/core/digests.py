@@ -7,23 +7,27 @@
     4096  16×n  slot of region r at 4096 + 16·r:
                 u64 digest   XXH3-64 of the region's bytes (the short last region's
                              bytes only)
-                u32 kind     0 none, 1 copied from the source, 2 guest
+                u32 kind     0 none, 1 copied from the source, 2 guest, 3 open
                 u32 CRC32    of (u32 kind, u64 digest); an all-zero slot is "none"
                              without a CRC. The region is not in the CRC, so the
                              slots of a run of hole regions are one repeated value,
                              written at C speed (a sparse copy passes 16k regions per
                              GiB of holes at 64 KiB)
+    T     4096  the state block, T = 4096 + 16·n rounded up to 4096: b"LVCLOPEN"
+                while zones may be open (below), zeros otherwise. Files made before
+                zones lack it; it is allocated when they are opened for writing.
 
 A slot is 16 bytes at a 16-byte boundary, so it never straddles a page or a sector:
-a power cut leaves each slot old or new, never a mix. The file is sized and its
-blocks allocated when it is made, so writing a slot never needs space (a full disk
-cannot stop the digests).
+a power cut leaves each slot old or new, never a mix; the state block's flag is in
+its first sector. The file is sized and its blocks allocated when it is made, so
+writing a slot never needs space (a full disk cannot stop the digests).
 
 **copied**: a fill copied the region from the source; the digest is of the bytes it
 copied (source holes and zero blocks count as the zeros they read as). **guest**:
 the guest wrote, zeroed or trimmed the region, so its bytes are known not to be
-the source's; there is no digest. **none**: nothing recorded (a clone made before
-digests existed).
+the source's; there is no digest. **open**: copied, with that digest, and the guest
+may have written since: bytes that match are the copy's, bytes that differ are
+the guest's. **none**: nothing recorded (a clone made before digests existed).
 
 Invariant (the digest half of invariant 6): a region's slot is written before its
 present bit is set in memory, and a commit fdatasyncs this file after the clone's
@@ -32,10 +36,24 @@ that is not durable. A slot of an absent region means nothing: it is rewritten w
 the region is filled.
 
 Invariant (write intent): before a guest's bytes are written into a region that is
-already present, that region's slot says "guest" and is durable. A crash can then
-leave a guest's unflushed bytes in a copied region (``kill -9`` keeps the page
-cache) without the region ever reading as a mismatch. Each region pays this
-fdatasync once: ``_marked`` remembers the regions whose guest slot is known.
+already present, that region's slot says "guest" or "open" and is durable. A crash
+can then leave a guest's unflushed bytes in a copied region (``kill -9`` keeps the
+page cache) without the region ever reading as a mismatch.
+
+Write intent is taken per **zone** of 2**ZONE_SHIFT regions, as a RAID write-intent
+bitmap takes it per chunk: the first guest write into a zone turns the zone's
+"copied" slots to "open" (same digests) and fdatasyncs once; from then on the zone
+is open for this session, a fill into it writes "open" slots (they travel with the
+present bits like any fill's), and a guest write there needs no sync
+(``intent_nowait``). A clean close turns the open slots back (``close_zones``):
+"guest" where the guest wrote in this session (``_marked``), "copied" where it did
+not (``_converted``: slots this session made open). The state block says "open"
+durably before the first zone opens and is cleared after ``close_zones``; a stop
+without it leaves open slots behind, which the next writable open settles before
+anything else (``settle``): a present region whose bytes match its digest is
+"copied" again, one whose bytes differ is "guest". So a session pays one fdatasync
+per zone it writes into, not one per region; what it gives up is only after a
+crash, and only until that settle: damage in an open region reads as the guest's.
 
 Blocking: every call does file I/O and may block. Thread-safe.
 """
@@ -65,13 +83,21 @@ SLOT_SIZE = 16
 # A fill's slots separated by at most this many bytes of other slots are written
 # together (``DigestStore.record``).
 SLOT_GAP = 64 << 10
+# Regions per write-intent zone, as a power of two (module docstring): 64 MiB of
+# 64 KiB regions, 4 MiB of 4 KiB ones.
+ZONE_SHIFT = 10
+STATE_SIZE = 4096
+_OPEN_FLAG = b"LVCLOPEN"
+# An open slot's kind field, as found by ``settle`` (its offset in the slot).
+_KIND_AT = 8
+_OPEN_KIND = b"\x03\x00\x00\x00"
 _MAGIC = b"LVCLDIG1"
 _HEAD = struct.Struct("<8s16sII")
 _SLOT = struct.Struct("<QII")
 _CRC_IN = struct.Struct("<IQ")
 _ZERO_SLOT = bytes(SLOT_SIZE)
 
-NONE, COPIED, GUEST = 0, 1, 2
+NONE, COPIED, GUEST, OPEN = 0, 1, 2, 3
 DAMAGED = -1  # a slot whose CRC does not match (reported, never trusted)
 
 Run = tuple[int, int]
@@ -83,6 +109,11 @@ def digest_path(clone_path: str) -> str:
     return clone_path + DIGEST_SUFFIX
 
 
+def state_offset(count: int) -> int:
+    """Where the state block of a digest file of ``count`` slots begins."""
+    return HEADER_SIZE + -(-count * SLOT_SIZE // STATE_SIZE) * STATE_SIZE
+
+
 def encode_slot(kind: int, digest: int = 0) -> bytes:
     return _SLOT.pack(digest, kind, zlib.crc32(_CRC_IN.pack(kind, digest)))
 
@@ -92,7 +123,7 @@ def decode_slot(raw: bytes | memoryview) -> tuple[int, int]:
     if raw == _ZERO_SLOT:
         return NONE, 0
     digest, kind, crc = _SLOT.unpack(raw)
-    if kind not in (NONE, COPIED, GUEST) or zlib.crc32(_CRC_IN.pack(kind, digest)) != crc:
+    if kind not in (NONE, COPIED, GUEST, OPEN) or zlib.crc32(_CRC_IN.pack(kind, digest)) != crc:
         return DAMAGED, 0
     return kind, digest
 
@@ -240,10 +271,17 @@ class Digester:
 class DigestStore:
     """The open digest file of one clone. Made and opened by ``MapStore``."""
 
-    def __init__(self, path: str, fd: int, count: int) -> None:
+    def __init__(self, path: str, fd: int, count: int, zones: bool = False,
+                 unsettled: bool = False) -> None:
         self.path = path
         self._fd = fd
         self.count = count
+        # Write intent per zone (module docstring), when the state block is there;
+        # else per region. ``unsettled``: the state block says open slots were left
+        # by a stop without close_zones (``settle`` runs before anything else).
+        self._zones = zones
+        self.unsettled = unsettled
+        self._state_at = state_offset(count)
         self._lock = threading.Lock()
         # Held by every slot write. ``record`` writes a fill's slots together with
         # the present regions' slots between them, as read under this lock: one
@@ -252,8 +290,19 @@ class DigestStore:
         # Slot writes done (begun and ended, failed ones too), guarded by _write_lock.
         self._written = 0
         # Regions whose slot is known to say "guest" and to be durable, or to travel
-        # with the region's present bit (guarded by _lock). Bits only go 0 → 1.
+        # with the region's present bit, or that the guest wrote in an open zone
+        # (guarded by _lock). Bits only go 0 → 1.
         self._marked = RegionMap(count)
+        # Each zone's state, guarded by _write_lock; states only grow. 0 closed; 1
+        # opening: its copied slots are being made open, and a fill there writes
+        # open slots; 2 open: that is durable, a guest write there needs no sync.
+        self._shift = ZONE_SHIFT
+        self._zone = bytearray((count >> self._shift) + 1)
+        # Slots this session made open (guarded by _write_lock): close_zones turns
+        # those the guest did not write back to "copied".
+        self._converted = RegionMap(count)
+        self._flag_lock = threading.Lock()
+        self._flag_up = False  # the state block says open, durably (_flag_lock)
         # Group sync for write intents: guests writing at once share one fdatasync.
         self._group = threading.Condition()  # guards the four below
         self._asked = 0  # intent syncs asked for, numbered in arrival order
@@ -275,7 +324,7 @@ class DigestStore:
             fsops.write_new_file(tmp, _header(uid), mode)
             fd = os.open(tmp, os.O_RDWR | os.O_CLOEXEC)
             try:
-                os.posix_fallocate(fd, 0, HEADER_SIZE + count * SLOT_SIZE)
+                os.posix_fallocate(fd, 0, state_offset(count) + STATE_SIZE)
                 fsops.fsync(fd)
             finally:
                 os.close(fd)
@@ -290,13 +339,22 @@ class DigestStore:
 
     @classmethod
     def open(cls, path: str, uid: str, count: int) -> DigestStore:
+        """Open for writing. A file made before zones gets its state block now; if
+        that cannot be allocated (a full disk), write intent stays per region."""
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             check_header(path, os.pread(fd, HEADER_SIZE, 0), uid)
+            at = state_offset(count)
+            unsettled = os.pread(fd, len(_OPEN_FLAG), at) == _OPEN_FLAG
+            try:
+                os.posix_fallocate(fd, at, STATE_SIZE)
+                zones = True
+            except OSError:
+                zones = False
         except BaseException:
             os.close(fd)
             raise
-        return cls(path, fd, count)
+        return cls(path, fd, count, zones, unsettled)
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -335,6 +393,8 @@ class DigestStore:
                     for x, y in regions[g:k]:
                         out[(x - a) * SLOT_SIZE:(y - a) * SLOT_SIZE] = \
                             slots[(x - lo) * SLOT_SIZE:(y - lo) * SLOT_SIZE]
+                if any(self._zone[a >> self._shift:((b - 1) >> self._shift) + 1]):
+                    self._make_open(out, a)  # a fill into a zone open for writes
                 self._pwrite(out, HEADER_SIZE + a * SLOT_SIZE)
             g = k
 
@@ -360,16 +420,28 @@ class DigestStore:
             for a, b in runs:
                 self._marked.set(a, b)
 
+    def intent_nowait(self, first: int, end: int) -> bool:
+        """Write intent without I/O: True, with the regions marked, if every zone of
+        ``[first, end)`` is open (a guest write there needs no sync); else False
+        and ``guest_intent`` is due."""
+        zones = self._zone[first >> self._shift:((end - 1) >> self._shift) + 1]
+        if not self._zones or zones.count(2) != len(zones):
+            return False
+        self.note_marked([(first, end)])
+        return True
+
     def guest_intent(self, runs: Iterable[Run]) -> bool:
         """Write intent for present regions a guest is about to change: their slots
-        say "guest" and are durable before this returns. Return True if it synced
-        (the caller turns a failed sync into the failed mode, invariant 9)."""
+        say "guest" or "open" and are durable before this returns. Return True if it
+        synced (the caller turns a failed sync into the failed mode, invariant 9)."""
         todo: list[Run] = []
         with self._lock:
             for a, b in runs:
                 todo.extend((x, y) for x, y, known in self._marked.runs(a, b) if not known)
         if not todo:
             return False
+        if self._zones:
+            return self._zone_intent(todo)
         wrote = False
         for a, b in todo:
             raw = os.pread(self._fd, (b - a) * SLOT_SIZE, HEADER_SIZE + a * SLOT_SIZE)
@@ -382,6 +454,129 @@ class DigestStore:
             self._group_sync()
         self.note_marked(todo)
         return wrote
+
+    def _zone_intent(self, todo: list[Run]) -> bool:
+        """``guest_intent`` by zones: open those of ``todo`` not open yet (their
+        copied slots made open, one shared sync), then mark ``todo``."""
+        zones = sorted({z for a, b in todo
+                        for z in range(a >> self._shift, ((b - 1) >> self._shift) + 1)})
+        synced = False
+        if any(self._zone[z] != 2 for z in zones):
+            self._raise_flag()
+            with self._write_lock:
+                for z in zones:
+                    if not self._zone[z]:
+                        self._zone[z] = 1
+                        a, raw = self._zone_slots(z)
+                        if self._make_open(raw, a):
+                            self._pwrite(raw, HEADER_SIZE + a * SLOT_SIZE)
+            self._group_sync()  # also covers a zone another thread is opening
+            synced = True
+            with self._write_lock:
+                for z in zones:
+                    self._zone[z] = 2
+        self.note_marked(todo)
+        return synced
+
+    def _zone_slots(self, z: int) -> tuple[int, bytearray]:
+        """Zone ``z``'s first region and its slots as they are in the file."""
+        a = z << self._shift
+        n = min(1 << self._shift, self.count - a)
+        raw = bytearray(os.pread(self._fd, n * SLOT_SIZE, HEADER_SIZE + a * SLOT_SIZE))
+        if len(raw) != n * SLOT_SIZE:
+            raise OSError(errno.EIO, f"the digest file {self.path} is short")
+        return a, raw
+
+    def _make_open(self, raw: bytearray, first: int) -> bool:
+        """Turn the copied slots in ``raw`` (regions ``first, first + 1, ...``) whose
+        zones are opening or open into open ones, noting them converted. Under
+        _write_lock. True if any changed."""
+        view, changed = memoryview(raw), False
+        for i in range(0, len(raw), SLOT_SIZE):
+            r = first + i // SLOT_SIZE
+            if not self._zone[r >> self._shift]:
+                continue
+            kind, digest = decode_slot(view[i:i + SLOT_SIZE])
+            if kind == COPIED:
+                raw[i:i + SLOT_SIZE] = encode_slot(OPEN, digest)
+                self._converted.set(r, r + 1)
+                changed = True
+        return changed
+
+    def _raise_flag(self) -> None:
+        """The state block says "open", durably, before any zone opens."""
+        with self._flag_lock:
+            if self._flag_up:
+                return
+            with self._write_lock:
+                self._pwrite(_OPEN_FLAG, self._state_at)
+            self._group_sync()
+            self._flag_up = True
+
+    def close_zones(self) -> None:
+        """At a clean close, after the last commit (nothing writes any more): each
+        open slot this session made becomes "guest" if the guest wrote its region,
+        "copied" again if not; synced; then the state block is cleared and synced."""
+        if not self._flag_up:
+            return
+        with self._write_lock:
+            for z in (i for i, state in enumerate(self._zone) if state):
+                a, raw = self._zone_slots(z)
+                view, changed = memoryview(raw), False
+                for x, y, made in self._converted.runs(a, a + len(raw) // SLOT_SIZE):
+                    for r in range(x, y) if made else ():
+                        i = (r - a) * SLOT_SIZE
+                        kind, digest = decode_slot(view[i:i + SLOT_SIZE])
+                        if kind == OPEN:
+                            raw[i:i + SLOT_SIZE] = (encode_slot(GUEST) if r in self._marked
+                                                    else encode_slot(COPIED, digest))
+                            changed = True
+                if changed:
+                    self._pwrite(raw, HEADER_SIZE + a * SLOT_SIZE)
+        self._lower_flag()
+        with self._flag_lock:
+            self._flag_up = False
+
+    def settle(self, clone_fd: int, present: RegionMap, size: int, region_size: int) -> int:
+        """After a stop without ``close_zones`` (the state block says open): each open
+        slot of a present region becomes "copied" if the region's bytes match its
+        digest, "guest" if not; then the state block is cleared. Reads those
+        regions; call before the clone is used. Return how many were settled."""
+        if not self.unsettled:
+            return 0
+        settled, step = 0, 1 << 16
+        for a in range(0, self.count, step):
+            b = min(a + step, self.count)
+            raw = bytearray(os.pread(self._fd, (b - a) * SLOT_SIZE, HEADER_SIZE + a * SLOT_SIZE))
+            view, changed = memoryview(raw), False
+            at = raw.find(_OPEN_KIND)
+            while at >= 0:
+                i = at - _KIND_AT
+                r = a + i // SLOT_SIZE
+                if i % SLOT_SIZE == 0 and present.is_present(r):
+                    kind, digest = decode_slot(view[i:i + SLOT_SIZE])
+                    if kind == OPEN:
+                        start = r * region_size
+                        data = os.pread(clone_fd, min(region_size, size - start), start)
+                        raw[i:i + SLOT_SIZE] = (encode_slot(COPIED, digest)
+                                                if digest_of(data) == digest
+                                                else encode_slot(GUEST))
+                        changed = True
+                        settled += 1
+                at = raw.find(_OPEN_KIND, at + 1)
+            if changed:
+                with self._write_lock:
+                    self._pwrite(raw, HEADER_SIZE + a * SLOT_SIZE)
+        self._lower_flag()
+        self.unsettled = False
+        return settled
+
+    def _lower_flag(self) -> None:
+        """Sync the slots, then clear the state block and sync that."""
+        self._fdatasync()
+        with self._write_lock:
+            self._pwrite(bytes(len(_OPEN_FLAG)), self._state_at)
+        self._fdatasync()
 
     def _group_sync(self) -> None:
         """fdatasync, shared: a caller whose slots were written before a running sync

@@ -199,6 +199,14 @@ class Durability:
         except OSError as e:
             raise self._fail("writing or syncing the digest file", e) from None
 
+    def close_zones(self) -> None:
+        """After the last commit: the digest zones opened for writes closed
+        (``DigestStore.close_zones``); if that fails, the failed mode."""
+        try:
+            self._store.digests.close_zones()
+        except OSError as e:
+            raise self._fail("closing the digest file's zones", e) from None
+
     def _fail(self, step: str, e: OSError) -> OSError:
         reason = f"{step} failed ({e.strerror or e}). {_FIX}"
         self._lifecycle.fail(reason)

@@ -84,6 +84,8 @@ def open_clone(path: str, source: SourceArg = None, *, region_size: int | None =
                         "the file was truncated or replaced. Delete the clone and its map "
                         "and clone again.")
                 os.ftruncate(fd, header.size)  # a create cut short before any data
+            # Open digest slots left by a stop without a clean close (core.digests).
+            store.digests.settle(fd, rmap, header.size, header.region_size)
         elif created or (create and os.fstat(fd).st_size == 0):
             # New, or an empty file with no map: a create cut short before its map
             # was written (the file stays empty until then), which is finished now.

@@ -8,9 +8,10 @@ in the committed map are checked (a region never goes back to absent).
 Per chunk of present regions (at most CHUNK bytes): the clone's bytes are read
 first (whole regions that are holes, by SEEK_HOLE, count as zeros without being
 read), then the chunk's slots. That order is what makes a live clone safe: a
-guest's write into a copied region is preceded by its "guest" slot being written
-(write intent), so a slot read after bytes that include the guest's says "guest",
-never the old digest.
+guest's write into a copied region is preceded by its slot saying "guest" or "open"
+(write intent), so a slot read after bytes that include the guest's never holds
+the old digest alone: an open slot whose digest differs from the bytes counts the
+region as the guest's.
 
 Disk speed: one reader thread per file (the clone, and the source with
 ``--against-source``) reads its chunks in order into a ring of DEPTH reused
@@ -41,6 +42,7 @@ from liveclone.core.digests import (
     GUEST,
     HEADER_SIZE,
     NONE,
+    OPEN,
     ZEROS,
     check_header,
     copied_slots,
@@ -383,7 +385,7 @@ def _compare(report: Report, first: int, raw: bytes | None, got: list[int],
     slots = decode_slots(raw) if raw is not None else [(NONE, 0)] * len(got)
     for i, (kind, digest) in enumerate(slots):
         r = first + i
-        if kind == COPIED:
+        if kind == COPIED or (kind == OPEN and got[i] == digest):
             if got[i] == digest:
                 report.matched += 1
             else:
@@ -395,7 +397,7 @@ def _compare(report: Report, first: int, raw: bytes | None, got: list[int],
                 else:
                     report.source_mismatch_count += 1
                     _note(report.source_mismatched, r)
-        elif kind == GUEST:
+        elif kind in (GUEST, OPEN):  # open and changed: the guest's (core.digests)
             report.guest_count += 1
             runs = report.guest_runs
             if runs and runs[-1][1] == r:

@@ -18,9 +18,10 @@ from hypothesis import strategies as st
 from liveclone.core import digests, fsops
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier
-from liveclone.core.digests import COPIED, GUEST, NONE, Digester, digest_path
+from liveclone.core.digests import COPIED, GUEST, NONE, OPEN, Digester, digest_path
 from liveclone.core.metadata import MapStore
 from liveclone.core.opening import open_clone
+from liveclone.core.verify import verify_clone
 from liveclone.errors import CorruptMetadataError
 from liveclone.sources.local import LocalFileSource
 
@@ -112,41 +113,127 @@ def test_guest_regions_are_marked_and_copied_ones_keep_their_digest(
     assert got[17][0] == NONE
 
 
-def test_a_guest_write_to_a_copied_region_is_marked_durably_before_its_bytes(
+def state_flag(path: str, count: int) -> bytes:
+    with open(digest_path(path), "rb") as f:
+        f.seek(digests.state_offset(count))
+        return f.read(8)
+
+
+def test_write_intent_opens_a_zone_durably_before_the_guests_bytes(
         tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Write intent: when the guest's bytes reach a copied region, its slot already
-    says guest and the digest file was synced since (a crash could keep the bytes)."""
+    """Write intent, per zone: the state block says open durably first; then the
+    zone's copied slots say open, durably, before the guest's bytes reach one of its
+    regions. Other regions of an open zone need no sync, a region of another zone
+    does. A clean close turns the written regions' slots to guest and the others
+    back to copied, with their digests."""
+    monkeypatch.setattr(digests, "ZONE_SHIFT", 2)  # zones of 4 regions
     src, _ = source
     path = str(tmp_path / "c.img")
     c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
                    autocommit=False)
+    count = c.regions_total
     events: list[str] = []
     real_sync, real_write = fsops.fdatasync, fsops.pwrite_all
 
     def sync(fd: int) -> None:
         if os.readlink(f"/proc/self/fd/{fd}").endswith(".lcdigest"):
-            events.append("digest synced")
+            events.append(f"digest synced, flag {state_flag(path, count)!r}, "
+                          f"slots {[k for k, _ in slots(path, 10)[4:10]]}")
         real_sync(fd)
 
     def write(fd: int, data: object, offset: int, progress: object = None) -> None:
-        if fd == c._fd and offset == 6 * RS + 5:  # the guest's bytes
-            slot = slots(path, 7)[6]
-            events.append(f"data written, slot kind {slot[0]}")
+        if fd == c._fd:  # the guest's bytes
+            events.append(f"data at region {offset // RS}, slot kind "
+                          f"{slots(path, 10)[offset // RS][0]}")
         real_write(fd, data, offset, progress)  # type: ignore[arg-type]
 
     try:
         c.fill(0, 10)
         c.flush()
-        assert slots(path, 7)[6][0] == COPIED
+        before = slots(path, 10)
+        assert [k for k, _ in before] == [COPIED] * 10 and state_flag(path, count) == bytes(8)
         monkeypatch.setattr(fsops, "fdatasync", sync)
         monkeypatch.setattr(fsops, "pwrite_all", write)
         c.write(6 * RS + 5, b"guest")
-        assert events == ["digest synced", f"data written, slot kind {GUEST}"]
-        events.clear()
-        c.write(6 * RS + 5, b"again")  # known marked: no second sync
-        assert events == [f"data written, slot kind {GUEST}"]
+        c.write(6 * RS + 5, b"again")
+        c.write(7 * RS, b"other")
+        c.write(9 * RS, b"next zone")
+        flag = repr(b"LVCLOPEN")
+        assert events == [
+            f"digest synced, flag {flag}, slots {[COPIED] * 6}",
+            f"digest synced, flag {flag}, slots {[OPEN] * 4 + [COPIED] * 2}",
+            f"data at region 6, slot kind {OPEN}",
+            f"data at region 6, slot kind {OPEN}",
+            f"data at region 7, slot kind {OPEN}",
+            f"digest synced, flag {flag}, slots {[OPEN] * 6}",
+            f"data at region 9, slot kind {OPEN}",
+        ]
+        assert slots(path, 10)[:4] == before[:4]  # zone 0 never opened
     finally:
+        monkeypatch.undo()
         c.close()
+    after = slots(path, 10)
+    assert [k for k, _ in after] == [COPIED] * 6 + [GUEST, GUEST, COPIED, GUEST]
+    assert [after[r] for r in (0, 1, 2, 3, 4, 5, 8)] == [before[r] for r in (0, 1, 2, 3, 4, 5, 8)]
+    assert state_flag(path, count) == bytes(8)
+    rep = verify_clone(path)
+    assert rep.ok and rep.guest_runs == [(6, 8), (9, 10)], rep.to_json()
+
+
+def test_a_fill_into_an_open_zone_writes_open_slots(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A region filled after its zone opened gets an open slot (its digest kept),
+    so a guest write there needs no sync; the close sorts the zone out."""
+    monkeypatch.setattr(digests, "ZONE_SHIFT", 2)
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    synced: list[int] = []
+    real_sync = fsops.fdatasync
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
+                    autocommit=False) as c:
+        c.fill(0, 2)
+        c.write(0, b"opens zone 0")
+        c.fill(2, 4)
+        assert [k for k, _ in slots(path, 4)] == [OPEN] * 4
+        monkeypatch.setattr(fsops, "fdatasync", lambda fd: (synced.append(fd), real_sync(fd)))
+        c.write(3 * RS + 1, b"no sync")
+        assert synced == []
+        monkeypatch.undo()
+    assert [k for k, _ in slots(path, 4)] == [GUEST, COPIED, COPIED, GUEST]
+    assert verify_clone(path).guest_runs == [(0, 1), (3, 4)]
+
+
+def test_a_stop_without_close_leaves_open_slots_that_the_next_open_settles(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a crash with zones open, verify counts changed open regions as the
+    guest's and the others as matched; the next open settles each open slot by the
+    region's bytes (changed: guest; same: copied) and clears the state block, and
+    from then on damage in a settled copied region is found again."""
+    monkeypatch.setattr(digests, "ZONE_SHIFT", 2)
+    src, data = source
+    path = str(tmp_path / "c.img")
+    c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True)
+    count = c.regions_total
+    c.fill(0, count)
+    c.flush()
+    c.write(3 * RS, b"changed")
+    c.write(9 * RS, data[9 * RS:9 * RS + 100])  # the same bytes again
+    c.flush()
+    c.abandon()  # as kill -9: no clean close
+    kinds = [k for k, _ in slots(path, 12)]
+    assert kinds == [OPEN] * 4 + [COPIED] * 4 + [OPEN] * 4
+    assert state_flag(path, count) == b"LVCLOPEN"
+    rep = verify_clone(path)
+    assert rep.ok and rep.guest_runs == [(3, 4)] and rep.matched == count - 1
+    with open_clone(path, LocalFileSource(str(src))):
+        pass
+    assert [k for k, _ in slots(path, 12)] == [COPIED] * 3 + [GUEST] + [COPIED] * 8
+    assert state_flag(path, count) == bytes(8)
+    with open(path, "r+b") as f:
+        f.seek(9 * RS + 7)
+        f.write(bytes([data[9 * RS + 7] ^ 1]))
+    rep = verify_clone(path)
+    assert rep.mismatched == [9] and rep.guest_runs == [(3, 4)], rep.to_json()
 
 
 def _syncs_of(c: Clone, monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -197,9 +284,9 @@ def test_a_commit_syncs_the_digests_only_after_slots_were_written(
         c.flush()  # nothing written anywhere
         assert order == ["clone"]
         order.clear()
-        c.write(1 * RS, b"guest")  # write intent: its slot is synced before the bytes
+        c.write(1 * RS, b"guest")  # write intent: the state block, then the zone's slots
         c.flush()
-        assert order == ["lcdigest", "clone"]
+        assert order == ["lcdigest", "lcdigest", "clone"]
         order.clear()
         c.write(6 * RS, bytes(RS))  # an absent region made present: "guest", no sync yet
         c.fill(8, 10)
@@ -304,12 +391,13 @@ def test_a_failed_digest_write_in_a_fill_leaves_its_regions_absent(
 
 def test_write_intents_arriving_together_share_a_sync(
         tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    """Guests writing to copied regions at once: their "guest" slots are made
+    """Guests writing to copied regions at once: their slots ("open", by zones) are made
     durable by fewer fdatasyncs than writes, and none writes its bytes before the
     sync that covers its slot has ended."""
     import threading
     import time
 
+    monkeypatch.setattr(digests, "ZONE_SHIFT", 2)  # 16 regions in 4 zones
     src, _ = source
     path = str(tmp_path / "c.img")
     c = open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True,
@@ -323,7 +411,7 @@ def test_write_intents_arriving_together_share_a_sync(
         nonlocal syncs
         if os.readlink(f"/proc/self/fd/{fd}").endswith(".lcdigest"):
             # What this sync covers: the slots written before it starts.
-            covered = {r for r, (k, _) in enumerate(slots(path, 40)) if k == GUEST}
+            covered = {r for r, (k, _) in enumerate(slots(path, 40)) if k in (GUEST, OPEN)}
             time.sleep(0.05)  # a slow disk: intents pile up behind the running sync
             real_sync(fd)
             syncs += 1
