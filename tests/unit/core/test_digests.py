@@ -203,6 +203,40 @@ def test_a_fill_into_an_open_zone_writes_open_slots(
     assert verify_clone(path).guest_runs == [(0, 1), (3, 4)]
 
 
+def test_a_digest_file_from_before_zones_gets_its_state_block_or_keeps_region_intent(
+        tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A digest file sized as before zones (no state block) gets one when opened for
+    writing, and intent goes by zones. Where it cannot be allocated (a full disk),
+    intent stays per region: a "guest" slot synced before each first write."""
+    src, _ = source
+    path = str(tmp_path / "c.img")
+    with open_clone(path, LocalFileSource(str(src)), region_size=RS, create=True) as c:
+        c.fill(0, 10)
+        count = c.regions_total
+    old_size = digests.HEADER_SIZE + count * digests.SLOT_SIZE
+    os.truncate(digest_path(path), old_size)  # as a file made before zones
+    with open_clone(path, LocalFileSource(str(src))) as c:
+        assert os.path.getsize(digest_path(path)) == digests.state_offset(count) + 4096
+        c.write(2 * RS, b"zone")
+        assert slots(path, 10)[2][0] == OPEN and state_flag(path, count) == b"LVCLOPEN"
+    assert slots(path, 10)[2][0] == GUEST and state_flag(path, count) == bytes(8)
+
+    os.truncate(digest_path(path), old_size)
+    real = os.posix_fallocate
+
+    def full(fd: int, offset: int, length: int) -> None:
+        if offset >= old_size:
+            raise OSError(28, "No space left on device")
+        real(fd, offset, length)
+
+    monkeypatch.setattr(digests.os, "posix_fallocate", full)
+    with open_clone(path, LocalFileSource(str(src))) as c:
+        c.write(5 * RS, b"region")
+        assert slots(path, 10)[5][0] == GUEST  # at once, per region
+        assert [k for k, _ in slots(path, 10)].count(OPEN) == 0
+    assert os.path.getsize(digest_path(path)) == old_size
+
+
 def test_a_stop_without_close_leaves_open_slots_that_the_next_open_settles(
         tmp_path: Path, source: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """After a crash with zones open, verify counts changed open regions as the
