@@ -190,6 +190,9 @@ class FillEngine:
                         continue
                     groups.append((g, k))
                     g = k
+                # A local source's reads share one buffer: each is put before the
+                # next; a remote source's come together, and are put together.
+                reads: list[tuple[memoryview, int, list[tuple[int, int]], bool]] = []
                 for (g, k), (data, direct) in zip(
                         groups, self._read_groups(source, [(chunk[g][0], chunk[k - 1][1])
                                                            for g, k in groups], bulk),
@@ -200,8 +203,11 @@ class FillEngine:
                     if digests is not None:
                         for a, b in chunk[g:k]:
                             digests.data(a, data[a - start:b - start])
-                    copied += self._put_group(source, data, start, chunk[g:k], direct,
-                                              punch, flush_hole, progress)
+                    reads.append((data, start, chunk[g:k], direct))
+                    if source.fileno() is not None:
+                        copied += self._put_reads(source, reads, punch, flush_hole, progress)
+                        reads = []
+                copied += self._put_reads(source, reads, punch, flush_hole, progress)
         flush_hole()
         try:
             source.check_unchanged()  # the bytes read are the source's as recorded
@@ -213,33 +219,50 @@ class FillEngine:
             progress[0] = runs[-1][1]
         return read, copied
 
-    def _put_group(self, source: Source, data: memoryview, start: int,
-                   group: list[tuple[int, int]], direct: bool,
+    def _put_reads(self, source: Source,
+                   reads: list[tuple[memoryview, int, list[tuple[int, int]], bool]],
                    punch: Callable[[int, int], None], flush_hole: Callable[[], None],
                    progress: list[int] | None) -> int:
-        """Put the pieces of one read (``data`` holds the source bytes from
-        ``start``); return their bytes. Pieces that go through the page cache
-        (not shared with the source, not big enough for direct I/O) go out
-        together, consecutive ones in one ``fsops.put_runs`` (one C call without
-        the GIL for any number of them); the others one by one (``_put``)."""
+        """Put the pieces of ``(data, start, pieces, direct)`` reads (``data`` holds
+        the source bytes from ``start``), in order; return their bytes. Pieces that
+        go through the page cache (not shared with the source, not big enough for
+        direct I/O) go out together: consecutive ones in one ``fsops.put_runs``, one
+        C call without the GIL for any number of them. The others go one by one
+        (``_put``)."""
         by_cache = self._share_blocks is False or source.fileno() is None
-        i, n = 0, len(group)
-        while i < n:
-            j = i
-            if by_cache:
-                while j < n and not (direct and group[j][1] - group[j][0] >= DIRECT_MIN):
-                    j += 1
-            if j > i:
+        runs: list[tuple[int, int]] = []
+        views: list[memoryview] = []
+        one: tuple[memoryview, int] | None = None  # all of runs from this buffer
+
+        def flush() -> None:
+            nonlocal one
+            if runs:
                 flush_hole()
-                fsops.put_runs(self._fd, data, start, group[i:j], None, self._zero_block,
-                               progress)
-                i = j
-                continue
-            a, b = group[i]
-            self._put(source, data[a - start:b - start], a, direct, punch, flush_hole,
-                      progress)
-            i += 1
-        return sum(b - a for a, b in group)
+                fsops.put_runs(self._fd, runs, views if one is None else one[0],
+                               0 if one is None else one[1], self._zero_block, progress)
+                runs.clear()
+                views.clear()
+            one = None
+
+        total = 0
+        for data, start, pieces, direct in reads:
+            for a, b in pieces:
+                total += b - a
+                if by_cache and not (direct and b - a >= DIRECT_MIN):
+                    if not runs:
+                        one = (data, start)
+                    elif one is not None and one[0] is not data:
+                        views[:] = [one[0][x - one[1]:y - one[1]] for x, y in runs]
+                        one = None
+                    runs.append((a, b))
+                    if one is None:
+                        views.append(data[a - start:b - start])
+                    continue
+                flush()
+                self._put(source, data[a - start:b - start], a, direct, punch, flush_hole,
+                          progress)
+        flush()
+        return total
 
     def _put(self, source: Source, data: memoryview, offset: int, direct: bool,
              punch: Callable[[int, int], None], flush_hole: Callable[[], None],

@@ -187,25 +187,28 @@ if os.environ.get(PUT_RUNS_ENV) != "0":
         _put_c = _putruns
 
 
-def put_runs(fd: int, buf: memoryview, base: int, runs: list[tuple[int, int]],
-             at: list[int] | None, zero_block: int, progress: list[int] | None = None,
+def put_runs(fd: int, runs: list[tuple[int, int]], data: memoryview | list[memoryview],
+             base: int, zero_block: int, progress: list[int] | None = None,
              compiled: bool = True) -> None:
-    """Put each ``(start, end)`` of ``runs`` (sorted, apart) into the clone ``fd``
-    from ``buf``: run k's bytes are at ``buf[at[k]:]``, or at ``buf[start - base:]``
-    when ``at`` is None. Its all-zero blocks (``zero_block`` bytes, aligned to the
-    clone) are punched, the rest is written; nothing between the runs is touched.
-    ``progress[0]``, if given, is kept at an offset below which every byte of the
-    runs is done. ``compiled``: in C, without the GIL, if built (one call for any
-    number of runs); else one pwrite or punch per stretch, in Python."""
+    """Put each ``(start, end)`` of ``runs`` (sorted, apart) into the clone ``fd``:
+    run k's bytes are ``data[k]``, or, when ``data`` is one buffer, at
+    ``data[start - base:]``. Its all-zero blocks (``zero_block`` bytes, aligned to
+    the clone) are punched, the rest is written; nothing between the runs is
+    touched. ``progress[0]``, if given, is kept at an offset below which every
+    byte of the runs is done. ``compiled``: in C, without the GIL, if built (one
+    call for any number of runs); else one pwrite or punch per stretch, in Python."""
     if not runs:
         return
     if compiled and _put_c is not None:
         ffi, lib = _put_c.ffi, _put_c.lib
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run])
-        offs = ffi.NULL if at is None else ffi.new("uint64_t[]", at)
+        if isinstance(data, list):
+            held = [ffi.from_buffer("uint8_t[]", d) for d in data]  # alive for the call
+            buf, ptrs = ffi.NULL, ffi.new("uint8_t *[]", held)
+        else:
+            buf, ptrs = ffi.from_buffer("uint8_t[]", data), ffi.NULL
         done = ffi.new("uint64_t *", runs[0][0])
-        err = lib.lc_put_runs(fd, ffi.from_buffer(buf), base, flat, offs, len(runs),
-                              zero_block, done)
+        err = lib.lc_put_runs(fd, buf, base, flat, ptrs, len(runs), zero_block, done)
         if progress is not None:
             progress[0] = max(progress[0], done[0])
         if err:
@@ -221,7 +224,7 @@ def put_runs(fd: int, buf: memoryview, base: int, runs: list[tuple[int, int]],
             hole.clear()
 
     for k, (off, end) in enumerate(runs):
-        d = buf[(at[k] if at is not None else off - base):][:end - off]
+        d = data[k] if isinstance(data, list) else data[off - base:off - base + end - off]
         for i, e, zero in stretches(d, off, zero_block):
             if not zero:
                 flush()

@@ -57,17 +57,17 @@ static int write_all(int fd, const uint8_t *p, size_t n, uint64_t off, uint64_t 
 }
 
 /* Put `n` runs: runs[2k], runs[2k+1] are the clone offsets [start, end) of run k,
- * sorted and apart; its bytes are at buf + at[k], or at buf + (start - base) when
- * `at` is NULL. Return 0, or the errno of the first failure. *progress is set to
- * an offset below which every byte of the runs is written or punched. */
+ * sorted and apart; its bytes are at ptrs[k], or at buf + (start - base) when
+ * `ptrs` is NULL. Return 0, or the errno of the first failure. *progress is set
+ * to an offset below which every byte of the runs is written or punched. */
 int lc_put_runs(int fd, const uint8_t *buf, uint64_t base, const uint64_t *runs,
-                const uint64_t *at, size_t n, uint64_t zb, uint64_t *progress)
+                const uint8_t *const *ptrs, size_t n, uint64_t zb, uint64_t *progress)
 {
     uint64_t hole_start = 0, hole_end = 0; /* a zero stretch not punched yet */
     int err;
     for (size_t k = 0; k < n; k++) {
         uint64_t off = runs[2 * k], len = runs[2 * k + 1] - off;
-        const uint8_t *d = buf + (at ? at[k] : off - base);
+        const uint8_t *d = ptrs ? ptrs[k] : buf + (off - base);
         uint64_t i = 0;
         while (i < len) {
             uint64_t j = (off + i) / zb * zb + zb - off;

@@ -12,7 +12,7 @@ from cffi import FFI
 ffibuilder = FFI()
 ffibuilder.cdef("""
 int lc_put_runs(int fd, const uint8_t *buf, uint64_t base, const uint64_t *runs,
-                const uint64_t *at, size_t n, uint64_t zb, uint64_t *progress);
+                uint8_t **ptrs, size_t n, uint64_t zb, uint64_t *progress);
 """)
 
 ffibuilder.set_source("liveclone.core._putruns",

@@ -357,7 +357,8 @@ class RegionMap:
         if present is not None:
             yield at, stop, present
 
-    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+    def batch_end(self, start: int, stop: int, budget: int, gap: int,
+                  max_reads: int | None = None) -> int:
         """Where a copy batch from ``start`` should end, at most ``stop``.
 
         A batch costs its absent regions, which are copied, and the present gaps
@@ -366,15 +367,21 @@ class RegionMap:
         at the price of one more read, counted as ``gap`` regions (at least one).
         The batch ends when its cost reaches ``budget``, so a batch's time is
         bounded however fragmented the map. Present regions before the first
-        absent one, and after the last, cost nothing: the batch passes them."""
-        cost = 0
+        absent one, and after the last, cost nothing: the batch passes them.
+        ``max_reads``: the batch also ends before its runs need more separate
+        reads than this (a gap skipped starts another)."""
+        cost, reads = 0, 1
         last = None  # the end of the last absent run
         for r, run_end, present in self.runs(start, stop):
             if present:
                 continue
             if last is not None:  # the present gap before this run
-                cost += r - last if r - last <= gap else max(gap, 1)
-                if cost >= budget:
+                if r - last <= gap:
+                    cost += r - last
+                else:
+                    cost += max(gap, 1)
+                    reads += 1
+                if cost >= budget or (max_reads is not None and reads > max_reads):
                     return last
             if run_end - r >= budget - cost:
                 return r + budget - cost

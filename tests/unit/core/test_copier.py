@@ -245,7 +245,7 @@ def test_copier_never_writes_a_present_region_however_fragmented(
                  "punch_hole": lambda fd, offset, length: [(fd, offset, length)],
                  "copy_file_range": lambda s, d, offset, length, *_: [(d, offset, length)],
                  "clone_range": lambda s, d, offset, length: [(d, offset, length)],
-                 "put_runs": lambda fd, buf, base, runs, *_: [(fd, a, b - a) for a, b in runs]}
+                 "put_runs": lambda fd, runs, *_: [(fd, a, b - a) for a, b in runs]}
 
         def spy(name: str):  # type: ignore[no-untyped-def]
             real = getattr(fsops, name)

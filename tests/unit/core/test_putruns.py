@@ -64,20 +64,21 @@ def test_only_the_runs_are_written_and_zero_blocks_punched(
     model = bytearray([GUEST]) * size
     for a, b in runs:
         model[a:b] = src[a:b]
-    if scattered:  # each run somewhere else in the buffer (an HTTP answer's parts)
+    data: memoryview | list[memoryview]
+    if scattered:  # each run somewhere else in a buffer (an HTTP answer's parts)
         buf, at = bytearray(), []
         for a, b in runs:
             buf += rng.randbytes(rng.randrange(3) * 512)
             at.append(len(buf))
             buf += src[a:b]
-        view, base, offs = memoryview(buf), 0, at
+        data, base = [memoryview(buf)[x:x + b - a] for x, (a, b) in zip(at, runs, strict=True)], 0
     else:
-        view, base, offs = memoryview(src)[runs[0][0]:], runs[0][0], None
+        data, base = memoryview(src)[runs[0][0]:], runs[0][0]
     path = tmp_path_factory.mktemp("put") / "clone.img"
     fd = _fill(path, size)
     try:
         progress = [runs[0][0]]
-        fsops.put_runs(fd, view, base, runs, offs, zb, progress, compiled=compiled)
+        fsops.put_runs(fd, runs, data, base, zb, progress, compiled=compiled)
         assert progress[0] == runs[-1][1]
         assert os.pread(fd, size, 0) == model
         # The all-zero blocks of the runs are punched: a file block (4 KiB here)
@@ -114,7 +115,7 @@ def test_a_full_disk_keeps_progress_honest(tmp_path: Path, compiled: bool) -> No
             os.ftruncate(fd, size)
             progress = [0]
             with pytest.raises(OSError) as e:
-                fsops.put_runs(fd, memoryview(src), 0, runs, None, BLOCK, progress,
+                fsops.put_runs(fd, runs, memoryview(src), 0, BLOCK, progress,
                                compiled=compiled)
             assert e.value.errno == errno.ENOSPC
             done = progress[0]
