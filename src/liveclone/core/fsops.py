@@ -18,6 +18,8 @@ import struct
 from collections.abc import Iterator
 from typing import Any
 
+from liveclone.core import copyc
+
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
@@ -174,19 +176,6 @@ class StepError(OSError):
         self.renamed = renamed
 
 
-# ``put_runs`` in C (``putruns.c``, built at install), unless it is missing or
-# LIVECLONE_PUTRUNS=0; the Python below does the same, run by run.
-PUT_RUNS_ENV = "LIVECLONE_PUTRUNS"
-_put_c: Any = None
-if os.environ.get(PUT_RUNS_ENV) != "0":
-    try:
-        from liveclone.core import _putruns  # type: ignore[attr-defined]
-    except ImportError:  # built without a compiler
-        pass
-    else:
-        _put_c = _putruns
-
-
 def put_runs(fd: int, runs: list[tuple[int, int]], data: memoryview | list[memoryview],
              base: int, zero_block: int, progress: list[int] | None = None,
              compiled: bool = True) -> None:
@@ -199,8 +188,8 @@ def put_runs(fd: int, runs: list[tuple[int, int]], data: memoryview | list[memor
     call for any number of runs); else one pwrite or punch per stretch, in Python."""
     if not runs:
         return
-    if compiled and _put_c is not None:
-        ffi, lib = _put_c.ffi, _put_c.lib
+    if compiled and copyc.lib is not None:
+        ffi, lib = copyc.ffi, copyc.lib
         flat = ffi.new("uint64_t[]", [x for run in runs for x in run])
         if isinstance(data, list):
             held = [ffi.from_buffer("uint8_t[]", d) for d in data]  # alive for the call

@@ -61,7 +61,7 @@ static int write_all(int fd, const uint8_t *p, size_t n, uint64_t off, uint64_t 
  * `ptrs` is NULL. Return 0, or the errno of the first failure. *progress is set
  * to an offset below which every byte of the runs is written or punched. */
 int lc_put_runs(int fd, const uint8_t *buf, uint64_t base, const uint64_t *runs,
-                const uint8_t *const *ptrs, size_t n, uint64_t zb, uint64_t *progress)
+                uint8_t **ptrs, size_t n, uint64_t zb, uint64_t *progress)
 {
     uint64_t hole_start = 0, hole_end = 0; /* a zero stretch not punched yet */
     int err;

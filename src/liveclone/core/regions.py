@@ -20,6 +20,8 @@ import mmap
 import re
 from collections.abc import Iterator
 
+from liveclone.core import copyc
+
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 1 << 30
 DEFAULT_REGION_SIZE = 64 << 10
@@ -324,8 +326,9 @@ class RegionMap:
 
     def runs(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
         """Yield maximal ``(first, end, present)`` runs covering ``[start, stop)``."""
+        stop = min(stop, self.count)
         if stop - start > _TEXT_MIN:
-            yield from self._text_runs(start, stop)
+            yield from (self._text_runs if copyc.lib is None else self._c_runs)(start, stop)
             return
         r = start
         while r < stop:
@@ -357,6 +360,28 @@ class RegionMap:
         if present is not None:
             yield at, stop, present
 
+    def _c_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """``runs``, from the edges that ``bitruns.c`` finds a window at a time."""
+        ffi, lib = copyc.ffi, copyc.lib
+        bits = ffi.from_buffer("uint8_t[]", self._bits)
+        cap = min(_WINDOW, stop - start) + 1
+        out = ffi.new("uint64_t[]", cap)
+        at, present = start, None  # the run being extended: from ``at``
+        for pos in range(start, stop, _WINDOW):
+            edges = ffi.unpack(out, lib.lc_run_edges(bits, pos, min(stop, pos + _WINDOW),
+                                                     out, cap))
+            p = pos in self
+            if present is None:
+                present = p
+            elif p != present:
+                yield at, pos, present
+                at, present = pos, p
+            for e in edges[1:-1]:
+                yield at, e, present
+                at, present = e, not present
+        if present is not None:
+            yield at, stop, present
+
     def batch_end(self, start: int, stop: int, budget: int, gap: int,
                   max_reads: int | None = None) -> int:
         """Where a copy batch from ``start`` should end, at most ``stop``.
@@ -370,6 +395,10 @@ class RegionMap:
         absent one, and after the last, cost nothing: the batch passes them.
         ``max_reads``: the batch also ends before its runs need more separate
         reads than this (a gap skipped starts another)."""
+        stop = min(stop, self.count)
+        if copyc.lib is not None and start < stop:  # the same, in bitruns.c
+            return int(copyc.lib.lc_batch_end(copyc.ffi.from_buffer("uint8_t[]", self._bits),
+                                              start, stop, budget, gap, max_reads or 0))
         cost, reads = 0, 1
         last = None  # the end of the last absent run
         for r, run_end, present in self.runs(start, stop):

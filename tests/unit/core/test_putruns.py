@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from liveclone.core import fsops
+from liveclone.core import copyc, fsops
 from tests.conftest import tmpfs
 
 BLOCK = 4096
@@ -24,8 +24,8 @@ WAYS = [pytest.param(True, id="compiled"), pytest.param(False, id="python")]
 
 
 def _compiled(compiled: bool) -> None:
-    if compiled and fsops._put_c is None:
-        pytest.skip("liveclone.core._putruns is not built")
+    if compiled and copyc.lib is None:
+        pytest.skip("liveclone.core._copyc is not built")
 
 
 @st.composite

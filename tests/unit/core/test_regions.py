@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from liveclone.core import copyc
 from liveclone.core.regions import Geometry, RegionMap, check_region_size
 
 
@@ -205,3 +206,31 @@ def test_set_runs_is_set_of_each_run(edges: list[int], before: set[int],
     assert one.present_count == each.present_count == len(
         before | {r for a, b in runs for r in range(a, b)})
     assert one.blocks == each.blocks
+
+
+def _python(fn):  # type: ignore[no-untyped-def]
+    """``fn()`` with the map's Python paths (no ``bitruns.c``)."""
+    lib = copyc.lib
+    copyc.lib = None
+    try:
+        return fn()
+    finally:
+        copyc.lib = lib
+
+
+@pytest.mark.skipif(copyc.lib is None, reason="liveclone.core._copyc is not built")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, BIG), max_size=40), st.integers(0, BIG), st.integers(0, BIG),
+       st.integers(1, 1 << 17), st.integers(0, 70), st.none() | st.integers(1, 50))
+def test_compiled_runs_and_batch_end_match_python(edges: list[int], x: int, y: int,
+                                                   budget: int, gap: int,
+                                                   max_reads: int | None) -> None:
+    """``bitruns.c`` gives the runs and batch ends that the Python code gives, over
+    words, bytes and bits, windows and a map made of zero pages."""
+    cuts = sorted(set(edges))
+    m = RegionMap(BIG)
+    m.set_runs([(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if a < b])
+    start, stop = min(x, y), max(x, y) + 1
+    assert list(m.runs(start, stop)) == _python(lambda: list(m.runs(start, stop)))
+    assert m.batch_end(start, stop, budget, gap, max_reads) == \
+        _python(lambda: m.batch_end(start, stop, budget, gap, max_reads))
