@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml setup.py src/liveclone/nbd/lane.c src/liveclone/nbd/lane_build.py scripts/install-system-deps.sh
+$(STAMP): pyproject.toml setup.py src/liveclone/nbd/lane.c src/liveclone/nbd/lane_build.py src/liveclone/core/putruns.c src/liveclone/core/bitruns.c src/liveclone/core/copyc_build.py scripts/install-system-deps.sh
 	./scripts/install-system-deps.sh
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip

@@ -107,9 +107,15 @@ def file_sum(path: Path) -> str:
     return h.hexdigest()
 
 
-def finish(path: Path, source: Source) -> float:
-    """Seconds from the copier's start to a complete, committed clone."""
+def finish(path: Path, source: Source, warm: Path | None = None) -> float:
+    """Seconds from the copier's start to a complete, committed clone. The page
+    cache is dropped first (source and clone cold); ``warm``: then this file (the
+    source image) is read back into it, the same for either arm."""
     drop_caches()
+    if warm is not None:
+        with open(warm, "rb") as f:
+            while f.readinto(bytearray(32 << 20)):
+                pass
     c = open_clone(str(path), source)
     t0 = time.monotonic()
     cp = Copier(c).start()
@@ -122,7 +128,10 @@ def finish(path: Path, source: Source) -> float:
 
 
 def run(kind: str, open_source: Callable[[], Source], work: Path, size: int,
-        rounds: int) -> list[dict[str, Any]]:
+        rounds: int, warm: Path | None = None,
+        server: Nginx | None = None) -> list[dict[str, Any]]:
+    """The rows of one source kind. ``server``: nginx with its access log, whose
+    requests and bytes sent are counted per finish."""
     rows = []
     configs: list[dict[str, Any]] = []
     for rs in REGION_SIZES:
@@ -131,7 +140,7 @@ def run(kind: str, open_source: Callable[[], Source], work: Path, size: int,
             frag, cont, remaining, want = make_templates(open_source, work, rs, n, size)
             configs.append({"rs": rs, "n": n, "frag": frag, "cont": cont,
                             "remaining": remaining, "want": want, "ratios": [],
-                            "frag_t": [], "cont_t": []})
+                            "frag_t": [], "cont_t": [], "frag_http": [], "cont_http": []})
     live = work / "live.img"
     for rnd in range(rounds):
         order = [(cfg, which) for cfg in configs for which in ("frag", "cont")]
@@ -139,7 +148,11 @@ def run(kind: str, open_source: Callable[[], Source], work: Path, size: int,
         times: dict[tuple[int, int, str], float] = {}
         for cfg, which in order:
             copy_files(cfg[which], live)
-            t = finish(live, open_source())
+            source = open_source()
+            before = _served(server)
+            t = finish(live, source, warm)
+            after = _served(server)
+            cfg[f"{which}_http"].append((after[0] - before[0], after[1] - before[1]))
             times[(cfg["rs"], cfg["n"], which)] = t
             if which == "frag" and file_sum(live) != cfg["want"]:
                 raise SystemExit(f"{kind} rs={cfg['rs']} n={cfg['n']}: wrong content")
@@ -161,10 +174,20 @@ def run(kind: str, open_source: Callable[[], Source], work: Path, size: int,
             "cont_rate": rem / statistics.median(cfg["cont_t"]) / 1e6,
             "ratio": statistics.median(r), "lo": min(r), "hi": max(r),
             "spread": (statistics.pstdev(cfg["cont_t"]) / statistics.mean(cfg["cont_t"])),
+            "http": {w: tuple(statistics.median(x[i] for x in cfg[f"{w}_http"]) for i in (0, 1))
+                     for w in ("frag", "cont")} if server is not None else None,
         })
         for which in ("frag", "cont"):
             remove(cfg[which])
     return rows
+
+
+def _served(server: Nginx | None) -> tuple[int, int]:
+    """Requests answered and body bytes sent so far (0, 0 without a server)."""
+    if server is None or not server.access_log.exists():
+        return 0, 0
+    lines = server.access_log.read_text().splitlines()
+    return len(lines), sum(int(line.split()[1]) for line in lines)
 
 
 def main() -> None:
@@ -173,6 +196,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--remote", action="store_true", help="also from nginx over HTTP")
     ap.add_argument("--remote-only", action="store_true", help="only from nginx over HTTP")
+    ap.add_argument("--warm-source", action="store_true",
+                    help="read the source image into the page cache before each finish")
     ap.add_argument("--dir", default=str(ROOT / "benchmarks" / "work" / "fragment"))
     args = ap.parse_args()
     size = parse_size(args.size)
@@ -182,21 +207,38 @@ def main() -> None:
     www.mkdir(parents=True, exist_ok=True)
     image = www / "disk.img"
     make_random(image, size)
+    warm = image if args.warm_source else None
     rows = [] if args.remote_only else \
-        run("local", lambda: LocalFileSource(str(image)), work, size, args.rounds)
+        run("local", lambda: LocalFileSource(str(image)), work, size, args.rounds, warm)
     if args.remote or args.remote_only:
-        server = Nginx(www, work / "nginx").start()
+        server = Nginx(www, work / "nginx", access_log=True).start()
         try:
             url = server.url("disk.img")
-            rows += run("HTTP", lambda: HttpSource(url), work, size, args.rounds)
+            rows += run("HTTP", lambda: HttpSource(url), work, size, args.rounds, warm, server)
         finally:
             server.stop()
             shutil.rmtree(work / "nginx", ignore_errors=True)
+    def http(r: dict[str, Any]) -> str:
+        if r["http"] is None:
+            return ""
+        (fq, fb), (cq, cb) = r["http"]["frag"], r["http"]["cont"]
+        return f" {fq:.0f} / {cq:.0f} | {fb / 1e6:.1f} / {cb / 1e6:.1f} MB |"
+
+    remote = args.remote or args.remote_only
     table = "\n".join(
         f"| {r['kind']} | {format_size(r['rs'])} | {r['n']:,} | {format_size(r['remaining'])} "
         f"| {r['frag_rate']:.0f} MB/s | {r['cont_rate']:.0f} MB/s | **{r['ratio']:.2f}×** "
-        f"({r['lo']:.2f}-{r['hi']:.2f}) | ±{r['spread']:.0%} |" for r in rows)
-    flags = " --remote" if args.remote else " --remote-only" if args.remote_only else ""
+        f"({r['lo']:.2f}-{r['hi']:.2f}) | ±{r['spread']:.0%} |"
+        + (http(r) if r["http"] is not None else " | |" if remote else "") for r in rows)
+    flags = (" --remote" if args.remote else " --remote-only" if args.remote_only else "") \
+        + (" --warm-source" if args.warm_source else "")
+    cache = ("page cache dropped, then the source image read back into it (a warm source, "
+             "a cold clone)" if args.warm_source else "page cache dropped (source and clone "
+             "cold)")
+    http_head = " requests frag / unfrag | sent frag / unfrag |" if remote else ""
+    http_rule = "---|---|" if remote else ""
+    head = ("| source | regions | N writes | left to copy | fragmented | unfragmented "
+            "| ratio | noise |")
     body = f"""
 `python benchmarks/fragment_bench.py --size {args.size} --rounds {args.rounds}{flags}` \
 — {time.strftime('%Y-%m-%d')}, this 2-vCPU machine
@@ -205,17 +247,19 @@ A clone of {format_size(size)} of random data gets N scattered 4 KiB guest write
 (`Clone.write`), then a copier finishes it
 (start to complete and committed). Its twin has as many present regions, as one run
 at the start: the same bytes left, unfragmented. Each round times both, shuffled,
-from templates, page cache dropped; ratio = fragmented rate / unfragmented rate per
-round, median of {args.rounds} (range in brackets); noise = the unfragmented runs'
-standard deviation over their mean. HTTP: nginx on loopback, up to 128 separate reads
-a request. Every finished clone was checked against the source plus the writes.
+from templates, {cache}, the same for both; ratio = fragmented rate / unfragmented
+rate per round, median of {args.rounds} (range in brackets); noise = the unfragmented
+runs' standard deviation over their mean. HTTP: nginx on loopback, up to 128 separate
+reads a request; requests and body bytes nginx sent per finish (medians), against the
+bytes left to copy. Every finished clone was checked against the source plus the writes.
 
-| source | regions | N writes | left to copy | fragmented | unfragmented | ratio | noise |
-|---|---|---|---|---|---|---|---|
+{head}{http_head}
+|---|---|---|---|---|---|---|---|{http_rule}
 {table}
 """
     print(body)
-    write_section("Fragmented maps" + (" (HTTP)" if args.remote_only else ""), body)
+    write_section("Fragmented maps" + (" (HTTP)" if args.remote_only else "")
+                  + (", warm source" if args.warm_source else ""), body)
 
 
 if __name__ == "__main__":

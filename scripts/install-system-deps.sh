@@ -34,7 +34,8 @@ check guestfish libguestfs-tools
 # (Debian 12's libfuse2; from Debian 13 on it is libfuse2t64, chosen after the update.)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "ok installed"; }
 installed libfuse2 || installed libfuse2t64 || need+=(libfuse2)
-# The NBD read lane is C, compiled at install (cffi): a compiler and Python's headers.
+# The NBD read lane and the copier's helpers are C, compiled at install (cffi): a
+# compiler and Python's headers.
 check gcc gcc
 python3 -c 'import os, sys, sysconfig
 sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \

@@ -11,7 +11,7 @@ import pytest
 from liveclone.core.copier import Copier, Phase
 from liveclone.core.fill import READ_ALONG
 from liveclone.core.opening import open_clone
-from liveclone.sources.http import HttpSource
+from liveclone.sources.http import MAX_RANGES, HttpSource
 from tests.conftest import make_image
 from tests.integration.servers import Nginx
 
@@ -25,9 +25,11 @@ def statuses(server: Nginx) -> list[str]:
     return [line.split()[0] for line in server.access_log.read_text().splitlines()]
 
 
-def fill_scattered(tmp_path: Path, server: Nginx, data: bytes, step: int) -> int:
+def fill_scattered(tmp_path: Path, server: Nginx, data: bytes, step: int,
+                   batches: list[int] | None = None) -> int:
     """Clone over ``server`` with the guest writing all but one region every
-    ``step`` bytes, finish it, check its content; return the runs left."""
+    ``step`` bytes, finish it, check its content; return the runs left.
+    ``batches`` gets the first region of each batch the copier handed out."""
     model = bytearray(data)
     c = open_clone(str(tmp_path / "c.img"), HttpSource(server.url("disk.img")),
                    region_size=RS, create=True, exclusive=True)
@@ -42,6 +44,11 @@ def fill_scattered(tmp_path: Path, server: Nginx, data: bytes, step: int) -> int
         assert cp.wait(60)
         cp.stop()
         assert cp.phase == Phase.COMPLETE
+        # Each region the guest wrote is reported skipped once, however the
+        # batches were cut.
+        assert c.stats.regions_skipped == c.regions_total - len(absent)
+        if batches is not None:
+            batches += [first for _, first in cp.first_batches]
     assert (tmp_path / "c.img").read_bytes() == bytes(model)
     return len(absent)
 
@@ -76,5 +83,27 @@ def test_short_gaps_are_left_out_where_ranges_are_cheap(tmp_path: Path) -> None:
         runs = fill_scattered(tmp_path, server, data, 64 << 10)
         sent = server.bytes_sent() - probe
         assert runs * RS <= sent < 2 * runs * RS  # the runs and their part headers
+    finally:
+        server.stop()
+
+
+def test_a_batch_holds_one_requests_ranges(tmp_path: Path) -> None:
+    """More scattered runs than one request takes (MAX_RANGES) make several
+    batches, so the copier's workers can ask for them side by side: no batch
+    holds more runs than one request's ranges."""
+    root = tmp_path / "www"
+    root.mkdir()
+    data = make_image(root / "disk.img", SIZE, seed=5, block=RS)
+    server = Nginx(root, tmp_path / "nginx", access_log=True).start()
+    try:
+        step = 64 << 10  # 256 runs of one region, 60 KiB apart (past the read-along)
+        batches: list[int] = []
+        runs = fill_scattered(tmp_path, server, data, step, batches)
+        assert runs == 2 * MAX_RANGES
+        starts = sorted(batches)
+        assert starts[0] == 0 and len(starts) >= runs // MAX_RANGES
+        for a, b in zip(starts, [*starts[1:], SIZE // RS], strict=True):
+            held = sum(a * RS <= o < b * RS for o in range(RS, SIZE, step))
+            assert held <= MAX_RANGES, f"a batch from region {a} holds {held} runs"
     finally:
         server.stop()

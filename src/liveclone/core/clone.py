@@ -162,9 +162,10 @@ class Clone:
         """The first absent region in ``[start, stop)``, or None."""
         return self._own.find_absent(start, stop)
 
-    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+    def batch_end(self, start: int, stop: int, budget: int, gap: int,
+                  max_reads: int | None = None) -> int:
         """Where a copier batch from ``start`` ends: ``RegionMap.batch_end``."""
-        return self._own.batch_end(start, stop, budget, gap)
+        return self._own.batch_end(start, stop, budget, gap, max_reads)
 
     def absent_runs(self, first: int, end: int) -> list[Run]:
         return self._own.absent_runs(first, end)

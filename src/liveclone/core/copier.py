@@ -106,6 +106,9 @@ class Copier:
         # Present gaps up to this many regions are read along (FillEngine.copy).
         along = clone.source.read_along() if clone.source is not None else None
         self.gap_regions = (READ_ALONG if along is None else along) // clone.region_size
+        # Separate reads a batch may need (Source.batch_reads): over HTTP, one
+        # request's ranges, so the workers' requests go out side by side.
+        self.max_reads = clone.source.batch_reads() if clone.source is not None else None
         self.workers = workers
         self.limiter = RateLimiter(rate) if rate else None
         self._lock = threading.Lock()
@@ -300,7 +303,8 @@ class Copier:
                 break
             start = clone.find_absent(first, end)
             if start is not None:
-                stop = clone.batch_end(start, end, self._batch_limit(), self.gap_regions)
+                stop = clone.batch_end(start, end, self._batch_limit(), self.gap_regions,
+                                       self.max_reads)
                 if stop < end:
                     self._priority.appendleft((stop, end))
                 with self._lock:
@@ -348,7 +352,7 @@ class Copier:
             if budget <= 0:
                 self._end_replay("bytes")
                 return None
-            stop = self.clone.batch_end(start, end, budget, self.gap_regions)
+            stop = self.clone.batch_end(start, end, budget, self.gap_regions, self.max_reads)
             if stop < end:
                 self._profile.appendleft((stop, end))
             self._profile_handed += stop - start
@@ -396,7 +400,7 @@ class Copier:
 
     def _batch_end(self, start: int) -> int:
         end = self.clone.batch_end(start, self.clone.regions_total, self._batch_limit(),
-                                   self.gap_regions)
+                                   self.gap_regions, self.max_reads)
         return min([end] + [a for a, _ in self._set_aside if start < a < end])
 
     def _stretch_over_hole(self, start: int, end: int) -> int:

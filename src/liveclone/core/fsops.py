@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import os
 import struct
+from collections.abc import Iterator
 from typing import Any
+
+from liveclone.core import copyc
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
@@ -170,3 +174,78 @@ class StepError(OSError):
     def __init__(self, cause: OSError, renamed: bool) -> None:
         super().__init__(cause.errno, cause.strerror, cause.filename)
         self.renamed = renamed
+
+
+def put_runs(fd: int, runs: list[tuple[int, int]], data: memoryview | list[memoryview],
+             base: int, zero_block: int, progress: list[int] | None = None,
+             compiled: bool = True) -> None:
+    """Put each ``(start, end)`` of ``runs`` (sorted, apart) into the clone ``fd``:
+    run k's bytes are ``data[k]``, or, when ``data`` is one buffer, at
+    ``data[start - base:]``. Its all-zero blocks (``zero_block`` bytes, aligned to
+    the clone) are punched, the rest is written; nothing between the runs is
+    touched. ``progress[0]``, if given, is kept at an offset below which every
+    byte of the runs is done. ``compiled``: in C, without the GIL, if built (one
+    call for any number of runs); else one pwrite or punch per stretch, in Python."""
+    if not runs:
+        return
+    if compiled and copyc.lib is not None:
+        ffi, lib = copyc.ffi, copyc.lib
+        flat = ffi.new("uint64_t[]", [x for run in runs for x in run])
+        if isinstance(data, list):
+            held = [ffi.from_buffer("uint8_t[]", d) for d in data]  # alive for the call
+            buf, ptrs = ffi.NULL, ffi.new("uint8_t *[]", held)
+        else:
+            buf, ptrs = ffi.from_buffer("uint8_t[]", data), ffi.NULL
+        done = ffi.new("uint64_t *", runs[0][0])
+        err = lib.lc_put_runs(fd, buf, base, flat, ptrs, len(runs), zero_block, done)
+        if progress is not None:
+            progress[0] = max(progress[0], done[0])
+        if err:
+            raise OSError(err, os.strerror(err))
+        return
+    hole: list[int] = []  # [start, end) of zeros not punched yet
+
+    def flush() -> None:
+        if hole:
+            punch_hole(fd, hole[0], hole[1] - hole[0])
+            if progress is not None:
+                progress[0] = hole[1]
+            hole.clear()
+
+    for k, (off, end) in enumerate(runs):
+        d = data[k] if isinstance(data, list) else data[off - base:off - base + end - off]
+        for i, e, zero in stretches(d, off, zero_block):
+            if not zero:
+                flush()
+                pwrite_all(fd, d[i:e], off + i, progress)
+            elif hole and hole[1] == off + i:
+                hole[1] = off + e
+            else:
+                flush()
+                hole[:] = [off + i, off + e]
+    flush()
+
+
+@functools.cache
+def _zeros(n: int) -> bytes:
+    return bytes(n)
+
+
+def stretches(data: memoryview, offset: int, zero_block: int) -> Iterator[tuple[int, int, bool]]:
+    """Split ``data``, bound for the clone at ``offset``, into ``(start, end, zero)``
+    stretches: each all-zero block (``zero_block`` bytes aligned to the clone, cut
+    to ``data``) alone, the data between them as one."""
+    n, zb, zeros = len(data), zero_block, _zeros(zero_block)
+    i = 0
+    while i < n:
+        j = min(n, (offset + i) // zb * zb + zb - offset)
+        if data[i:j] == zeros[:j - i]:
+            yield i, j, True
+            i = j
+            continue
+        k = j  # extend the data over the following non-zero blocks
+        while k < n and data[k:k + zb] != zeros[:min(zb, n - k)]:
+            k += zb
+        k = min(k, n)
+        yield i, k, False
+        i = k

@@ -107,9 +107,10 @@ class Ownership:
         with self.cond:
             return self.map.find_absent(start, stop)
 
-    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+    def batch_end(self, start: int, stop: int, budget: int, gap: int,
+                  max_reads: int | None = None) -> int:
         with self.cond:
-            return self.map.batch_end(start, stop, budget, gap)
+            return self.map.batch_end(start, stop, budget, gap, max_reads)
 
     def is_present(self, region: int) -> bool:
         with self.cond:

@@ -20,6 +20,8 @@ import mmap
 import re
 from collections.abc import Iterator
 
+from liveclone.core import copyc
+
 MIN_REGION_SIZE = 4 << 10
 MAX_REGION_SIZE = 1 << 30
 DEFAULT_REGION_SIZE = 64 << 10
@@ -324,8 +326,9 @@ class RegionMap:
 
     def runs(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
         """Yield maximal ``(first, end, present)`` runs covering ``[start, stop)``."""
+        stop = min(stop, self.count)
         if stop - start > _TEXT_MIN:
-            yield from self._text_runs(start, stop)
+            yield from (self._text_runs if copyc.lib is None else self._c_runs)(start, stop)
             return
         r = start
         while r < stop:
@@ -357,7 +360,30 @@ class RegionMap:
         if present is not None:
             yield at, stop, present
 
-    def batch_end(self, start: int, stop: int, budget: int, gap: int) -> int:
+    def _c_runs(self, start: int, stop: int) -> Iterator[tuple[int, int, bool]]:
+        """``runs``, from the edges that ``bitruns.c`` finds a window at a time."""
+        ffi, lib = copyc.ffi, copyc.lib
+        bits = ffi.from_buffer("uint8_t[]", self._bits)
+        cap = min(_WINDOW, stop - start) + 1
+        out = ffi.new("uint64_t[]", cap)
+        at, present = start, None  # the run being extended: from ``at``
+        for pos in range(start, stop, _WINDOW):
+            edges = ffi.unpack(out, lib.lc_run_edges(bits, pos, min(stop, pos + _WINDOW),
+                                                     out, cap))
+            p = pos in self
+            if present is None:
+                present = p
+            elif p != present:
+                yield at, pos, present
+                at, present = pos, p
+            for e in edges[1:-1]:
+                yield at, e, present
+                at, present = e, not present
+        if present is not None:
+            yield at, stop, present
+
+    def batch_end(self, start: int, stop: int, budget: int, gap: int,
+                  max_reads: int | None = None) -> int:
         """Where a copy batch from ``start`` should end, at most ``stop``.
 
         A batch costs its absent regions, which are copied, and the present gaps
@@ -366,15 +392,25 @@ class RegionMap:
         at the price of one more read, counted as ``gap`` regions (at least one).
         The batch ends when its cost reaches ``budget``, so a batch's time is
         bounded however fragmented the map. Present regions before the first
-        absent one, and after the last, cost nothing: the batch passes them."""
-        cost = 0
+        absent one, and after the last, cost nothing: the batch passes them.
+        ``max_reads``: the batch also ends before its runs need more separate
+        reads than this (a gap skipped starts another)."""
+        stop = min(stop, self.count)
+        if copyc.lib is not None and start < stop:  # the same, in bitruns.c
+            return int(copyc.lib.lc_batch_end(copyc.ffi.from_buffer("uint8_t[]", self._bits),
+                                              start, stop, budget, gap, max_reads or 0))
+        cost, reads = 0, 1
         last = None  # the end of the last absent run
         for r, run_end, present in self.runs(start, stop):
             if present:
                 continue
             if last is not None:  # the present gap before this run
-                cost += r - last if r - last <= gap else max(gap, 1)
-                if cost >= budget:
+                if r - last <= gap:
+                    cost += r - last
+                else:
+                    cost += max(gap, 1)
+                    reads += 1
+                if cost >= budget or (max_reads is not None and reads > max_reads):
                     return last
             if run_end - r >= budget - cost:
                 return r + budget - cost

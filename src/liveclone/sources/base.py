@@ -49,6 +49,13 @@ class Source(abc.ABC):
         set by a local read's cost."""
         return None
 
+    def batch_reads(self) -> int | None:
+        """How many separate reads (runs apart, past the gaps read along) one
+        copier batch should need at most, or None for no limit. A source where
+        each read is a request of its own, or many go in one request, caps it, so
+        a fragmented map gives several batches that workers fetch side by side."""
+        return None
+
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
         """Yield the allocation of ``[offset, offset+length)`` in order, covering it whole.
 

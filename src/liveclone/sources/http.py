@@ -222,6 +222,9 @@ class HttpSource(RemoteSource):
     def read_along(self) -> int | None:
         return MULTI_RANGE_ALONG if self._multi_range else None
 
+    def batch_reads(self) -> int | None:
+        return MAX_RANGES  # one request's worth (or, one range a request, as many)
+
     def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[bytes | memoryview]:
         out: list[bytes | memoryview] = [b""] * len(ranges)
         inside = [i for i, (o, n) in enumerate(ranges) if n > 0 and o + n <= self.size]

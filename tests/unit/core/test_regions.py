@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from liveclone.core import copyc
 from liveclone.core.regions import Geometry, RegionMap, check_region_size
 
 
@@ -74,18 +75,29 @@ def _batch_cost(m: RegionMap, start: int, end: int, gap: int) -> int:
     return cost
 
 
+def _batch_reads(m: RegionMap, start: int, end: int, gap: int) -> int:
+    """The separate reads a batch needs: its absent runs, those apart by a gap of
+    at most ``gap`` counted as one."""
+    runs = list(m.runs(start, end))
+    return sum(1 for i, (a, b, present) in enumerate(runs) if not present
+               and not (i > 1 and runs[i - 1][1] - runs[i - 1][0] <= gap))
+
+
 @given(st.integers(1, 300), st.sets(st.integers(0, 299)), st.integers(0, 299),
-       st.integers(1, 40), st.integers(0, 8))
+       st.integers(1, 40), st.integers(0, 8), st.none() | st.integers(1, 6))
 def test_batch_end_keeps_within_the_budget(count: int, present: set[int], start: int,
-                                           budget: int, gap: int) -> None:
+                                           budget: int, gap: int,
+                                           max_reads: int | None) -> None:
     m = RegionMap(count)
     for r in present:
         if r < count:
             m.set(r, r + 1)
     start = min(start, count - 1)
-    end = m.batch_end(start, count, budget, gap)
+    end = m.batch_end(start, count, budget, gap, max_reads)
     assert start < end <= count
     assert _batch_cost(m, start, end, gap) <= budget
+    if max_reads is not None:
+        assert _batch_reads(m, start, end, gap) <= max_reads
     first = m.find_absent(start)
     if first is not None:
         assert end > first  # a batch always makes progress
@@ -102,6 +114,10 @@ def test_batch_end_reads_short_gaps_along_and_prices_long_ones() -> None:
     assert m.batch_end(0, 100, 30, 4) == 46  # 10 + 2 + 8 + 4 + 6 = 30
     assert m.batch_end(0, 100, 1000, 4) == 100
     assert m.batch_end(20, 100, 5, 4) == 45  # a leading present run costs nothing
+    # At most two reads: the short gap is read along, the long one starts the second.
+    assert m.batch_end(0, 100, 1000, 4, max_reads=2) == 100
+    assert m.batch_end(0, 100, 1000, 4, max_reads=1) == 20  # before the long gap
+    assert m.batch_end(0, 100, 1000, 30, max_reads=1) == 100  # 20 regions read along
 
 
 # Four 64 KiB chunks of bitmap and a short fifth: runs that pass chunk edges, and
@@ -190,3 +206,31 @@ def test_set_runs_is_set_of_each_run(edges: list[int], before: set[int],
     assert one.present_count == each.present_count == len(
         before | {r for a, b in runs for r in range(a, b)})
     assert one.blocks == each.blocks
+
+
+def _python(fn):  # type: ignore[no-untyped-def]
+    """``fn()`` with the map's Python paths (no ``bitruns.c``)."""
+    lib = copyc.lib
+    copyc.lib = None
+    try:
+        return fn()
+    finally:
+        copyc.lib = lib
+
+
+@pytest.mark.skipif(copyc.lib is None, reason="liveclone.core._copyc is not built")
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, BIG), max_size=40), st.integers(0, BIG), st.integers(0, BIG),
+       st.integers(1, 1 << 17), st.integers(0, 70), st.none() | st.integers(1, 50))
+def test_compiled_runs_and_batch_end_match_python(edges: list[int], x: int, y: int,
+                                                   budget: int, gap: int,
+                                                   max_reads: int | None) -> None:
+    """``bitruns.c`` gives the runs and batch ends that the Python code gives, over
+    words, bytes and bits, windows and a map made of zero pages."""
+    cuts = sorted(set(edges))
+    m = RegionMap(BIG)
+    m.set_runs([(a, b) for a, b in zip(cuts[::2], cuts[1::2], strict=False) if a < b])
+    start, stop = min(x, y), max(x, y) + 1
+    assert list(m.runs(start, stop)) == _python(lambda: list(m.runs(start, stop)))
+    assert m.batch_end(start, stop, budget, gap, max_reads) == \
+        _python(lambda: m.batch_end(start, stop, budget, gap, max_reads))
