@@ -95,6 +95,28 @@ class Ownership:
                         self._on_blocks(r, mask & ~old)
         return whole
 
+    def write_blocks(self, region: int, mask: int, full: int, limit: int,
+                     write: Callable[[], object]) -> bool:
+        """A write of whole sub-blocks ``mask`` into absent ``region`` that leaves it
+        absent, as ``take``, the write, ``mark_blocks`` and ``release`` would do it,
+        in one hold of the lock: no fill can take the region meanwhile. False, with
+        nothing written, if the region is present or owned, if the write would
+        complete it (the caller makes it present instead), or if it has no
+        sub-blocks yet and ``limit`` regions have some. ``write``'s OSError is
+        raised with nothing marked."""
+        with self.cond:
+            if region in self.map or self._owned_within(region, region + 1):
+                return False
+            old = self.map.blocks.get(region)
+            if old is None and len(self.map.blocks) >= limit or (old or 0) | mask == full:
+                return False
+            write()
+            if mask & ~(old or 0):
+                self.map.add_blocks(region, mask)
+                if self._on_blocks is not None:
+                    self._on_blocks(region, mask & ~(old or 0))
+        return True
+
     def absent_runs(self, first: int, end: int) -> list[Run]:
         with self.cond:
             return [(a, b) for a, b, present in self.map.runs(first, end) if not present]

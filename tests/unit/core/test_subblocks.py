@@ -173,3 +173,27 @@ def test_copy_on_read_and_cache_fill_around_written_blocks(
         got = f.read()
     for r in (2, 8):
         assert got[r * RS:(r + 1) * RS] == model[r * RS:(r + 1) * RS]
+
+
+def test_a_nowait_block_write_leaves_a_region_a_fill_owns_alone(
+        tmp_path: Path, source_image: tuple[Path, bytes]) -> None:
+    """``write_nowait`` of whole blocks into one absent region (one hold of the
+    ownership lock, ``Ownership.write_blocks``) is refused while a fill owns the
+    region, writing nothing; once it is free, it writes the blocks and marks them,
+    and a write that would complete the region is left to the general path."""
+    src, data = source_image
+    with _clone(tmp_path, src) as c:
+        with c._own.owning(2, 3):  # as a fill of region 2 would
+            assert not c.write_nowait(2 * RS + B, b"g" * B)
+            with open(c.path, "rb") as f:
+                f.seek(2 * RS + B)
+                assert f.read(B) == bytes(B)  # the file is untouched
+        assert c.regions_partial == 0
+        assert c.write_nowait(2 * RS + B, b"g" * B)
+        assert c.regions_partial == 1 and c.stats.bytes_from_source == 0
+        assert bytes(c.read(2 * RS, RS)) == data[2 * RS:2 * RS + B] + b"g" * B + \
+            data[2 * RS + 2 * B:3 * RS]
+        rest = bytes(c.read(3 * RS, RS))
+        c.write(3 * RS, rest[:RS - B])  # every block of region 3 but its last
+        assert c.write_nowait(4 * RS - B, rest[RS - B:])  # completes it: present
+        assert c.regions_present == 1 and c.regions_partial == 1
