@@ -6,7 +6,11 @@ each write, and ``fs_mark -S 1`` (files written and fsynced before close, by two
 threads), when fs_mark is installed. stress-ng ``--sync-file`` (sync_file_range)
 runs only when named with ``--workloads``: it does a handful of operations per
 second even on the plain file, too few to compare. Each round runs every
-configuration once, in a shuffled order; the ratio of each round is liveclone's
+configuration once per workload, in a shuffled order, each on a fresh file system
+(a new copy of the plain file, a new clone). For all but sync() the configurations
+are mounted together and their runs follow back to back, which pairs them more
+closely on a shared machine; sync() flushes every mounted file system, so it mounts
+one configuration at a time. The ratio of each round is liveclone's
 rate (bogo-ops/s, files/s) over the plain file's, and the medians of at least 5
 ratios go to benchmarks/results.md, with the 1-minute load average at the start
 and the end.
@@ -22,6 +26,7 @@ mount), stress-ng and fs_mark (``apt-get install stress-ng fsmark``). Not a test
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,6 +78,7 @@ def stress(where: Path, name: str, seconds: int) -> float:
 
 def fs_mark(where: Path) -> float:
     """Files/s of ``fs_mark -S 1`` in ``where``: the mean of its loops' figures."""
+    shutil.rmtree(where / "fsm", ignore_errors=True)  # a file system used before
     out = subprocess.run(
         ["fs_mark", "-d", "fsm", "-s", "16384", "-n", str(FS_MARK_FILES),
          "-S", "1", "-t", "2", "-L", "2"],  # a relative -d: it takes under 40 bytes
@@ -97,20 +104,24 @@ class Loop:
         subprocess.run(["losetup", "-d", self.dev], check=True)
 
 
-def run_plain(work: Path, golden: Path, name: str, seconds: int) -> float:
+@contextlib.contextmanager
+def plain_fs(work: Path, golden: Path) -> Iterator[Path]:
+    """ext4 on a loop device on a sparse copy of ``golden``; its mount point."""
     plain = work / "plain.img"
     subprocess.run(["cp", "--sparse=always", str(golden), str(plain)], check=True)
     loop = Loop(plain, work / "plain-mnt")
     try:
-        return stress(loop.mnt, name, seconds)
+        yield loop.mnt
     finally:
         loop.close()
         plain.unlink()
 
 
-def run_liveclone(work: Path, golden: Path, name: str, seconds: int, src: Path) -> float:
-    """``src``: the liveclone source tree to run (this checkout, or a worktree)."""
-    clone, mnt = work / "clone.img", work / "fuse-mnt"
+@contextlib.contextmanager
+def liveclone_fs(work: Path, golden: Path, tag: str, src: Path) -> Iterator[Path]:
+    """ext4 on a loop device on ``liveclone mount`` of a new clone of ``golden``, run
+    from the source tree ``src`` (this checkout, or a worktree); its mount point."""
+    clone, mnt = work / f"clone-{tag}.img", work / f"fuse-{tag}"
     mnt.mkdir(exist_ok=True)
     # The old tree may load libfuse2 where both are installed: name libfuse3.
     env = dict(os.environ, PYTHONPATH=str(src), FUSE_LIBRARY_NAME="fuse3")
@@ -124,16 +135,24 @@ def run_liveclone(work: Path, golden: Path, name: str, seconds: int, src: Path) 
             if time.monotonic() > deadline or proc.poll() is not None:
                 raise RuntimeError("liveclone mount did not come up")
             time.sleep(0.05)
-        loop = Loop(image, work / "clone-mnt")
+        loop = Loop(image, work / f"ext4-{tag}")
         try:
-            return stress(loop.mnt, name, seconds)
+            yield loop.mnt
         finally:
             loop.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-        for p in work.glob("clone.img*"):
+        for p in work.glob(f"clone-{tag}.img*"):
             p.unlink()
+
+
+def mount(work: Path, golden: Path, config: str,
+          trees: dict[str, Path]) -> contextlib.AbstractContextManager[Path]:
+    """The file system of ``config``: "plain" or a key of ``trees``."""
+    if config == "plain":
+        return plain_fs(work, golden)
+    return liveclone_fs(work, golden, str(list(trees).index(config)), trees[config])
 
 
 def main() -> None:
@@ -175,21 +194,33 @@ def main() -> None:
             configs = ["plain", *trees]
             random.shuffle(configs)
             got = {}
-            for c in configs:
-                if c == "plain":
-                    got[c] = run_plain(work, golden, name, args.seconds)
-                else:
-                    got[c] = run_liveclone(work, golden, name, args.seconds, trees[c])
-                results.setdefault((name, c), []).append(got[c])
+            if name == "sync()":
+                # sync() flushes every file system: one configuration mounted at a time.
+                for c in configs:
+                    with mount(work, golden, c, trees) as where:
+                        got[c] = stress(where, name, args.seconds)
+            else:
+                # Every configuration mounted at once, fresh for each workload; the
+                # runs then follow one another closely, so the ratios of a round
+                # compare runs a few seconds apart on this shared machine.
+                with contextlib.ExitStack() as mounted:
+                    where = {c: mounted.enter_context(mount(work, golden, c, trees))
+                             for c in configs}
+                    for c in configs:
+                        got[c] = stress(where[c], name, args.seconds)
+            for c, v in got.items():
+                results.setdefault((name, c), []).append(v)
             print(f"round {r + 1} {name}: " + ", ".join(f"{c} {v:.0f}/s" for c, v in got.items()),
                   flush=True)
     lines = ["Sync-heavy guest on the file view: ext4 on a loop device on `liveclone mount` "
              "vs on a plain file on the same disk (stress-ng bogo-ops/s, "
              f"{args.seconds} s per run; fs_mark -S 1 files/s, 2 threads x "
              f"{FS_MARK_FILES} files of 16 KiB x 2 loops; {args.rounds} interleaved "
-             "rounds, shuffled order). Ratio: median over rounds of liveclone / plain in "
-             "the same round; the spread is the min-max of the ratios (this machine's "
-             f"noise). 1-minute load average {load_start:.1f} at the start, "
+             "rounds, shuffled order; for write+fsync and fs_mark every configuration "
+             "is mounted afresh at once and its runs follow back to back, sync() mounts "
+             "one at a time as it flushes every file system). Ratio: median over rounds "
+             "of liveclone / plain in the same round; the spread is the min-max of the "
+             f"ratios (this machine's noise). 1-minute load average {load_start:.1f} at the start, "
              f"{os.getloadavg()[0]:.1f} at the end.", "",
              "| workload | config | median ops/s | ratio to plain (median) | ratio min-max |",
              "|---|---|---|---|---|"]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from liveclone.core import verify
 from liveclone.core.opening import open_clone
 from liveclone.fuse import start_mount
 from liveclone.session import CloneSession
@@ -376,3 +377,89 @@ def test_fsync_commits_what_the_file_wrote_and_is_free_with_nothing_new(
     with open_clone(str(path), LocalFileSource(str(src))) as again:
         assert again.regions_present == 3
         assert again.read(0, 2 * MiB) == expected
+
+
+def test_writes_fill_absent_regions_and_take_write_intent_before_the_short_path(
+        tmp_path: Path) -> None:
+    """Writes through the mount over copied, written and absent regions. Only regions
+    present and already written by the guest (write intent done) take the one-pwrite
+    path (``present_writes``); the first write over a copied region gets its intent
+    first, and a partial write into an absent region fills it first, also after a
+    whole block of it was written. After fsync and a crash (``abandon``), the clone
+    equals the model, and `verify` finds no mismatch."""
+    src, path, mnt = tmp_path / "src.img", tmp_path / "disk.img", tmp_path / "mnt"
+    expected = make_source(src, 2 * MiB)
+    mnt.mkdir()
+    clone = open_clone(str(path), LocalFileSource(str(src)), create=True, autocommit=False)
+    rs, total = clone.geometry.region_size, clone.regions_total
+    clone.fill(0, total // 2, wait=True)  # the first half copied, the rest absent
+    rng = random.Random(17)
+    handle = start_mount(clone, str(mnt))
+    try:
+        fd = os.open(handle.path, os.O_RDWR)
+        try:
+            def write(offset: int, data: bytes) -> None:
+                assert os.pwrite(fd, data, offset) == len(data)
+                expected[offset:offset + len(data)] = data
+
+            for region in range(0, total, 2):  # copied and absent regions, whole blocks
+                write(region * rs + 4096, rng.randbytes(4096))
+            for region in range(0, total, 2):  # then partial writes into each again
+                write(region * rs + 9000, rng.randbytes(1000))
+            for _ in range(64):  # anywhere, some over two regions
+                offset = rng.randrange(2 * MiB - 6000)
+                write(offset, rng.randbytes(rng.choice((512, 4096, 6000))))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        assert handle.fs.present_writes > total // 2
+        with open(handle.path, "rb") as f:
+            assert f.read() == expected
+    finally:
+        handle.stop()
+        clone.abandon()  # as kill -9: nothing more is committed
+    with open_clone(str(path), LocalFileSource(str(src))) as again:
+        assert again.read(0, 2 * MiB) == expected
+    report = verify.verify_clone(str(path))
+    assert report.mismatch_count == 0, report.mismatched
+    assert report.guest_count > 0
+
+
+def test_failed_fdatasync_refuses_every_later_write(tmp_path: Path, mounts: list[Mount]) -> None:
+    """strace makes every fdatasync of the clone file fail (not those of its digest
+    file: the first write's intent succeeds). After the fsync's failed commit the
+    clone is in its failed mode: the fsync, and every write, also one over the
+    region already written (the one-pwrite path), get EIO, while reads still work."""
+    src, clone = tmp_path / "src.img", tmp_path / "disk.img"
+    model = make_source(src, 2 * MiB)
+    finish(src, clone)  # complete: no commit but the fsync's
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    m = Mount.__new__(Mount)
+    m.mnt = mnt
+    m.proc = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=fdatasync", "-P", str(clone),
+         "-e", "inject=fdatasync:error=EIO", *LIVECLONE, "mount", str(src),
+         str(clone), str(mnt)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    mounts.append(m)
+    assert m.proc.stdout is not None
+    m.file = Path(m.proc.stdout.readline().strip())
+    fd = os.open(m.file, os.O_RDWR)
+    try:
+        assert os.pwrite(fd, b"\x11" * 4096, 8192) == 4096  # with its intent
+        assert os.pwrite(fd, b"\x22" * 4096, 8192) == 4096  # marked: one pwrite
+        with pytest.raises(OSError) as exc:
+            os.fsync(fd)
+        assert exc.value.errno == errno.EIO
+        for offset in (8192, 12288, MiB):
+            with pytest.raises(OSError) as exc:
+                os.pwrite(fd, b"\x33" * 4096, offset)
+            assert exc.value.errno == errno.EIO
+        model[8192:12288] = b"\x22" * 4096
+        assert os.pread(fd, 2 * MiB, 0) == model
+    finally:
+        os.close(fd)
+    # strace ends when liveclone does (a SIGTERM to strace leaves it waiting).
+    child = (Path("/proc") / str(m.proc.pid) / "task" / str(m.proc.pid) / "children").read_text()
+    os.kill(int(child.split()[0]), signal.SIGTERM)
+    m.proc.wait(60)

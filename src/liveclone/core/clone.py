@@ -326,13 +326,15 @@ class Clone:
         self._count_read(offset, length, absent, absent > 0)
         return buf
 
-    def lane(self) -> LaneState | None:
+    def lane(self, reads: bool = True) -> LaneState | None:
         """What the NBD lane (``nbd/lane.py``) needs to do plain READs and WRITEs
         of present regions itself, as ``read_nowait`` and ``write_nowait`` would;
         None when every request must come through them (closed, or reads
-        recorded for a boot profile). It reports what it did with ``count_lane``."""
+        recorded for a boot profile). It reports what it did with ``count_lane``.
+        ``reads=False``: for a caller that only writes by it (the FUSE view), which
+        gets it while reads are recorded too."""
         self.lifecycle.check_open()
-        if self.on_read is not None:
+        if reads and self.on_read is not None:
             return None
         writable = self.lifecycle.failure is None
         return LaneState(self._fd, self.geometry.shift,

@@ -70,12 +70,16 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from liveclone.core import fsops
 from liveclone.core.clone import Clone
+from liveclone.core.lifecycle import State
 from liveclone.errors import UsageError
 from liveclone.fuse.libfuse import libfuse3, mfusepy
 from liveclone.mountpoint import check_mountpoint
 
 T = TypeVar("T")
+Buffer = bytes | bytearray | memoryview | ctypes.Array[ctypes.c_char]
+_CLOSED = (State.CLOSING, State.CLOSED)
 log = logging.getLogger(__name__)
 
 # fallocate(2) mode bits (linux/falloc.h).
@@ -182,6 +186,9 @@ class _File:
 
     def __init__(self, clone: Clone, name: str, ino: int, read_only: bool) -> None:
         self.clone = clone
+        # For ``_write_present``, taken once: the bitmaps it holds only gain bits, so
+        # a region they show present and marked stays so (``Clone.lane``).
+        self.lane = clone.lane(reads=False)
         self.name = name
         self.ino = ino
         self.read_only = read_only
@@ -192,6 +199,28 @@ class _File:
         self.synced = 0
 
 
+def _write_present(f: _File, data: Buffer, offset: int, n: int) -> bool:
+    """Write ``n`` bytes at ``offset`` if they only cover regions that are present
+    and marked (their write intent done), as ``Clone.write_nowait`` would, with the
+    clone's lane state (``Clone.lane``) instead of its calls: one pwrite, no lock
+    but the counters'. False (nothing done) otherwise, or if the clone failed."""
+    clone, lane = f.clone, f.lane
+    if lane is None or n > lane.max_write or clone.lifecycle.failure is not None \
+            or clone.lifecycle.state in _CLOSED:
+        return False
+    shift, present, marked = lane.shift, lane.present, lane.marked
+    for r in range(offset >> shift, ((offset + n - 1) >> shift) + 1):
+        if not marked[r >> 3] >> (r & 7) & 1:
+            return False
+        if present is not None and not present[r >> 3] >> (r & 7) & 1:
+            return False
+    done = os.pwrite(lane.fd, data, offset)
+    if done < n:
+        fsops.pwrite_all(lane.fd, memoryview(data).cast("B")[done:n], offset + done)
+    clone.count_lane(0, 0, 1, n)
+    return True
+
+
 class _InUse:
     """``CloneFS._using``: a class, not a generator context manager, as it runs for
     every read and write (a fifth of a write's Python time went to contextlib)."""
@@ -199,7 +228,7 @@ class _InUse:
     __slots__ = ("fs", "f", "change")
 
     def __init__(self, fs: CloneFS, fh: int, change: bool) -> None:
-        with fs._lock:
+        with fs._mutex:
             f = fs._by_ino.get(fh)
             if f is None:
                 raise _fail(errno.EIO)
@@ -210,12 +239,12 @@ class _InUse:
         return self.f
 
     def __exit__(self, *exc: object) -> None:
-        f, lock = self.f, self.fs._lock
-        with lock:
+        f, fs = self.f, self.fs
+        with fs._mutex:
             f.inflight -= 1
             f.changes += self.change
             if f.removed and not f.inflight:
-                lock.notify_all()
+                fs._lock.notify_all()
 
 
 class CloneFS(mfusepy.Operations):  # type: ignore[misc]
@@ -236,11 +265,15 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
         self.started = time.time_ns()
         self.reads = 0
         self.writes = 0
+        self.present_writes = 0  # of ``writes``, those ``_write_present`` did
         self.last_error: str | None = None
         self.fuse_ptr: int | None = None  # libfuse's ``struct fuse *``, set by init
         self.ready = threading.Event()
         self.single = clone is not None
-        self._lock = threading.Condition()
+        # _mutex is _lock's own lock: ``with self._mutex`` takes it without the Python
+        # frame of Condition.__enter__, on every read and write.
+        self._mutex = threading.Lock()
+        self._lock = threading.Condition(self._mutex)
         # --- guarded by _lock --------------------------------------------------------
         self._files: dict[str, _File] = {}  # by name
         self._by_ino: dict[int, _File] = {}  # by inode number, the open files' fh
@@ -259,7 +292,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
     # -- the directory -----------------------------------------------------------------
 
     def add(self, name: str, clone: Clone, read_only: bool = False) -> None:
-        with self._lock:
+        with self._mutex:
             if name in self._files:
                 raise ValueError(f"a file named {name!r} exists")
             f = _File(clone, name, self._next_ino, read_only or self.read_only)
@@ -269,7 +302,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 
     def remove(self, name: str) -> None:
         """Take the file away and wait for the calls running on it. Blocks."""
-        with self._lock:
+        with self._mutex:
             f = self._files.pop(name)
             del self._by_ino[f.ino]
             f.removed = True
@@ -277,11 +310,11 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
                 self._lock.wait()
 
     def names(self) -> list[str]:
-        with self._lock:
+        with self._mutex:
             return list(self._files)
 
     def _lookup(self, path: str | None) -> _File:
-        with self._lock:
+        with self._mutex:
             f = self._files.get(path[1:]) if path and path.startswith("/") else None
         if f is None:
             raise _fail(errno.ENOENT)
@@ -320,7 +353,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
     def _file_of(self, path: str | None, fh: Any) -> _File:
         """The file a call names by path, or (nopath calls) by its open handle."""
         if path is None:
-            with self._lock:
+            with self._mutex:
                 f = self._by_ino.get(getattr(fh, "fh", fh) or 0)
             if f is None:
                 raise _fail(errno.EIO)
@@ -365,7 +398,7 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 
     @_errno_only
     def statfs(self, path: str) -> dict[str, int]:
-        with self._lock:
+        with self._mutex:
             sizes = [f.clone.size for f in self._files.values()]
         return {"f_bsize": 4096, "f_frsize": 4096,
                 "f_blocks": sum((n + 4095) // 4096 for n in sizes),
@@ -402,21 +435,28 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
         return (ctypes.c_char * len(buf)).from_buffer(buf)
 
     @_errno_only
-    def write(self, path: str | None, data: memoryview, offset: int, fi: Any) -> int:
+    def write(self, path: str | None, data: Buffer, offset: int, fi: Any) -> int:
+        """``data``: bytes, or a view of libfuse's buffer (``_Fuse.write``)."""
         with self._using(fi.fh, change=True) as f:
             if f.read_only:
                 raise _fail(errno.EROFS)
-            if not data:
+            size, clone = len(data), f.clone
+            if not size:
                 return 0
-            if offset >= f.clone.size:
+            if offset >= clone.size:
                 raise _fail(errno.ENOSPC)
-            n = min(len(data), f.clone.size - offset)
+            n = min(size, clone.size - offset)
             self.writes += 1
-            view = memoryview(data)[:n]
-            # write_nowait: one pwrite where that is all a write needs (a present
-            # region with its write intent done), a third of ``write``'s Python.
-            if not f.clone.write_nowait(offset, view):
-                f.clone.write(offset, view)
+            if n < size:
+                data = memoryview(data).cast("B")[:n]
+            if _write_present(f, data, offset, n):
+                self.present_writes += 1
+            else:
+                view = memoryview(data).cast("B")
+                # write_nowait: whole blocks of absent regions nobody owns need no
+                # wait either; the rest (fills, write intent) goes to ``write``.
+                if not clone.write_nowait(offset, view):
+                    clone.write(offset, view)
             f.mtime = time.time_ns()
             return n
 
@@ -446,12 +486,12 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
         with self._using(fi.fh) as f:
             if f.read_only:
                 return 0
-            with self._lock:
+            with self._mutex:
                 changes = f.changes
                 if changes == f.synced and f.clone.failure is None:
                     return 0  # nothing since a completed flush (see _File)
             f.clone.flush()  # covers every change counted in ``changes``
-            with self._lock:
+            with self._mutex:
                 f.synced = max(f.synced, changes)
             return 0
 
@@ -465,14 +505,14 @@ class CloneFS(mfusepy.Operations):  # type: ignore[misc]
 class _Fuse(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy's glue, but ``write`` hands ``CloneFS.write`` a view of libfuse's
     buffer instead of a bytes copy of it (``string_at``: a tenth of the Python time
-    of a write+fsync load, with the GIL held). The view is valid only during the
-    call: the clone writes it out before returning and keeps no reference to it."""
+    of a write+fsync load, with the GIL held), as a ctypes array, which ``pwrite``
+    takes as it is. The view is valid only during the call: the clone writes it
+    out before returning and keeps no reference to it. The path is never needed
+    (``flag_nopath``)."""
 
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
-        data = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents)))
-        return self.operations.write(  # type: ignore[no-any-return]
-            None if path is None else path.decode(self.encoding, self.errors),
-            data.cast("B"), offset, fip.contents)
+        data = (ctypes.c_char * size).from_address(ctypes.addressof(buf.contents))
+        return self.operations.write(None, data, offset, fip.contents)  # type: ignore[no-any-return]
 
 
 class MountHandle:
