@@ -92,7 +92,6 @@ import struct
 import time
 import uuid
 import zlib
-from dataclasses import dataclass
 from typing import Any
 
 from liveclone.core import fsops
@@ -105,6 +104,7 @@ from liveclone.core.regions import (
     mask_runs,
 )
 from liveclone.errors import CorruptMetadataError, NotACloneError, TargetError
+from liveclone.values import Value
 
 MAP_SUFFIX = ".lcmap"
 JOURNAL_SUFFIX = ".lcjournal"
@@ -141,18 +141,22 @@ def map_paths(clone_path: str) -> tuple[str, str, str]:
     return clone_path + MAP_SUFFIX, clone_path + JOURNAL_SUFFIX, digest_path(clone_path)
 
 
-@dataclass
-class MapHeader:
+class MapHeader(Value):
     """What the superblock says about the clone."""
 
-    uuid: str
-    size: int
-    region_size: int
-    source: dict[str, Any]
-    created: float
+    __slots__ = ("uuid", "size", "region_size", "source", "created")
+
+    def __init__(self, uuid: str, size: int, region_size: int, source: dict[str, Any],
+                 created: float) -> None:
+        self.uuid = uuid
+        self.size = size
+        self.region_size = region_size
+        self.source = source
+        self.created = created
 
     def to_json(self) -> bytes:
-        return json.dumps(self.__dict__, sort_keys=True).encode()
+        return json.dumps({name: getattr(self, name) for name in self._fields},
+                          sort_keys=True).encode()
 
     @classmethod
     def from_json(cls, raw: bytes, where: str) -> MapHeader:
@@ -284,13 +288,15 @@ def _commit_ending_at(raw: bytes, trailer: int, lowest: int) -> tuple[int, int] 
     return start, seq
 
 
-@dataclass
-class _Replay:
-    generation: int  # the journal's
-    end: int  # byte offset after the last complete commit
-    seq: int  # sequence number of the last complete commit
-    records: int  # records in complete commits
-    torn: int  # bytes of an incomplete last commit after ``end`` (0 if none)
+class _Replay(Value):
+    __slots__ = ("generation", "end", "seq", "records", "torn")
+
+    def __init__(self, generation: int, end: int, seq: int, records: int, torn: int) -> None:
+        self.generation = generation  # the journal's
+        self.end = end  # byte offset after the last complete commit
+        self.seq = seq  # sequence number of the last complete commit
+        self.records = records  # records in complete commits
+        self.torn = torn  # bytes of an incomplete last commit after ``end`` (0 if none)
 
 
 def _replay(path: str, raw: bytes, header: MapHeader, generation: int,
