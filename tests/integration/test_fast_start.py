@@ -40,10 +40,12 @@ NOT_BEFORE_SERVING = {
 NEVER = {"dataclasses", "urllib.parse", "ipaddress"}
 
 
-def serve_new_clone(tmp_path: Path, size: int) -> tuple[int, dict[str, int]]:
+def serve_new_clone(tmp_path: Path, size: int, env: dict[str, str] | None = None
+                    ) -> tuple[int, dict[str, int], str]:
     """Serve a new clone of a sparse ``size`` source (copier paused, so nothing but
     making the clone touches it), check three reads against the source's bytes; return
-    the server's peak RSS and the blocks each of the clone's files holds."""
+    the server's peak RSS, the blocks each of the clone's files holds and what it
+    wrote on stderr."""
     rng = random.Random(size)
     head, tail = rng.randbytes(4096), rng.randbytes(4096)
     source = tmp_path / f"source-{size}.img"
@@ -55,7 +57,7 @@ def serve_new_clone(tmp_path: Path, size: int) -> tuple[int, dict[str, int]]:
     clone = tmp_path / f"clone-{size}.img"
     Path(f"{clone}.lcpause").touch()  # the background copy never starts
     proc = subprocess.Popen([LIVECLONE, "serve", str(source), str(clone), "--socket",
-                             str(tmp_path / f"{size}.sock")],
+                             str(tmp_path / f"{size}.sock")], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
@@ -76,7 +78,8 @@ def serve_new_clone(tmp_path: Path, size: int) -> tuple[int, dict[str, int]]:
         blocks = {suffix: allocated(Path(f"{clone}{suffix}"))
                   for suffix in ("", ".lcmap", ".lcjournal", ".lcdigest")}
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
     finally:
         stop_process(proc, 10)
         for stream in (proc.stdout, proc.stderr):
@@ -84,12 +87,12 @@ def serve_new_clone(tmp_path: Path, size: int) -> tuple[int, dict[str, int]]:
                 stream.close()
     for p in tmp_path.glob(f"*-{size}.img*"):
         os.unlink(p)
-    return hwm, blocks
+    return hwm, blocks, err
 
 
 def test_new_1tib_clone_serves_at_once_for_the_cost_of_1gib(tmp_path: Path) -> None:
-    small_rss, small = serve_new_clone(tmp_path, GiB)
-    big_rss, big = serve_new_clone(tmp_path, TiB)
+    small_rss, small, _ = serve_new_clone(tmp_path, GiB)
+    big_rss, big, _ = serve_new_clone(tmp_path, TiB)
     assert big_rss - small_rss <= RSS_GROWTH, (small_rss, big_rss)
     for blocks in (small, big):
         assert blocks[""] == 0  # nothing copied, nothing written: the clone is all hole
@@ -117,33 +120,7 @@ def test_serve_imports_nothing_it_does_not_need_before_it_serves(tmp_path: Path)
     """Until it says it is serving (the event loop has not run yet: no client was
     answered), and until it exits after a client's reads, ``serve`` of a new clone
     has imported none of NOT_BEFORE_SERVING, resp. NEVER."""
-    source = tmp_path / "source.img"
-    head = random.Random(5).randbytes(4096)
-    with open(source, "wb") as f:
-        f.truncate(GiB)
-        f.write(head)
-    clone = tmp_path / "clone.img"
-    Path(f"{clone}.lcpause").touch()  # no copier: what a start imports, only
-    proc = subprocess.Popen([LIVECLONE, "serve", str(source), str(clone), "--socket",
-                             str(tmp_path / "s.sock")],
-                            env={**os.environ, "PYTHONPROFILEIMPORTTIME": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stdout is not None
-        uri = proc.stdout.readline().strip()
-        assert uri, f"serve printed no URI: {proc.communicate(timeout=30)}"
-        conn = Connection(parse_uri(uri))
-        try:
-            got = bytearray(4096)
-            conn.pread_into(memoryview(got), 0)
-            assert got == head
-        finally:
-            conn.close()
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        assert proc.returncode == 0, err
-    finally:
-        stop_process(proc, 10)
+    _, _, err = serve_new_clone(tmp_path, GiB, {**os.environ, "PYTHONPROFILEIMPORTTIME": "1"})
     names = imported(err)
     serving = next(i for i, n in enumerate(names) if n.startswith("> liveclone: serving"))
     assert "liveclone.nbd.server" in names[:serving]  # the record is there
