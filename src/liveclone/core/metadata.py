@@ -180,9 +180,31 @@ def _block_runs(blocks: dict[int, int]) -> list[tuple[int, int, int]]:
     return [(r, a, b - a) for r in sorted(blocks) for a, b in mask_runs(blocks[r])]
 
 
+_ZERO_CHUNK = 64 << 10
+_FINAL_BLOCK = b"\x03\x00"  # deflate's empty last block (fixed codes, end of block)
+
+
+def _compress_zeros(n: int) -> bytes:
+    """A zlib stream of ``n`` zero bytes, as ``zlib.compress(bytes(n), 1)`` would
+    decompress: 64 KiB of zeros compressed once, ended by a full flush (so it
+    refers to nothing before it) and repeated, then the rest the same way, the last
+    block and the Adler-32 of ``n`` zeros, ``(n mod 65521) << 16 | 1``. A new 1 TiB
+    map's 2 MiB of zeros took 10 ms to compress, beside the first client."""
+    whole, rest = divmod(n, _ZERO_CHUNK)
+    parts = []
+    for length, times in ((_ZERO_CHUNK, whole), (rest, 1)):
+        if length and times:
+            c = zlib.compressobj(1)
+            stream = c.compress(bytes(length)) + c.flush(zlib.Z_FULL_FLUSH)
+            parts.append(stream[2:] * times)  # without the 2-byte zlib header
+    head = zlib.compressobj(1).flush()[:2]
+    return b"".join([head, *parts, _FINAL_BLOCK, struct.pack(">I", (n % 65521) << 16 | 1)])
+
+
 def _encode_superblock(header: MapHeader, rmap: RegionMap, generation: int) -> bytes:
     hdr = header.to_json()
-    bitmap = zlib.compress(rmap.to_bytes(), 1)
+    bitmap = (_compress_zeros((rmap.count + 7) >> 3) if rmap.present_count == 0
+              else zlib.compress(rmap.to_bytes(), 1))
     blocks = zlib.compress(b"".join(_BLK_RUN.pack(*run) for run in _block_runs(rmap.blocks)), 1)
     body = (_SB_HEAD.pack(_SB_MAGIC, len(hdr), len(bitmap), generation) + hdr + bitmap
             + struct.pack("<I", len(blocks)) + blocks)
