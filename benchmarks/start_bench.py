@@ -12,8 +12,10 @@ checked against the source); with ``--base-src``, an older liveclone's ``src``
 directory too, in the same rounds. The report gives each median, its min-max, and
 liveclone's ratio to each peer per round (median and min-max), with the machine's
 load average before and after. Then where liveclone's start goes: Python's own
-start (``python -c pass``), and what each top-level import of ``serve`` costs with
-all it imports in turn (``PYTHONPROFILEIMPORTTIME``). With ``--write-results`` the
+start (``python -c pass``), the libraries it is built on alone (``python -c
+"import click, asyncio, uvloop"``: what no change to liveclone's own code can
+remove), and what each top-level import of ``serve`` costs with all it imports in
+turn (``PYTHONPROFILEIMPORTTIME``). With ``--write-results`` the
 "Start-up" section of benchmarks/results.md is replaced. Not a test: nothing here
 asserts.
 """
@@ -88,21 +90,22 @@ def time_first_read(kind: str, source: Path, head: bytes, work: Path) -> float:
     return took
 
 
-def python_start(runs: int) -> float:
-    """Median seconds of ``python -c pass`` with the venv's interpreter."""
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+# Python alone, in the same rounds: its own start, and the libraries serve is built on.
+PYTHON = {"pass": "pass", "libraries": "import click, asyncio, uvloop"}
+
+
+def python_once(code: str) -> float:
+    """Seconds of ``python -c CODE`` with the venv's interpreter."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return time.perf_counter() - t0
 
 
 def import_times(source: Path, work: Path, runs: int) -> dict[str, float]:
-    """Median time (s) of each import ``liveclone serve`` makes at the top level,
-    with all it imports in turn (the cumulative column of PYTHONPROFILEIMPORTTIME=1
-    for the entries not nested in another): liveclone.cli.main brings click,
-    asyncio brings ssl, and so on."""
+    """Median time (s) of each import ``liveclone serve`` makes at the top level
+    before it says it is serving, with all it imports in turn (the cumulative column
+    of PYTHONPROFILEIMPORTTIME=1 for the entries not nested in another):
+    liveclone.cli.main brings click, asyncio brings ssl, and so on."""
     per_run: list[dict[str, float]] = []
     for _ in range(runs):
         clone, sock = work / "imp-clone.img", work / "imp.sock"
@@ -121,6 +124,8 @@ def import_times(source: Path, work: Path, runs: int) -> dict[str, float]:
                 p.unlink()
         tops: dict[str, float] = {}
         for line in text.splitlines():
+            if line.startswith("liveclone: serving"):
+                break  # later imports (mallopt's ctypes, 0.1 s on) are not on the way
             if not line.startswith("import time:") or "self [us]" in line:
                 continue
             _, cumulative, name = line[12:].split("|")
@@ -164,17 +169,20 @@ def main() -> None:
         times: dict[tuple[str, str], list[float]] = {}
         for rnd in range(args.rounds):
             cells = [(label, kind) for label in sources for kind in kinds]
+            cells += [("python", name) for name in PYTHON]
             rng.shuffle(cells)
             for label, kind in cells:
-                t = time_first_read(kind, sources[label][0], heads[label], work)
+                if label == "python":
+                    t = python_once(PYTHON[kind])
+                else:
+                    t = time_first_read(kind, sources[label][0], heads[label], work)
                 times.setdefault((label, kind), []).append(t)
             print(f"round {rnd + 1}: " + ", ".join(
-                f"{label} {kind} {ms(times[(label, kind)][-1])}"
-                for label in sources for kind in kinds), file=sys.stderr)
+                f"{label} {kind} {ms(t[-1])}" for (label, kind), t in times.items()),
+                file=sys.stderr)
         load_after = os.getloadavg()
-        py = python_start(args.rounds)
         imports = import_times(sources["1 TiB"][0], work, 5)
-        body = report(times, kinds, py, imports, load_before, load_after, args.rounds)
+        body = report(times, kinds, imports, load_before, load_after, args.rounds)
         print(f"{HEADING}\n\n{body}")
         if args.write_results:
             write_section(HEADING, body)
@@ -182,7 +190,17 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(times: dict[tuple[str, str], list[float]], kinds: list[str], py: float,
+def spread(ts: list[float]) -> str:
+    return f"{ms(statistics.median(ts))} ({ms(min(ts))}-{ms(max(ts))})"
+
+
+def ratio(a: list[float], b: list[float]) -> str:
+    """Median (min-max) of the per-round ratios a/b."""
+    rs = [x / y for x, y in zip(a, b, strict=True)]
+    return f"{statistics.median(rs):.1f}× ({min(rs):.1f}-{max(rs):.1f})"
+
+
+def report(times: dict[tuple[str, str], list[float]], kinds: list[str],
            imports: dict[str, float], load_before: tuple[float, float, float],
            load_after: tuple[float, float, float], rounds: int) -> str:
     ours = kinds[0]
@@ -202,20 +220,22 @@ def report(times: dict[tuple[str, str], list[float]], kinds: list[str], py: floa
         "|---|" + "---|" * (2 * len(kinds) - 1),
     ]
     for label, _ in SIZES:
-        cells = [f"{ms(statistics.median(times[(label, k)]))} "
-                 f"({ms(min(times[(label, k)]))}-{ms(max(times[(label, k)]))})"
-                 for k in kinds]
-        ratios = []
-        for peer in kinds[1:]:
-            rs = [a / b for a, b in zip(times[(label, ours)], times[(label, peer)],
-                                        strict=True)]
-            ratios.append(f"{statistics.median(rs):.1f}× ({min(rs):.1f}-{max(rs):.1f})")
+        cells = [spread(times[(label, k)]) for k in kinds]
+        ratios = [ratio(times[(label, ours)], times[(label, peer)]) for peer in kinds[1:]]
         lines.append(f"| {label} sparse | " + " | ".join(cells + ratios) + " |")
+    libraries = times[("python", "libraries")]
     total = sum(imports.values())
     lines += [
         "",
-        f"Where liveclone's start goes: `python -c pass` takes {ms(py)} (median of "
-        f"{rounds}). The imports `serve` makes take {ms(total)} (median of 5 runs with "
+        "Python alone, in the same rounds: `python -c pass` "
+        f"{spread(times[('python', 'pass')])}; `python -c \"{PYTHON['libraries']}\"`, "
+        f"the libraries `serve` is built on and nothing of liveclone, {spread(libraries)}. "
+        "liveclone serve's first read against that, per round: "
+        + ", ".join(f"{label} {ratio(times[(label, ours)], libraries)}"
+                    for label, _ in SIZES) + ".",
+        "",
+        f"Where liveclone's start goes: the imports `serve` makes before it serves take "
+        f"{ms(total)} (median of 5 runs with "
         "PYTHONPROFILEIMPORTTIME=1, which itself adds to them), each top-level import "
         "with all it brings in (site and encodings are part of `python -c pass`):",
         "",

@@ -36,7 +36,9 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     return loop_factory()()
 
 
-def run(main: Coroutine[Any, Any, T]) -> T:
-    """``asyncio.run`` on the chosen loop."""
-    with asyncio.Runner(loop_factory=loop_factory()) as runner:
+def run(main: Coroutine[Any, Any, T],
+        factory: Callable[[], asyncio.AbstractEventLoop] | None = None) -> T:
+    """``asyncio.run`` on the chosen loop (``factory``: ``loop_factory()``'s, got
+    beforehand)."""
+    with asyncio.Runner(loop_factory=factory or loop_factory()) as runner:
         return runner.run(main)

@@ -287,6 +287,8 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             try:
                 from liveclone import eventloop
                 from liveclone.nbd.server import NBDServer
+
+                new_loop = eventloop.loop_factory()  # imports uvloop, beside the opening too
             except BaseException:
                 opening.discard(CloneSession.close)
                 raise
@@ -294,7 +296,8 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             try:
                 server = NBDServer(session.clone, export_name=name, read_only=read_only,
                                    tls=tls, limits=limits)
-                eventloop.run(_serve(session, server, stop, listeners, read_only, mountpoint))
+                eventloop.run(_serve(session, server, stop, listeners, read_only, mountpoint),
+                              new_loop)
             finally:
                 session.close()
     finally:

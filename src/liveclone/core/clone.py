@@ -25,7 +25,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from liveclone.core import fsops
@@ -47,22 +46,28 @@ from liveclone.core.regions import (
 from liveclone.errors import CloneFailedError, SourceChangedError
 from liveclone.sources.base import Extent, Source
 from liveclone.sources.local import fd_extents
+from liveclone.values import Value
 
 # Largest write ``write_nowait`` takes on an event loop.
 NOWAIT_WRITE_MAX = 64 << 10
 
 
-@dataclass
-class CloneStats:
-    """Counters for ``status``. Updated under ``Clone._stats_lock``."""
+class CloneStats(Value):
+    """Counters for ``status``, all 0 at first. Updated under ``Clone._stats_lock``."""
 
-    bytes_copied: int = 0  # source bytes written into the clone by fills
-    bytes_from_source: int = 0  # every byte read from the source (fills and reads)
-    regions_skipped: int = 0  # a fill found the region already present: "done"
-    guest_reads: int = 0
-    guest_writes: int = 0
-    guest_bytes_read: int = 0
-    guest_bytes_written: int = 0
+    __slots__ = ("bytes_copied", "bytes_from_source", "regions_skipped", "guest_reads",
+                 "guest_writes", "guest_bytes_read", "guest_bytes_written")
+    bytes_copied: int  # source bytes written into the clone by fills
+    bytes_from_source: int  # every byte read from the source (fills and reads)
+    regions_skipped: int  # a fill found the region already present: "done"
+    guest_reads: int
+    guest_writes: int
+    guest_bytes_read: int
+    guest_bytes_written: int
+
+    def __init__(self) -> None:
+        for name in self._fields:
+            setattr(self, name, 0)
 
 
 class LaneState(NamedTuple):

@@ -36,12 +36,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from liveclone.core import fsops
 from liveclone.core.regions import Geometry, RegionMap
 from liveclone.errors import UsageError
+from liveclone.values import Frozen
 
 PROFILE_SUFFIX = ".lcprofile"
 FORMAT = "liveclone-profile"
@@ -66,17 +66,22 @@ def _identity(source: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in source.items() if k != "path"}
 
 
-@dataclass(frozen=True)
-class Profile:
+class Profile(Frozen):
     """A recorded boot profile. ``runs``: ``(offset, length)`` in bytes, in first-read
-    order; no byte is in two runs."""
+    order; no byte is in two runs. ``region_size``: of the clone it was recorded on
+    (informational); ``path``: where it was loaded from, for messages."""
 
+    __slots__ = ("source", "size", "runs", "region_size", "recorded", "path")
     source: dict[str, Any]
     size: int
     runs: list[Run]
-    region_size: int = 0  # of the clone it was recorded on (informational)
-    recorded: float = 0.0
-    path: str = ""  # where it was loaded from, for messages
+    region_size: int
+    recorded: float
+    path: str
+
+    def __init__(self, source: dict[str, Any], size: int, runs: list[Run],
+                 region_size: int = 0, recorded: float = 0.0, path: str = "") -> None:
+        self._init(source, size, runs, region_size, recorded, path)
 
     def identity_problem(self, source: dict[str, Any], size: int) -> str | None:
         """Why this profile must not be applied to a clone of ``source``, or None."""
@@ -162,7 +167,6 @@ class RecordState:
     SKIPPED = "skipped"  # nothing to save, or saving failed (``error`` says why)
 
 
-@dataclass
 class Recorder:
     """Records a guest's reads into a profile for ``path``; see the module doc.
 
@@ -170,26 +174,29 @@ class Recorder:
     else runs in one thread at a time (the session's status thread, then ``finish``).
     """
 
-    geometry: Geometry
-    source: dict[str, Any]
-    path: str
-    max_time: float = DEFAULT_RECORD_TIME
-    idle: float = DEFAULT_RECORD_IDLE
-    mode: int = 0o600
-    state: str = RecordState.WAITING
-    error: str | None = None
-    stopped_by: str | None = None  # "time", "idle", "exit"
-    # (offset, length) of reads not yet looked at (appended by guest threads, drained
-    # by poll).
-    _pending: deque[Run] = field(default_factory=deque)
-    # --- poll's own (one thread) ---------------------------------------------------
-    # Invariant: _seen has exactly the regions of _runs; _runs are disjoint, in the
-    # order the guest first read them.
-    _runs: list[Run] = field(default_factory=list)
-    _seen: RegionMap | None = None
-    _started: float | None = None  # monotonic time of the first read
-    _last_new: float = 0.0  # monotonic time a new region was last seen
-    _lock: threading.Lock = field(default_factory=threading.Lock)  # poll vs finish
+    def __init__(self, geometry: Geometry, source: dict[str, Any], path: str,
+                 max_time: float = DEFAULT_RECORD_TIME, idle: float = DEFAULT_RECORD_IDLE,
+                 mode: int = 0o600) -> None:
+        self.geometry = geometry
+        self.source = source
+        self.path = path
+        self.max_time = max_time
+        self.idle = idle
+        self.mode = mode
+        self.state: str = RecordState.WAITING
+        self.error: str | None = None
+        self.stopped_by: str | None = None  # "time", "idle", "exit"
+        # (offset, length) of reads not yet looked at (appended by guest threads,
+        # drained by poll).
+        self._pending: deque[Run] = deque()
+        # --- poll's own (one thread) -----------------------------------------------
+        # Invariant: _seen has exactly the regions of _runs; _runs are disjoint, in
+        # the order the guest first read them.
+        self._runs: list[Run] = []
+        self._seen: RegionMap | None = None
+        self._started: float | None = None  # monotonic time of the first read
+        self._last_new = 0.0  # monotonic time a new region was last seen
+        self._lock = threading.Lock()  # poll vs finish
 
     @property
     def hook(self) -> Callable[[Run], None]:
@@ -272,14 +279,26 @@ class Recorder:
                 "runs": len(self._runs), "stopped_by": self.stopped_by, "error": self.error}
 
 
-@dataclass(frozen=True)
-class ProfileOptions:
-    """What a session does with boot profiles (``CloneSession(profile=...)``)."""
+class ProfileOptions(Frozen):
+    """What a session does with boot profiles (``CloneSession(profile=...)``).
+    ``replay``: replay this one (checked against the source); ``record``: record
+    the guest's reads (services: boot, serve, mount); ``save_to``: where to save the
+    recording (default CLONE.lcprofile)."""
 
-    replay: Profile | None = None  # replay this one (checked against the source)
-    replay_bytes: int = DEFAULT_REPLAY_BYTES
-    replay_time: float = DEFAULT_REPLAY_TIME
-    record: bool = False  # record the guest's reads (services: boot, serve, mount)
-    save_to: str | None = None  # where to save the recording (default CLONE.lcprofile)
-    record_time: float = DEFAULT_RECORD_TIME
-    record_idle: float = DEFAULT_RECORD_IDLE
+    __slots__ = ("replay", "replay_bytes", "replay_time", "record", "save_to", "record_time",
+                 "record_idle")
+    replay: Profile | None
+    replay_bytes: int
+    replay_time: float
+    record: bool
+    save_to: str | None
+    record_time: float
+    record_idle: float
+
+    def __init__(self, replay: Profile | None = None,
+                 replay_bytes: int = DEFAULT_REPLAY_BYTES,
+                 replay_time: float = DEFAULT_REPLAY_TIME, record: bool = False,
+                 save_to: str | None = None, record_time: float = DEFAULT_RECORD_TIME,
+                 record_idle: float = DEFAULT_RECORD_IDLE) -> None:
+        self._init(replay, replay_bytes, replay_time, record, save_to, record_time,
+                   record_idle)

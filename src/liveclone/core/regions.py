@@ -217,7 +217,8 @@ class RegionMap:
         return self._bits
 
     def copy(self) -> RegionMap:
-        other = RegionMap(self.count, self._bits)
+        # No bit set: a new map, without scanning these bits (2 MiB at 1 TiB) for one.
+        other = RegionMap(self.count, self._bits if self.present_count else None)
         other.blocks = dict(self.blocks)
         return other
 

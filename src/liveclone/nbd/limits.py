@@ -17,13 +17,13 @@ event per interval, then a count of the ones left out.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import resource
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+from liveclone.values import Frozen
 
 MiB = 1 << 20
 DEFAULT_MAX_CONNECTIONS = 64
@@ -38,19 +38,24 @@ MIN_MAX_MEMORY = 4 * MiB
 FD_RESERVE = 24
 
 
-@dataclass(frozen=True)
-class Limits:
-    max_connections: int = DEFAULT_MAX_CONNECTIONS
-    handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT  # 0: none
-    max_memory: int = DEFAULT_MAX_MEMORY
+class Limits(Frozen):
+    """``handshake_limit``: seconds, 0 for none."""
 
-    def __post_init__(self) -> None:
-        if self.max_connections < 1:
+    __slots__ = ("max_connections", "handshake_limit", "max_memory")
+    max_connections: int
+    handshake_limit: float
+    max_memory: int
+
+    def __init__(self, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 handshake_limit: float = DEFAULT_HANDSHAKE_LIMIT,
+                 max_memory: int = DEFAULT_MAX_MEMORY) -> None:
+        if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        if self.handshake_limit < 0:
+        if handshake_limit < 0:
             raise ValueError("handshake_limit must not be negative")
-        if self.max_memory < MIN_MAX_MEMORY:
+        if max_memory < MIN_MAX_MEMORY:
             raise ValueError(f"max_memory must be at least {MIN_MAX_MEMORY // MiB} MiB")
+        self._init(max_connections, handshake_limit, max_memory)
 
     @property
     def connection_memory(self) -> int:
@@ -95,6 +100,8 @@ def pin_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
     global _pinned
     if _pinned:
         return True
+    import ctypes  # here: not on the way to a server's first answer
+
     try:
         # The symbols already loaded into this process: libc's among them, found
         # without find_library (which runs ldconfig: milliseconds at every start).

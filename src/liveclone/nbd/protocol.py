@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -53,6 +52,7 @@ from liveclone.nbdwire.wire import (
     Opt,
     Rep,
 )
+from liveclone.values import Frozen, Value
 
 if TYPE_CHECKING:
     from liveclone.sources.base import Extent
@@ -123,30 +123,36 @@ assert TRANSITIONS[(State.TRANSMISSION, Input.REPLY)] is State.TRANSMISSION
 
 # --- exports ------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Export:
-    """What a client may open. Size and flags are fixed for the connection."""
+class Export(Frozen):
+    """What a client may open. Size and flags are fixed for the connection.
+    ``min_block``: every offset and length must be a multiple (but the tail);
+    ``max_block``: the largest READ/WRITE payload."""
 
+    __slots__ = ("name", "size", "read_only", "description", "min_block", "preferred_block",
+                 "max_block", "flags")
     name: str
     size: int
-    read_only: bool = False
-    description: str = ""
-    min_block: int = 1  # every offset and length must be a multiple (but the tail)
-    preferred_block: int = 4096
-    max_block: int = DEFAULT_MAX_BLOCK  # largest READ/WRITE payload
-    flags: int = field(init=False)
+    read_only: bool
+    description: str
+    min_block: int
+    preferred_block: int
+    max_block: int
+    flags: int
 
-    def __post_init__(self) -> None:
-        why = export_name_problem(self.name)
+    def __init__(self, name: str, size: int, read_only: bool = False, description: str = "",
+                 min_block: int = 1, preferred_block: int = 4096,
+                 max_block: int = DEFAULT_MAX_BLOCK) -> None:
+        why = export_name_problem(name)
         if why:
-            raise ValueError(f"bad export name {self.name!r}: {why}")
+            raise ValueError(f"bad export name {name!r}: {why}")
         flags = (wire.TF_HAS_FLAGS | wire.TF_SEND_FLUSH | wire.TF_SEND_FUA | wire.TF_SEND_DF
                  | wire.TF_CAN_MULTI_CONN | wire.TF_SEND_CACHE)
-        if self.read_only:
+        if read_only:
             flags |= wire.TF_READ_ONLY
         else:
             flags |= wire.TF_SEND_TRIM | wire.TF_SEND_WRITE_ZEROES | wire.TF_SEND_FAST_ZERO
-        object.__setattr__(self, "flags", flags)
+        self._init(name, size, read_only, description, min_block, preferred_block, max_block,
+                   flags)
 
 
 class ExportTable:
@@ -215,52 +221,62 @@ def export_name_problem(name: str) -> str | None:
 
 # --- events (out of receive_data) ----------------------------------------------------
 
-@dataclass(slots=True)
-class ExportChosen:
+class ExportChosen(Value):
     """Transmission begins on ``export``."""
 
-    export: Export
-    structured: bool
-    base_allocation: bool
+    __slots__ = ("export", "structured", "base_allocation")
+
+    def __init__(self, export: Export, structured: bool, base_allocation: bool) -> None:
+        self.export = export
+        self.structured = structured
+        self.base_allocation = base_allocation
 
 
-@dataclass(slots=True)
-class Command:
+class Command(Value):
     """A valid request. ``data`` is the payload of a WRITE, else None. A
     BLOCK_STATUS ``length`` is cut to MAX_BLOCK_STATUS (its reply covers less)."""
 
-    cookie: int
-    cmd: int
-    flags: int
-    offset: int
-    length: int
-    data: bytearray | None = None
+    __slots__ = ("cookie", "cmd", "flags", "offset", "length", "data")
+
+    def __init__(self, cookie: int, cmd: int, flags: int, offset: int, length: int,
+                 data: bytearray | None = None) -> None:
+        self.cookie = cookie
+        self.cmd = cmd
+        self.flags = flags
+        self.offset = offset
+        self.length = length
+        self.data = data
 
 
-@dataclass(slots=True)
-class Rejected:
+class Rejected(Value):
     """An invalid request, already answered with ``error``."""
 
-    cookie: int
-    cmd: int
-    error: int
-    reason: str
+    __slots__ = ("cookie", "cmd", "error", "reason")
+
+    def __init__(self, cookie: int, cmd: int, error: int, reason: str) -> None:
+        self.cookie = cookie
+        self.cmd = cmd
+        self.error = error
+        self.reason = reason
 
 
-@dataclass(slots=True)
-class Disconnect:
+class Disconnect(Value):
     """NBD_CMD_DISC: finish the requests in flight, then close."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class Aborted:
+
+class Aborted(Value):
     """NBD_OPT_ABORT during the handshake: send the ACK queued, then close."""
 
+    __slots__ = ()
 
-@dataclass(slots=True)
-class StartTLS:
+
+class StartTLS(Value):
     """NBD_OPT_STARTTLS accepted: send the ACK queued, read nothing more in plain
     text, run the TLS handshake as the server, then call ``tls_started()``."""
+
+    __slots__ = ()
 
 
 Event = ExportChosen | Command | Rejected | Disconnect | Aborted | StartTLS
@@ -268,28 +284,36 @@ Event = ExportChosen | Command | Rejected | Disconnect | Aborted | StartTLS
 
 # --- replies (into send) --------------------------------------------------------------
 
-@dataclass(slots=True)
-class ReadDone:
-    cookie: int
-    data: Buffer  # exactly the length asked for
+class ReadDone(Value):
+    __slots__ = ("cookie", "data")
+
+    def __init__(self, cookie: int, data: Buffer) -> None:
+        self.cookie = cookie
+        self.data = data  # exactly the length asked for
 
 
-@dataclass(slots=True)
-class Done:
-    cookie: int
+class Done(Value):
+    __slots__ = ("cookie",)
+
+    def __init__(self, cookie: int) -> None:
+        self.cookie = cookie
 
 
-@dataclass(slots=True)
-class Failed:
-    cookie: int
-    error: int  # one of wire.NBD_ERRORS
-    message: str = ""
+class Failed(Value):
+    __slots__ = ("cookie", "error", "message")
+
+    def __init__(self, cookie: int, error: int, message: str = "") -> None:
+        self.cookie = cookie
+        self.error = error  # one of wire.NBD_ERRORS
+        self.message = message
 
 
-@dataclass(slots=True)
-class Extents:
-    cookie: int
-    extents: list[tuple[int, int]]  # (length, flags) from the request's offset on
+class Extents(Value):
+    __slots__ = ("cookie", "extents")
+
+    def __init__(self, cookie: int, extents: list[tuple[int, int]]) -> None:
+        self.cookie = cookie
+        self.extents = extents  # (length, flags) from the request's offset on
 
 
 Reply = ReadDone | Done | Failed | Extents
@@ -414,12 +438,14 @@ def _validate_request(export: Export, structured: bool, base_allocation: bool,
 
 # --- the connection ----------------------------------------------------------------------
 
-@dataclass(slots=True)
-class _InFlight:
-    cmd: int
-    flags: int
-    length: int
-    offset: int
+class _InFlight(Value):
+    __slots__ = ("cmd", "flags", "length", "offset")
+
+    def __init__(self, cmd: int, flags: int, length: int, offset: int) -> None:
+        self.cmd = cmd
+        self.flags = flags
+        self.length = length
+        self.offset = offset
 
 
 class ServerConnection:

@@ -78,7 +78,6 @@ import socket
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -92,6 +91,7 @@ from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_thre
 from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
 from liveclone.nbdwire import wire
 from liveclone.nbdwire.wire import Cmd
+from liveclone.values import Value
 
 if TYPE_CHECKING:  # ssl is imported only when TLS is used: it costs start-up time
     import ssl
@@ -121,6 +121,7 @@ STALL_LIMIT = 5.0
 # What a BLOCK_STATUS answer is charged per 4 KiB of range: its descriptor and the
 # Python objects that listing an extent costs (a bound: extents are >= 4 KiB).
 BLOCK_STATUS_CHARGE = 128
+PIN_AFTER = 0.1  # seconds from start to pin_mmap_threshold
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -150,20 +151,27 @@ class Storage(Protocol):
     def block_status(self, offset: int, length: int) -> list[Extent]: ...
 
 
-@dataclass
-class ServerStats:
-    connections: int = 0  # accepted since start
-    active: int = 0  # open now
-    requests: int = 0
-    lane: int = 0  # of them, READs and WRITEs done by the lane (nbd/lane.py)
-    rejected: int = 0  # invalid requests answered by the protocol
-    errors: int = 0  # valid requests whose storage call failed
-    dropped: int = 0  # connections closed for breaking the protocol
-    refused: int = 0  # closed at once: max_connections negotiated clients were open
-    evicted: int = 0  # closed while negotiating, to make room for a newcomer
-    timed_out: int = 0  # closed for choosing no export within handshake_limit
-    stalled: int = 0  # closed for taking no answer while others waited for memory
-    memory_peak: int = 0  # most bytes held for clients at once
+class ServerStats(Value):
+    """Counters, all 0 at first."""
+
+    __slots__ = ("connections", "active", "requests", "lane", "rejected", "errors", "dropped",
+                 "refused", "evicted", "timed_out", "stalled", "memory_peak")
+    connections: int  # accepted since start
+    active: int  # open now
+    requests: int
+    lane: int  # of them, READs and WRITEs done by the lane (nbd/lane.py)
+    rejected: int  # invalid requests answered by the protocol
+    errors: int  # valid requests whose storage call failed
+    dropped: int  # connections closed for breaking the protocol
+    refused: int  # closed at once: max_connections negotiated clients were open
+    evicted: int  # closed while negotiating, to make room for a newcomer
+    timed_out: int  # closed for choosing no export within handshake_limit
+    stalled: int  # closed for taking no answer while others waited for memory
+    memory_peak: int  # most bytes held for clients at once
+
+    def __init__(self) -> None:
+        for name in self._fields:
+            setattr(self, name, 0)
 
 
 def tls_server_context(directory: str) -> ssl.SSLContext:
@@ -316,7 +324,9 @@ class NBDServer:
                 self._io_threads, thread_name_prefix="nbd-io")
         if not self._listeners:
             self._fit_connections_to_fds()
-            pin_mmap_threshold()  # so that RSS follows the memory held (limits.py)
+            # So that RSS follows the memory held (limits.py); a moment later, when
+            # the first clients have been answered: it imports ctypes (2-3 ms).
+            loop.call_later(PIN_AFTER, pin_mmap_threshold)
         new: list[str] = []
         for listener in new_listeners:
             listener.sock.setblocking(False)

@@ -11,17 +11,21 @@ from __future__ import annotations
 import abc
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from liveclone.values import Frozen
 
-@dataclass(frozen=True)
-class Extent:
+
+class Extent(Frozen):
     """A run of the source: ``data`` may hold bytes; not ``data`` reads as zeros (a hole)."""
 
+    __slots__ = ("offset", "length", "data")
     offset: int
     length: int
     data: bool
+
+    def __init__(self, offset: int, length: int, data: bool) -> None:
+        self._init(offset, length, data)
 
 
 class Source(abc.ABC):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import zlib
 from pathlib import Path
 
 import pytest
 
 from liveclone.core import fsops
-from liveclone.core.metadata import JOURNAL_SUFFIX, MAP_SUFFIX, MapStore
+from liveclone.core.metadata import JOURNAL_SUFFIX, MAP_SUFFIX, MapStore, _compress_zeros
 from liveclone.core.regions import RegionMap
 from liveclone.errors import CorruptMetadataError, NotACloneError
 
@@ -291,3 +292,21 @@ def test_a_map_from_before_sub_blocks_opens_and_is_upgraded(tmp_path: Path) -> N
     store.commit([], {0: 0b11})
     store.close()
     assert MapStore.read(path)[1].blocks == {0: 0b11}
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 64 << 10, (64 << 10) + 1, 2 << 20, 3_000_017])
+def test_a_new_maps_zeros_are_one_zlib_stream_of_exactly_them(n: int) -> None:
+    """The bitmap of a map with no region present is made without compressing its
+    zeros (``_compress_zeros``): still one zlib stream, its checksum right, ending
+    where it says."""
+    d = zlib.decompressobj()
+    assert d.decompress(_compress_zeros(n)) == bytes(n)
+    assert d.eof and not d.unused_data
+
+
+def test_a_new_1tib_map_reads_back_empty(tmp_path: Path) -> None:
+    clone = str(tmp_path / "c.img")
+    header = MapStore.new_header(1 << 40, 64 << 10, {"path": "s"}, 0.0)
+    MapStore.create(clone, header).close()
+    _, rmap = MapStore.read(clone)
+    assert rmap.count == 1 << 24 and rmap.present_count == 0
