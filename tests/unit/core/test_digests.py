@@ -512,3 +512,29 @@ def test_a_fragmented_fill_writes_its_slots_together_and_keeps_the_guests(
         assert got[r][0] == GUEST, r
     for r in range(0, 27, 2):
         assert got[r] == (COPIED, xxhash.xxh3_64_intdigest(data[r * RS:(r + 1) * RS])), r
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_opening_slots_equals_opening_them_one_by_one(data: st.DataObject) -> None:
+    """``_make_open`` (runs of equal slots converted at once) turns exactly the
+    copied slots of opening or open zones into open slots with their digests, and
+    notes exactly those as converted: the same as a slot-by-slot loop."""
+    count = data.draw(st.integers(1, 64))
+    store = digests.DigestStore("unused", -1, count)
+    store._shift, store._zone = 2, bytearray((count >> 2) + 1)  # zones of 4 regions
+    for z in data.draw(st.sets(st.integers(0, count >> 2))):
+        store._zone[z] = data.draw(st.sampled_from([1, 2]))
+    kinds = [(digests.COPIED, 7), (digests.COPIED, 9), (digests.GUEST, 0), (digests.NONE, 0),
+             (digests.OPEN, 7)]
+    cells = data.draw(st.lists(st.sampled_from(kinds), min_size=count, max_size=count))
+    raw = bytearray(b"".join(digests.encode_slot(*c) if c[0] else bytes(16) for c in cells))
+    want = bytearray(raw)
+    opened = set()
+    for r, (kind, digest) in enumerate(cells):
+        if kind == digests.COPIED and store._zone[r >> 2]:
+            want[r * 16:(r + 1) * 16] = digests.encode_slot(digests.OPEN, digest)
+            opened.add(r)
+    assert store._make_open(raw, 0) == bool(opened)
+    assert raw == want
+    assert {r for r in range(count) if r in store._converted} == opened
