@@ -389,12 +389,12 @@ class Clone:
         (the present regions it touches are marked). The same steps as ``write``;
         whole blocks of one region in one step (``Ownership.write_blocks``)."""
         stop = offset + len(data)
-        if end - first == 1 and self.geometry.blocks_covered(first, offset, stop) \
-                == self.geometry.blocks_touched(first, offset, stop):
+        touched = self.geometry.blocks_touched(first, offset, stop)
+        if end - first == 1 and self.geometry.blocks_covered(first, offset, stop) == touched:
             try:
                 if self._own.write_blocks(
-                        first, block_mask(*self.geometry.blocks_touched(first, offset, stop)),
-                        self.geometry.full_mask(first), self.subblock_limit,
+                        first, block_mask(*touched), self.geometry.full_mask(first),
+                        self.subblock_limit,
                         lambda: fsops.pwrite_all(self._fd, data, offset)):
                     self._count_write(len(data))
                     return True

@@ -67,7 +67,7 @@ import struct
 import threading
 import uuid
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from itertools import repeat
 
 import xxhash
@@ -493,11 +493,9 @@ class DigestStore:
         zones are opening or open into open ones, noting them converted. Under
         _write_lock. True if any changed."""
         view, changed = memoryview(raw), False
-        at = raw.find(_COPIED_KIND)  # only copied slots are decoded (C-speed search)
-        while at >= 0:
-            i = at - _KIND_AT
+        for i in _slots_of_kind(raw, _COPIED_KIND):  # only copied slots are decoded
             r = first + i // SLOT_SIZE
-            if i % SLOT_SIZE == 0 and self._zone[r >> self._shift]:
+            if self._zone[r >> self._shift]:
                 kind, digest = decode_slot(view[i:i + SLOT_SIZE])
                 if kind == COPIED:
                     # A run of equal slots (a run of holes) in this zone, converted
@@ -515,9 +513,6 @@ class DigestStore:
                     raw[i:i + n * SLOT_SIZE] = encode_slot(OPEN, digest) * n
                     self._converted.set(r, r + n)
                     changed = True
-                    at = raw.find(_COPIED_KIND, i + n * SLOT_SIZE)
-                    continue
-            at = raw.find(_COPIED_KIND, at + 1)
         return changed
 
     def _raise_flag(self) -> None:
@@ -566,11 +561,9 @@ class DigestStore:
             b = min(a + step, self.count)
             raw = bytearray(os.pread(self._fd, (b - a) * SLOT_SIZE, HEADER_SIZE + a * SLOT_SIZE))
             view, changed = memoryview(raw), False
-            at = raw.find(_OPEN_KIND)
-            while at >= 0:
-                i = at - _KIND_AT
+            for i in _slots_of_kind(raw, _OPEN_KIND):
                 r = a + i // SLOT_SIZE
-                if i % SLOT_SIZE == 0 and present.is_present(r):
+                if present.is_present(r):
                     kind, digest = decode_slot(view[i:i + SLOT_SIZE])
                     if kind == OPEN:
                         start = r * region_size
@@ -580,7 +573,6 @@ class DigestStore:
                                                 else encode_slot(GUEST))
                         changed = True
                         settled += 1
-                at = raw.find(_OPEN_KIND, at + 1)
             if changed:
                 with self._write_lock:
                     self._pwrite(raw, HEADER_SIZE + a * SLOT_SIZE)
@@ -656,6 +648,16 @@ class DigestStore:
             if self._failed is not None:
                 raise self._failed
         self._fdatasync()
+
+
+def _slots_of_kind(raw: bytearray, kind: bytes) -> Iterator[int]:
+    """Offsets of the slots in ``raw`` whose kind field is ``kind``, found by a C-speed
+    search (slots the caller rewrites meanwhile are searched as they now are)."""
+    at = raw.find(kind)
+    while at >= 0:
+        if (at - _KIND_AT) % SLOT_SIZE == 0:
+            yield at - _KIND_AT
+        at = raw.find(kind, at + 1)
 
 
 def read_slot_bytes(fd: int, first: int, end: int) -> bytes:
