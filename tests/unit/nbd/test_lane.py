@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,9 @@ def _cache(path: Path) -> None:
 def _connect(path: str, structured: bool) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX)
     sock.settimeout(30)  # against a hang only
+    # A small send buffer: batches always outgrow it, so the server holds back
+    # reading while its answers wait, every time, not only on a slow machine.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     sock.connect(path)
     _recv(sock, wire.GREETING.size)
     sock.sendall(wire.encode_client_flags(wire.FLAG_C_FIXED_NEWSTYLE | wire.FLAG_C_NO_ZEROES))
@@ -91,6 +95,19 @@ def _answers(sock: socket.socket, lengths: dict[int, int],
         if flags & wire.REPLY_FLAG_DONE:
             got[cookie] = (error, bytes(buf) if not error else b"")
     return got
+
+
+def _exchange(sock: socket.socket, wire_bytes: bytes | bytearray, lengths: dict[int, int],
+              structured: bool) -> dict[int, tuple[int, bytes]]:
+    """Send a batch while reading its answers, as a pipelining client must: a
+    server stops reading requests while its answers wait to be read (its memory
+    bound), so sending a large batch before reading any answer can deadlock."""
+    sender = threading.Thread(target=sock.sendall, args=(bytes(wire_bytes),), daemon=True)
+    sender.start()
+    try:
+        return _answers(sock, lengths, structured)
+    finally:
+        sender.join(timeout=30)
 
 
 def _requests(rng: random.Random, max_block: int) -> list[tuple[int, int, int, int, bytes]]:
@@ -160,8 +177,7 @@ def test_the_lane_answers_as_the_protocol_does(tmp_path: Path, monkeypatch: pyte
                     else:
                         wire_bytes += wire.encode_request(cmd, cookie, offset, int(arg), flags)
                         lengths[cookie] = int(arg)
-                sock.sendall(wire_bytes)
-                answers = _answers(sock, lengths, structured)
+                answers = _exchange(sock, wire_bytes, lengths, structured)
                 n_writes += sum(cmd == wire.Cmd.WRITE for _, cmd, _, _, _ in batch)
                 for cookie, cmd, _flags, offset, arg in batch:
                     if cmd == wire.Cmd.WRITE:
@@ -186,8 +202,7 @@ def test_the_lane_answers_as_the_protocol_does(tmp_path: Path, monkeypatch: pyte
                 offset = rng.randrange(SIZE - length + 1)
                 wire_bytes += wire.encode_request(wire.Cmd.READ, cookie, offset, length)
                 lengths[cookie] = length
-            sock.sendall(wire_bytes)
-            answers = _answers(sock, lengths, structured)
+            answers = _exchange(sock, wire_bytes, lengths, structured)
             for cookie, length in lengths.items():
                 offset = wire.decode_request(wire_bytes, (cookie - 1000) * wire.REQUEST.size).offset
                 assert answers[cookie] == (0, bytes(model[offset:offset + length])), cookie
@@ -232,8 +247,8 @@ def test_lane_writes_never_skip_the_write_intent(tmp_path: Path) -> None:
                     lengths[cookie] = 0
                     model[offset:offset + 4096] = data
                     written.add(offset // RS)
-                sock.sendall(wire_bytes)
-                assert all(a == (0, b"") for a in _answers(sock, lengths, True).values())
+                assert all(a == (0, b"") for a in _exchange(sock, wire_bytes, lengths,
+                                                            True).values())
             sock.close()
             assert server.server.stats.lane > 0  # later batches went through the lane
     with open(path, "rb") as f:
