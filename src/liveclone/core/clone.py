@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from liveclone.core import fsops
+from liveclone.core.buffers import ANSWERS
 from liveclone.core.digests import Digester
 from liveclone.core.durability import Durability
 from liveclone.core.fill import DIRECT_MIN, FillEngine
@@ -260,7 +261,7 @@ class Clone:
     def _guest(self) -> _GuestOp:
         return _GuestOp(self)
 
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int) -> memoryview:
         """Source ⊕ acknowledged writes (invariant 3): present runs from the clone,
         absent runs from the source, split where they meet."""
         self.lifecycle.check_open()
@@ -271,11 +272,10 @@ class Clone:
                 absent_seen = self._own.any_absent(first, end)
                 if absent_seen:
                     self.fill(first, end, wait=True)
-            buf = bytearray(length)
-            view = memoryview(buf)
+            buf = ANSWERS.take(length)
             from_source = 0
             for start, stop, present in self._byte_runs(offset, length):
-                part = view[start - offset:stop - offset]
+                part = buf[start - offset:stop - offset]
                 absent_seen = absent_seen or not present
                 if present:
                     got = os.preadv(self._fd, [part], start)
@@ -287,7 +287,7 @@ class Clone:
             self._count_read(offset, length, from_source, absent_seen)
             return buf
 
-    def read_nowait(self, offset: int, length: int) -> bytearray | None:
+    def read_nowait(self, offset: int, length: int) -> memoryview | None:
         """The read, served without blocking, or None if it would block.
 
         For event-loop frontends: it succeeds when every byte is in the page cache
@@ -295,7 +295,7 @@ class Clone:
         source's file for absent ones; otherwise the caller runs ``read`` in a
         worker thread. With copy-on-read, absent regions always take that path."""
         self.lifecycle.check_open()
-        buf = bytearray(length)
+        buf = view = ANSWERS.take(length)
         if self.complete:  # present regions never change back: no lock needed
             try:
                 got = os.preadv(self._fd, [buf], offset, fsops.RWF_NOWAIT)
@@ -305,7 +305,6 @@ class Clone:
                 return None
             self._count_read(offset, length, 0, False)
             return buf
-        view = memoryview(buf)
         src_fd = -1
         runs = list(self._byte_runs(offset, length))
         if any(not present for _, _, present in runs):

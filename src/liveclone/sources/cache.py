@@ -578,6 +578,7 @@ class _EntryReader(Source):
         end = min(offset + length, self.size)
         if end <= offset:
             return bytes(max(length, 0))
+        data: memoryview | bytearray
         try:
             data = self._clone.read(offset, end - offset)
         except SourceReadError:
@@ -593,9 +594,9 @@ class _EntryReader(Source):
         finally:  # after the first read, which need not share the source with it
             self._cache._start_copier(self._entry)
         if len(data) < length:
-            data += bytes(length - len(data))
-        # A bytearray: every caller only slices it or takes its length, and a copy
-        # into bytes would double a 32 MiB batch's memory.
+            data = bytearray(data) + bytes(length - len(data))
+        # A bytearray or a view: every caller only slices it or takes its length,
+        # and a copy into bytes would double a 32 MiB batch's memory.
         return cast(bytes, data)
 
     def extents(self, offset: int, length: int) -> Iterator[Extent]:
