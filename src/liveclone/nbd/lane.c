@@ -32,8 +32,13 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/uio.h>
 #include <unistd.h>
+
+#ifndef __NR_cachestat
+#define __NR_cachestat 451 /* the same on every architecture (Linux 6.5) */
+#endif
 
 #ifndef RWF_NOWAIT
 #define RWF_NOWAIT 0x00000008
@@ -204,4 +209,31 @@ size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
         pos += whole;
     }
     return pos;
+}
+
+/* What cachestat(2) takes and fills (linux/mman.h, Linux 6.5). */
+struct lc_cachestat_range {
+    uint64_t off, len;
+};
+struct lc_cachestat {
+    uint64_t nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted;
+};
+
+/* Whether a plain READ of [offset, offset+length) may be sent from the clone
+ * file by the kernel (sendfile) without waiting for the disk: every region
+ * present, and every page of the range in the page cache (cachestat). 1 yes,
+ * 0 no, -1 this kernel cannot tell (no cachestat, or a filter refuses it: never
+ * ask again). */
+int lc_sendable(const struct lc_lane *l, uint64_t offset, uint32_t length)
+{
+    if (length == 0 || !all_set(l->present, 1, l->shift, offset, length))
+        return 0;
+    long page = sysconf(_SC_PAGESIZE);
+    uint64_t first = offset / (uint64_t)page;
+    uint64_t end = (offset + length + (uint64_t)page - 1) / (uint64_t)page;
+    struct lc_cachestat_range range = { first * (uint64_t)page, (end - first) * (uint64_t)page };
+    struct lc_cachestat st;
+    if (syscall(__NR_cachestat, l->fd, &range, &st, 0) != 0)
+        return errno == ENOSYS || errno == EPERM ? -1 : 0; /* EPERM: a seccomp filter */
+    return st.nr_cache >= end - first;
 }

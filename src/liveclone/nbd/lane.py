@@ -34,10 +34,35 @@ else:
     _ffi, _lib = _lane.ffi, _lane.lib
 
 ENV = "LIVECLONE_LANE"  # "0": no lane even when it is built
+SENDFILE_ENV = "LIVECLONE_SENDFILE"  # "0": large READs are never sent by sendfile
+_sendfile_ok = os.environ.get(SENDFILE_ENV, "1") != "0"
 # The reply buffer: what one call may answer (a QD32 batch of 4 KiB reads needs
 # 132 KiB). Larger reads go through the protocol layer, where each answer has a
 # buffer of its own, admitted against the memory limits and sent as it is.
 BUFFER = 256 << 10
+
+
+class FileRange:
+    """The answer to a READ that the kernel sends from the clone file itself
+    (sendfile): ``length`` bytes of ``fd`` at ``offset``. The protocol layer
+    takes it as the READ's data (it needs only its length); the connection
+    sends it (``_Connection._send_range``)."""
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        self.fd = fd
+        self.offset = offset
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def sendfile_ok() -> bool:
+    """Whether large READs may still go by sendfile: not turned off, and no
+    ``sendable`` found yet that the kernel cannot tell what it caches."""
+    return _sendfile_ok
 
 
 def available() -> bool:
@@ -87,6 +112,26 @@ class Lane:
         if not (done.reads or done.writes):  # ``rest`` is data up to ``used``
             return out, done, data
         return out, done, _ffi.buffer(rest, done.rest_used)[:] + data[used:]
+
+    def sendable(self, state: LaneState, offset: int, length: int) -> FileRange | None:
+        """A READ's bytes as a ``FileRange`` of the clone file, when every region
+        is present and every page in the page cache (so sending them does not
+        wait for the disk); else None. Also None from then on where the kernel
+        cannot tell (no cachestat: before Linux 6.5, or refused by a filter)."""
+        global _sendfile_ok
+        if not _sendfile_ok:
+            return None
+        spec = self._spec
+        if state.present is None:
+            ok = _lib.lc_sendable(spec, offset, length)
+        else:
+            with _ffi.from_buffer("uint8_t[]", state.present) as present:
+                spec.present = present
+                ok = _lib.lc_sendable(spec, offset, length)
+                spec.present = _ffi.NULL
+        if ok < 0:
+            _sendfile_ok = False
+        return FileRange(state.fd, offset, length) if ok > 0 else None
 
     def view(self, out: Any, n: int) -> memoryview:
         return memoryview(_ffi.buffer(out, n))

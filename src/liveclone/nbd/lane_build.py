@@ -29,6 +29,7 @@ struct lc_done {
 };
 size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
                uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done);
+int lc_sendable(const struct lc_lane *l, uint64_t offset, uint32_t length);
 """)
 
 ffibuilder.set_source("liveclone.nbd._lane", (Path(__file__).parent / "lane.c").read_text(),

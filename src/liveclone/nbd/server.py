@@ -83,9 +83,10 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from liveclone import eventloop
+from liveclone.core.buffers import ANSWERS
 from liveclone.errors import CloneClosedError
 from liveclone.nbd import protocol as p
-from liveclone.nbd.lane import Lane
+from liveclone.nbd.lane import FileRange, Lane
 from liveclone.nbd.lane import available as lane_available
 from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
 from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
@@ -108,6 +109,13 @@ INFLIGHT_LOW = 32
 # Answers smaller than this are joined into one write; bigger ones go out as is.
 JOIN_BELOW = 64 << 10
 JOIN_MAX = 1 << 20  # most bytes joined into one write
+# READs this long or longer, of present data in the page cache, are sent from
+# the clone file by the kernel (sendfile) as far as the socket takes them at once;
+# the rest of each is copied as any answer is. Not with TLS.
+SENDFILE_MIN = 128 << 10
+# The send buffer of a unix socket that may carry them (the kernel doubles it,
+# and caps it at net.core.wmem_max).
+SENDFILE_SNDBUF = 1 << 20
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
 ACCEPT_BATCH = 32  # accepts per wake-up of a listener
@@ -155,7 +163,7 @@ class ServerStats(Value):
     """Counters, all 0 at first."""
 
     __slots__ = ("connections", "active", "requests", "lane", "rejected", "errors", "dropped",
-                 "refused", "evicted", "timed_out", "stalled", "memory_peak")
+                 "refused", "evicted", "timed_out", "stalled", "memory_peak", "sendfile")
     connections: int  # accepted since start
     active: int  # open now
     requests: int
@@ -168,6 +176,7 @@ class ServerStats(Value):
     timed_out: int  # closed for choosing no export within handshake_limit
     stalled: int  # closed for taking no answer while others waited for memory
     memory_peak: int  # most bytes held for clients at once
+    sendfile: int  # READ answers sent, in part or whole, from the file by sendfile
 
     def __init__(self) -> None:
         for name in self._fields:
@@ -534,6 +543,21 @@ def _new_lane(clone: Storage, export: p.Export, structured: bool) -> Lane | None
                 writable=not export.read_only)
 
 
+def _widen_send_buffer(transport: asyncio.BaseTransport | None) -> None:
+    """Let a unix socket hold ``SENDFILE_SNDBUF`` bytes of answers, so that most
+    of a large READ goes by sendfile before the socket is full (1M reads at QD8:
+    4.0 GB/s against 2.8 with the default 208 KiB). Not for TCP, whose send
+    buffer Linux sizes by itself once nobody sets it."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < SENDFILE_SNDBUF:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SENDFILE_SNDBUF)
+    except OSError:  # kept as it is: only slower
+        pass
+
+
 def _answer_bytes(c: p.Command) -> int:
     """Memory the answer to ``c`` may hold while it is made: a READ's bytes twice
     (a read from the source is copied into the answer; asyncio copies an answer
@@ -732,6 +756,8 @@ class _Connection(asyncio.Protocol):
                 self.run = partial(self.server._run_for, entry)
                 entry.connections.add(self)
                 self._lane = _new_lane(self.clone, ev.export, ev.structured)
+                if self._lane is not None and not self.proto.tls_active:
+                    _widen_send_buffer(self.transport)
             elif type(ev) is p.StartTLS:
                 self._write(self.proto.data_to_send())  # the ACK goes out in plain text
                 assert self.transport is not None
@@ -833,6 +859,14 @@ class _Connection(asyncio.Protocol):
         if cmd == _READ:
             # Present, cached data is answered in this turn of the loop, together
             # with every other answer ready by then; anything else in the pool.
+            if c.length >= SENDFILE_MIN and self._lane is not None \
+                    and not self.proto.tls_active:
+                state = clone.lane()
+                rng = self._lane.sendable(state, c.offset, c.length) if state else None
+                if rng is not None:
+                    clone.count_lane(1, c.length, 0, 0)
+                    self._ready.append((c.cookie, cmd, charge, rng, None))
+                    return
             data = clone.read_nowait(c.offset, c.length)
             if data is not None:
                 self._ready.append((c.cookie, cmd, charge, data, None))
@@ -897,7 +931,7 @@ class _Connection(asyncio.Protocol):
                 continue
             reply: p.Reply
             if exc is None:
-                if cmd == _READ:
+                if cmd == _READ:  # its bytes, or a FileRange of them
                     reply = p.ReadDone(cookie, result)
                 elif cmd == Cmd.BLOCK_STATUS:
                     reply = p.Extents(cookie, result)
@@ -954,6 +988,14 @@ class _Connection(asyncio.Protocol):
         size = 0
         for part in parts:
             n = len(part)
+            if isinstance(cast(object, part), FileRange):  # a READ's bytes, in the file
+                head = group.pop()  # its reply's header, the part before it
+                if group:
+                    transport.write(b"".join(group))
+                    group = []
+                    size = 0
+                self._send_range(head, cast(FileRange, part))
+                continue
             if n >= JOIN_BELOW:
                 if group:
                     transport.write(b"".join(group))
@@ -969,6 +1011,40 @@ class _Connection(asyncio.Protocol):
             size += n
         if group:
             transport.write(b"".join(group) if len(group) > 1 else memoryview(group[0]))
+
+    def _send_range(self, head: wire.Buffer, rng: FileRange) -> None:
+        """Send a READ's reply whose bytes are ``rng`` of the clone file: when the
+        transport holds nothing, the header and as much of the bytes as the
+        socket takes now go straight to the socket, the bytes by sendfile (from
+        the page cache, with no copy of ours); whatever is left is read and
+        given to the transport like any answer, after them."""
+        transport = self.transport
+        assert transport is not None
+        sent_head = sent = 0
+        if transport.get_write_buffer_size() == 0:
+            fd = transport.get_extra_info("socket").fileno()
+            try:
+                sent_head = os.write(fd, head)
+                if sent_head == len(head):
+                    while sent < rng.length:
+                        n = os.sendfile(fd, rng.fd, rng.offset + sent, rng.length - sent)
+                        if n <= 0:
+                            break
+                        sent += n
+            except BlockingIOError:
+                pass
+            except OSError:  # the socket broke: the transport will say so
+                pass
+            if sent:
+                self.server.stats.sendfile += 1
+        if sent_head < len(head):
+            transport.write(memoryview(head)[sent_head:])
+        if sent < rng.length:
+            rest = ANSWERS.take(rng.length - sent)
+            got = os.preadv(rng.fd, [rest], rng.offset + sent)
+            if got < len(rest):  # past the clone file's end: cannot happen
+                rest[got:] = bytes(len(rest) - got)
+            transport.write(rest)
 
     def _count(self) -> None:
         """Bring this connection's share of ``server.memory`` up to date."""
