@@ -295,7 +295,7 @@ class Clone:
         source's file for absent ones; otherwise the caller runs ``read`` in a
         worker thread. With copy-on-read, absent regions always take that path."""
         self.lifecycle.check_open()
-        buf = view = ANSWERS.take(length)
+        buf = ANSWERS.take(length)
         if self.complete:  # present regions never change back: no lock needed
             try:
                 got = os.preadv(self._fd, [buf], offset, fsops.RWF_NOWAIT)
@@ -315,7 +315,7 @@ class Clone:
         for start, stop, present in runs:
             fd = self._fd if present else src_fd
             try:
-                got = os.preadv(fd, [view[start - offset:stop - offset]], start,
+                got = os.preadv(fd, [buf[start - offset:stop - offset]], start,
                                 fsops.RWF_NOWAIT)
             except OSError:  # EAGAIN: not cached; EOPNOTSUPP: no NOWAIT here
                 return None

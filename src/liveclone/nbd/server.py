@@ -1031,9 +1031,7 @@ class _Connection(asyncio.Protocol):
                         if n <= 0:
                             break
                         sent += n
-            except BlockingIOError:
-                pass
-            except OSError:  # the socket broke: the transport will say so
+            except OSError:  # full (EAGAIN), or broken: the transport will say so
                 pass
             if sent:
                 self.server.stats.sendfile += 1
