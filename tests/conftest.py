@@ -36,6 +36,18 @@ def make_image(path: Path, size: int, seed: int = 1, block: int = 64 << 10) -> b
     return path.read_bytes()
 
 
+def qemu_img_create(*args: str) -> None:
+    """``qemu-img create -q ARGS``. LUKS encryption first times its key derivation
+    by the thread's CPU time, which now and then reads 0 ms on a busy machine
+    ("Unable to get accurate CPU usage"): only that failure is tried again."""
+    for _ in range(10):
+        made = subprocess.run(["qemu-img", "create", "-q", *args], capture_output=True,
+                              text=True)
+        if made.returncode == 0 or "Unable to get accurate CPU usage" not in made.stderr:
+            break
+    assert made.returncode == 0, made.stderr
+
+
 @pytest.fixture
 def source_image(tmp_path: Path) -> tuple[Path, bytes]:
     path = tmp_path / "source.img"

@@ -15,7 +15,7 @@ import pytest
 from liveclone.errors import SourceError
 from liveclone.sources import image as image_module
 from liveclone.sources import open_source
-from tests.conftest import LIVECLONE, allocated, make_image
+from tests.conftest import LIVECLONE, allocated, make_image, qemu_img_create
 from tests.integration.servers import clone_partly, stop, wait_status
 
 SIZE = 32 << 20
@@ -181,16 +181,9 @@ def test_no_qemu_nbd_left_behind(tmp_path: Path, raw: tuple[Path, bytes]) -> Non
 
 def test_encrypted_image(tmp_path: Path) -> None:
     image = tmp_path / "enc.qcow2"
-    for _ in range(10):
-        # LUKS times its key derivation first, which fails now and then on a busy
-        # machine ("Unable to get accurate CPU usage"): try again.
-        made = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "--object",
-                               "secret,id=s0,data=pw", "-o",
-                               "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
-                               str(image), "1M"], capture_output=True, text=True)
-        if made.returncode == 0:
-            break
-    assert made.returncode == 0, made.stderr
+    qemu_img_create("-f", "qcow2", "--object", "secret,id=s0,data=pw", "-o",
+                    "encrypt.format=luks,encrypt.key-secret=s0,encrypt.iter-time=10",
+                    str(image), "1M")
     r = run("clone", str(image), str(tmp_path / "c.img"))
     assert r.returncode == 3
     assert "is encrypted" in r.stderr and "Decrypt it first" in r.stderr

@@ -14,6 +14,7 @@ import pytest
 from liveclone.sources import open_source
 from liveclone.sources.image import ImageSource
 from liveclone.sources.local import LocalFileSource, is_plain_raw
+from tests.conftest import qemu_img_create
 
 CREATE = {
     "qcow2": ["-f", "qcow2"], "qcow": ["-f", "qcow"], "qed": ["-f", "qed"],
@@ -35,7 +36,7 @@ def qemu_format(path: Path) -> str:
 @pytest.mark.parametrize("kind", sorted(CREATE))
 def test_probe_never_calls_an_image_raw(tmp_path: Path, kind: str) -> None:
     path = tmp_path / f"disk.{kind}"
-    subprocess.run(["qemu-img", "create", "-q", *CREATE[kind], str(path), "4M"], check=True)
+    qemu_img_create(*CREATE[kind], str(path), "4M")
     images = [path, *(p for p in tmp_path.iterdir() if p != path)]  # vmdk-flat's extent
     for p in images:
         if is_plain_raw(str(p)):
