@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,7 @@ class Server:
     log: Path
     # Every socket a test opens, closed by serve() however the test ends (a
     # failed test must not leave them for the garbage collector of a later one).
-    sockets: list[socket.socket] = field(default_factory=list)
+    sockets: list[socket.socket]
 
     def status(self) -> dict[str, Any]:
         for _ in range(100):
@@ -95,15 +95,14 @@ def serve(tmp: Path, *args: str, nofile: int | None = None) -> Iterator[Server]:
         proc = subprocess.Popen([LIVECLONE, "serve", str(source), str(clone), *args],
                                 stdout=subprocess.PIPE, stderr=err, text=True,
                                 preexec_fn=limit_fds)
-    server = None
+    sockets: list[socket.socket] = []  # every one a test opens, closed however it ends
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert line, f"serve exited {proc.wait(10)}:\n{log.read_text()}"
-        server = Server(proc, line.strip(), clone, log)
-        yield server
+        yield Server(proc, line.strip(), clone, log, sockets)
     finally:
-        for sock in server.sockets if server is not None else ():
+        for sock in sockets:
             sock.close()
         stop_process(proc, 20)
         if proc.stdout is not None:
