@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -237,6 +238,37 @@ def test_fio_random_writes_verify(setup: Setup) -> None:
         for j in range(4):
             lo, hi = j * (16 << 20) + (8 << 20), (j + 1) * (16 << 20)
             assert out[lo:hi] == setup.model[lo:hi]
+
+
+@pytest.mark.parametrize("poll_max_ns", ["0", "1000000"])
+def test_one_request_at_a_time_with_and_without_polling(setup: Setup, poll_max_ns: str) -> None:
+    """Clients that wait for each answer before the next request (queue depth 1),
+    with the server never polling, and polling for up to 1 ms before it sleeps
+    (nbd/poll.py): every block fio wrote reads back as written, and what it did
+    not touch still holds the source. While it runs, the status file (a timer on
+    the same loop) keeps being written."""
+    with setup.serve("--poll-max-ns", poll_max_ns) as s:
+        res = run(["fio", "--name=v", "--ioengine=nbd", f"--uri={s.uri}", "--rw=randwrite",
+                   "--bs=4k", "--size=4M", "--offset_increment=16M", "--numjobs=2",
+                   "--iodepth=1", "--verify=crc32c", "--do_verify=1", "--group_reporting",
+                   "--output-format=json"], cwd=setup.tmp)
+        job = json.loads(res.stdout[res.stdout.index("{"):])["jobs"][0]
+        assert job["error"] == 0
+        assert job["read"]["io_bytes"] == 2 * (4 << 20)  # every block verified
+        out = nbdcopy_out(s.uri, setup.tmp / "out.img")
+        for j in range(2):
+            lo, hi = j * (16 << 20) + (4 << 20), (j + 1) * (16 << 20)
+            assert out[lo:hi] == setup.model[lo:hi]
+        assert out[2 * (16 << 20):] == setup.model[2 * (16 << 20):]
+        # fio's writes and reads, counted within a second (the file lags by up to
+        # 0.7 s); 30 s only against a hang.
+        deadline = time.monotonic() + 30
+        while True:
+            status = json.loads(run([LIVECLONE, "status", "--json", str(setup.clone)]).stdout)
+            if status["nbd"]["requests"] >= 2 * 2 * 1024 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert status["nbd"]["requests"] >= 2 * 2 * 1024
 
 
 def _fio_verify(uri: str, cwd: Path, *extra: str) -> dict[str, object]:

@@ -6,7 +6,7 @@ import os
 
 import click
 
-from liveclone.cli.options import SIZE
+from liveclone.cli.options import SIZE, poll_option
 from liveclone.daemon import paths
 from liveclone.errors import UsageError
 from liveclone.nbd import limits as nbd_limits
@@ -51,10 +51,12 @@ DEFAULT_MAX_COPIERS = 4
               show_default=True, help="Most NBD clients at once, all clones together.")
 @click.option("--max-memory", type=SIZE, default=nbd_limits.DEFAULT_MAX_MEMORY,
               show_default="64M", help="Most memory held for NBD clients' requests.")
+@poll_option
 def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
             listen: str | None, tls_dir: str | None, mountpoint: str | None,
             cache_dir: str | None, cache_size: int | None, no_cache: bool, max_copiers: int,
-            rate: int | None, max_connections: int, max_memory: int) -> None:
+            rate: int | None, max_connections: int, max_memory: int,
+            poll_max_ns: int) -> None:
     """Run the liveclone daemon: many clones in one process, managed over a REST API.
 
     Create clones with `liveclone add` (or POST /v1/clones on the API socket); each
@@ -95,4 +97,5 @@ def command(state_dir: str | None, api: str | None, nbd_socket: str | None,
             click.echo(f"liveclone: {warning}", err=True)
     run(Options(state_dir=state_dir, api=api, nbd_socket=nbd_socket, listen=tcp, tls=tls,
                 mount=mountpoint, cache_dir=None if no_cache else cache_dir,
-                cache_size=cache_size, max_copiers=max_copiers, rate=rate, limits=limits))
+                cache_size=cache_size, max_copiers=max_copiers, rate=rate, limits=limits,
+                poll_max_ns=poll_max_ns))

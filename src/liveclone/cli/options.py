@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 import click
 
 from liveclone.errors import UsageError
+from liveclone.nbd.limits import DEFAULT_POLL_MAX_NS
 from liveclone.units import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -46,6 +47,19 @@ def rate_option(f: F) -> F:
     return click.option(
         "--rate", type=SIZE, default=None,
         help="Limit the background copy to this many bytes per second (e.g. 100M).",
+    )(f)
+
+
+def poll_option(f: F) -> F:
+    """``--poll-max-ns``, of every command that runs an NBD server."""
+    return click.option(
+        "--poll-max-ns", type=click.IntRange(min=0), default=DEFAULT_POLL_MAX_NS,
+        show_default=True, metavar="NS",
+        help="When it has nothing left to do, the server polls its clients for their "
+             "next request for up to NS nanoseconds before it sleeps, adapting to how "
+             "fast they send (QEMU's poll-max-ns). Requests sent one at a time are "
+             "answered sooner, for CPU spent only while a client keeps sending. "
+             "0: never poll.",
     )(f)
 
 

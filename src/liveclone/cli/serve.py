@@ -16,6 +16,7 @@ import click
 from liveclone.cli.options import (
     SIZE,
     copy_on_read_option,
+    poll_option,
     profile_options,
     rate_option,
     region_size_option,
@@ -227,6 +228,7 @@ def default_export_name(clone_path: str) -> str:
               help="Most memory held for clients' requests and answers, in total (one "
                    "client gets at most a quarter, up to 64M); a client that does not "
                    "read its answers is not read from. At least 4M.")
+@poll_option
 @region_size_option
 @rate_option
 @copy_on_read_option
@@ -235,7 +237,7 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             socket_mode: str, listen: str | None, export_name: str | None,
             tls_dir: str | None, read_only: bool, mountpoint: str | None,
             max_connections: int, handshake_limit: float, max_memory: int,
-            region_size: int | None, rate: int | None, copy_on_read: bool | None,
+            poll_max_ns: int, region_size: int | None, rate: int | None, copy_on_read: bool | None,
             profile: ProfileOptions) -> None:
     """Serve CLONE over NBD at once, copying SOURCE into it in the background.
 
@@ -295,7 +297,7 @@ def command(source: str, clone_path: str, socket_path: str | None, socket_owner:
             session = opening.result()
             try:
                 server = NBDServer(session.clone, export_name=name, read_only=read_only,
-                                   tls=tls, limits=limits)
+                                   tls=tls, limits=limits, poll_max_ns=poll_max_ns)
                 eventloop.run(_serve(session, server, stop, listeners, read_only, mountpoint),
                               new_loop)
             finally:

@@ -29,6 +29,8 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
+from liveclone.nbd.limits import DEFAULT_POLL_MAX_NS
+
 log = logging.getLogger("liveclone.daemon")
 
 
@@ -45,6 +47,7 @@ class Options:
     max_copiers: int
     rate: int | None
     limits: Any  # nbd.limits.Limits
+    poll_max_ns: int = DEFAULT_POLL_MAX_NS
 
 
 class JournalFormatter(logging.Formatter):
@@ -191,7 +194,7 @@ async def _main(opts: Options, state: Any, api_sock: socket.socket, listeners: l
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    server = NBDServer(tls=opts.tls, limits=opts.limits)
+    server = NBDServer(tls=opts.tls, limits=opts.limits, poll_max_ns=opts.poll_max_ns)
     bus = EventBus()
     pool = CopierPool(opts.max_copiers, opts.rate)
     manager = Manager(state, server, bus, pool, mount=mount, cache=cache)

@@ -29,11 +29,13 @@
 #define _GNU_SOURCE
 #endif
 #include <errno.h>
+#include <poll.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #ifndef __NR_cachestat
@@ -236,4 +238,28 @@ int lc_sendable(const struct lc_lane *l, uint64_t offset, uint32_t length)
     if (syscall(__NR_cachestat, l->fd, &range, &st, 0) != 0)
         return errno == ENOSYS || errno == EPERM ? -1 : 0; /* EPERM: a seccomp filter */
     return st.nr_cache >= end - first;
+}
+
+static int64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+/* Poll `fds` without sleeping, for up to `ns` nanoseconds (nbd/poll.py): 1 as
+ * soon as one of them has an event, 0 once the time is up, -1 on an error of
+ * poll(2) (errno says which). It runs without the GIL. */
+int lc_poll(struct pollfd *fds, unsigned n, int64_t ns)
+{
+    int64_t end = now_ns() + ns;
+    for (;;) {
+        int r = poll(fds, n, 0);
+        if (r > 0)
+            return 1;
+        if (r < 0 && errno != EINTR)
+            return -1;
+        if (now_ns() >= end)
+            return 0;
+    }
 }

@@ -19,6 +19,7 @@ in Python: the same answers, more slowly. Tests run both ways.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -139,3 +140,24 @@ class Lane:
     def sent(self, out: Any) -> None:
         """``out`` went out whole (the transport holds none of it): reuse it."""
         self._out = out
+
+
+def poll_available() -> bool:
+    """Whether ``poll`` can be used (nbd/poll.py): the module is built."""
+    return _lib is not None
+
+
+def pollfds(fds: Iterable[int], events: int) -> Any:
+    """A ``struct pollfd`` array of ``fds``, each waiting for ``events``."""
+    fds = list(fds)
+    array = _ffi.new("struct pollfd[]", len(fds))
+    for i, fd in enumerate(fds):
+        array[i].fd = fd
+        array[i].events = events
+    return array
+
+
+def poll(array: Any, n: int, ns: int) -> int:
+    """Poll the first ``n`` of ``array`` without sleeping for up to ``ns``
+    nanoseconds, without the GIL: 1 an event came, 0 none, -1 poll(2) failed."""
+    return int(_lib.lc_poll(array, n, ns))

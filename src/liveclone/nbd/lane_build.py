@@ -30,6 +30,12 @@ struct lc_done {
 size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
                uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done);
 int lc_sendable(const struct lc_lane *l, uint64_t offset, uint32_t length);
+struct pollfd {
+    int fd;
+    short events;
+    short revents;
+};
+int lc_poll(struct pollfd *fds, unsigned n, int64_t ns);
 """)
 
 ffibuilder.set_source("liveclone.nbd._lane", (Path(__file__).parent / "lane.c").read_text(),

@@ -36,6 +36,9 @@ MIN_MAX_MEMORY = 4 * MiB
 # File descriptors kept free for everything but client connections: the clone, its
 # map and journal, the source (and its direct-I/O twin), the status file, FUSE, TLS.
 FD_RESERVE = 24
+# The most nanoseconds the server polls clients before its loop sleeps
+# [--poll-max-ns] (nbd/poll.py): CPU it spends only while a client keeps sending.
+DEFAULT_POLL_MAX_NS = 128_000
 
 
 class Limits(Frozen):

@@ -88,8 +88,15 @@ from liveclone.errors import CloneClosedError
 from liveclone.nbd import protocol as p
 from liveclone.nbd.lane import FileRange, Lane
 from liveclone.nbd.lane import available as lane_available
-from liveclone.nbd.limits import Limits, LogThrottle, fd_headroom, pin_mmap_threshold
+from liveclone.nbd.limits import (
+    DEFAULT_POLL_MAX_NS,
+    Limits,
+    LogThrottle,
+    fd_headroom,
+    pin_mmap_threshold,
+)
 from liveclone.nbd.listeners import Listener, listen_tcp, listen_unix
+from liveclone.nbd.poll import Poller
 from liveclone.nbdwire import wire
 from liveclone.nbdwire.wire import Cmd
 from liveclone.values import Value
@@ -223,11 +230,12 @@ class NBDServer:
     def __init__(self, clone: Storage | None = None, export_name: str = "",
                  read_only: bool = False, description: str = "liveclone",
                  io_threads: int = IO_THREADS, tls: ssl.SSLContext | None = None,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, poll_max_ns: int = DEFAULT_POLL_MAX_NS) -> None:
         """``clone``: the one export's storage, which the name "" opens too; None
         for a server whose exports come with ``add_export``. ``tls``: a server
         context; clients must then STARTTLS before anything else. ``limits``: what
-        clients may make the server spend (defaults: ``Limits()``)."""
+        clients may make the server spend (defaults: ``Limits()``). ``poll_max_ns``:
+        the most time to poll clients before the loop sleeps (nbd/poll.py; 0: never)."""
         self.tls = tls
         self.limits = limits or Limits()
         # Shared with every connection's protocol: NBD_OPT_LIST and lookups see
@@ -265,6 +273,10 @@ class NBDServer:
         # Invariant: every storage call started and not yet finished, so that
         # stop() can wait for them before the caller closes the clone.
         self._pending: set[asyncio.Future[Any]] = set()
+        # Invariant: running == sum of _running over _connections and the closed
+        # connections whose calls are still running: 0 when nothing is left to do.
+        self.running = 0
+        self.poller = Poller(poll_max_ns)
 
     # -- exports ---------------------------------------------------------------------
 
@@ -612,6 +624,7 @@ class _Connection(asyncio.Protocol):
         # proto.received when the partial WRITE being received was admitted: its
         # whole payload is then counted (and read in) before it is complete.
         self._admitted = -1
+        self._fd = -1  # the socket's, polled by server.poller while connected
 
     @property
     def negotiating(self) -> bool:
@@ -626,6 +639,10 @@ class _Connection(asyncio.Protocol):
         server = self.server
         server._connections[self] = None
         server.stats.active += 1
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._fd = sock.fileno()
+            server.poller.watch(self._fd)
         limit = server.limits.handshake_limit
         if limit:
             self._timers.append(asyncio.get_running_loop().call_later(
@@ -644,6 +661,7 @@ class _Connection(asyncio.Protocol):
         self._count()  # held must match what it added to server.memory
         self.closed = self.closing = True
         server = self.server
+        server.poller.forget(self._fd)
         for timer in self._timers:
             timer.cancel()
         if self._upgrade is not None:
@@ -672,6 +690,7 @@ class _Connection(asyncio.Protocol):
         self.server.freed()
 
     def data_received(self, data: bytes) -> None:
+        self.server.poller.woke()
         rest = data
         if self._lane is not None:
             proto = self.proto
@@ -686,6 +705,7 @@ class _Connection(asyncio.Protocol):
                 rest = self._lane_run(rest)
                 if not rest:
                     self._after_change()
+                    self._idle()
                     return
         self._handle(lambda: self.proto.receive_data(rest))
 
@@ -833,6 +853,7 @@ class _Connection(asyncio.Protocol):
             payload = len(c.data) if c.data is not None else 0
             self._waiting_bytes -= payload
             self._running += 1
+            self.server.running += 1
             self._running_bytes += cost + payload
             self._charge(cost)  # what _count() would find: the payload only moved
             self._dispatch(c, cost + payload)
@@ -916,6 +937,7 @@ class _Connection(asyncio.Protocol):
         if self.closed:  # the client is gone: nobody to answer
             for item in ready:
                 charges += item[2]
+            self.server.running -= len(ready)
             del ready
             self._running_bytes -= charges
             self.server.memory -= charges  # held back by _gone() until now
@@ -954,11 +976,23 @@ class _Connection(asyncio.Protocol):
             self._answering = False
         del out
         self._running -= answered
+        self.server.running -= answered
         self._running_bytes -= charges  # the transport's buffer is counted instead
         self._after_change()
         if self._waiting:  # admit more now that these answers' memory is free
             self._pump_soon()
         self.server.freed()
+        self._idle()
+
+    def _idle(self) -> None:
+        """This connection has answered all it was asked: if the whole server has
+        nothing left to do either, poll the clients before the loop sleeps."""
+        server = self.server
+        if (server.running or server._blocked or self._waiting or self.closing
+                or self.transport is None
+                or self.transport.get_write_buffer_size()):
+            return
+        server.poller.idle()
 
     def _pump_soon(self) -> None:
         if not self._pump_queued:
