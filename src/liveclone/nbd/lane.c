@@ -33,6 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
 #include <time.h>
@@ -261,5 +262,80 @@ int lc_poll(struct pollfd *fds, unsigned n, int64_t ns)
             return -1;
         if (now_ns() >= end)
             return 0;
+    }
+}
+
+/* What lc_serve did. */
+struct lc_served {
+    size_t out_used;         /* bytes of replies in `out`, of the last batch */
+    size_t sent;             /* of them, what the socket took: the rest is the caller's */
+    uint64_t reads, read_bytes, writes, write_bytes; /* answered, all batches */
+    int idle;                /* 1: nothing came within `ns`; 0: the event loop has work */
+};
+
+/* Poll as lc_poll does, and answer, here, the client fds[self] while every batch
+ * it sends is all plain READs and WRITEs that lc_lane answers (a client at queue
+ * depth 1 sends one request at a time): so that these answers do not wait for a
+ * turn of the event loop. Each batch is read with MSG_PEEK and taken off the
+ * socket only once lc_lane has answered all of it; anything else is left on the
+ * socket, whole, for the event loop and the protocol layer (which do again any
+ * WRITE lc_lane did of it: the same bytes at the same place, not yet answered).
+ *
+ * Returns when nothing came within `ns` of the last answer (idle = 1), or (idle
+ * = 0) when another fd has an event, the client sent what lc_lane does not
+ * answer (or closed), the socket did not take a whole batch of replies (the
+ * caller sends the rest: out[sent:out_used]), or `budget` ns have passed, so
+ * that the loop's other work waits at most that long. `l` describes fds[self]'s
+ * lane; `in` and `rest` have `in_cap` bytes, `out` has `cap`. */
+void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned self,
+              int64_t ns, int64_t budget, uint8_t *in, size_t in_cap, uint8_t *out,
+              size_t cap, uint8_t *rest, struct lc_served *s)
+{
+    int64_t start = now_ns(), end = start + ns;
+    int fd = fds[self].fd;
+    struct lc_done d;
+
+    memset(s, 0, sizeof *s);
+    for (;;) {
+        int r = poll(fds, n, 0);
+        if (r < 0 && errno != EINTR)
+            return;
+        if (r > 0) {
+            for (unsigned i = 0; i < n; i++)
+                if (fds[i].revents && (i != self || fds[i].revents != POLLIN))
+                    return; /* another client, or this one closed or failed */
+            ssize_t got = recv(fd, in, in_cap, MSG_PEEK | MSG_DONTWAIT);
+            if (got <= 0)
+                return;
+            size_t used = lc_lane(l, in, (size_t)got, out, cap, rest, &d);
+            if (used != (size_t)got || d.rest_used)
+                return; /* not all of it: the event loop's */
+            if (recv(fd, in, (size_t)got, MSG_DONTWAIT) != got)
+                return; /* cannot happen: what was peeked is there */
+            s->reads += d.reads;
+            s->read_bytes += d.read_bytes;
+            s->writes += d.writes;
+            s->write_bytes += d.write_bytes;
+            s->out_used = d.out_used;
+            s->sent = 0;
+            while (s->sent < d.out_used) {
+                ssize_t w = send(fd, out + s->sent, d.out_used - s->sent,
+                                 MSG_DONTWAIT | MSG_NOSIGNAL);
+                if (w < 0 && errno == EINTR)
+                    continue;
+                if (w <= 0)
+                    return; /* full, or broken: the caller's transport says which */
+                s->sent += (size_t)w;
+            }
+            int64_t now = now_ns();
+            if (now - start >= budget)
+                return;
+            end = now + ns;
+            continue;
+        }
+        if (now_ns() >= end) {
+            s->idle = 1;
+            return;
+        }
     }
 }

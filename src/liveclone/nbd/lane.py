@@ -19,7 +19,7 @@ in Python: the same answers, more slowly. Tests run both ways.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -41,6 +41,9 @@ _sendfile_ok = os.environ.get(SENDFILE_ENV, "1") != "0"
 # 132 KiB). Larger reads go through the protocol layer, where each answer has a
 # buffer of its own, admitted against the memory limits and sent as it is.
 BUFFER = 256 << 10
+# What ``serve`` reads of a client at once: a batch of requests at queue depth 1
+# is one request; a longer one (a WRITE's payload past it) goes to the event loop.
+SERVE_INPUT = 16 << 10
 
 
 class FileRange:
@@ -83,6 +86,9 @@ class Lane:
         self._alloc = _ffi.new_allocator(should_clear_after_alloc=False)
         self._out: Any = None  # the reply buffer, when the transport holds none of it
         self._done = _ffi.new("struct lc_done *")
+        self._in: Any = None  # serve's input and passed-on buffers, made on first use
+        self._rest: Any = None
+        self._served = _ffi.new("struct lc_served *")
 
     def run(self, data: bytes, state: LaneState, cap: int) -> tuple[Any, Any, bytes]:
         """Do the READs and WRITEs the lane can in ``data``, in at most ``cap``
@@ -92,27 +98,58 @@ class Lane:
         protocol layer must be given: every message not answered, in order).
         The caller sends the buffer's first ``done.out_used`` bytes (``view``),
         and calls ``sent(buffer)`` once the transport holds none of them."""
+        out = self._take_out()
+        rest = self._alloc("uint8_t[]", len(data))
+        done = self._done
+        with _ffi.from_buffer("uint8_t[]", data) as inp:
+            used = self._call(state, _lib.lc_lane, inp, len(data), out, min(cap, BUFFER),
+                              rest, done)
+        if not (done.reads or done.writes):  # ``rest`` is data up to ``used``
+            return out, done, data
+        return out, done, _ffi.buffer(rest, done.rest_used)[:] + data[used:]
+
+    def serve(self, state: LaneState, fds: Any, n: int, index: int, ns: int, budget: int,
+              cap: int) -> tuple[Any, Any]:
+        """Poll the first ``n`` of ``fds`` (``pollfds``) for up to ``ns`` nanoseconds
+        as ``poll`` does, and answer from here the batches of this lane's client,
+        ``fds[index]``, that the lane answers whole, for at most ``budget``
+        nanoseconds (``lc_serve`` in lane.c), in at most ``cap`` bytes of replies
+        each. The caller's connection must have nothing in flight or queued.
+
+        Returns (the reply buffer, ``struct lc_served``): the caller accounts what
+        was answered, and sends ``view(out, s.out_used)[s.sent:]`` if the socket
+        did not take it all (else ``sent(out)``)."""
+        out = self._take_out()
+        if self._in is None:
+            self._in = self._alloc("uint8_t[]", SERVE_INPUT)
+            self._rest = self._alloc("uint8_t[]", SERVE_INPUT)
+        served = self._served
+        self._call(state, _lib.lc_serve, fds, n, index, ns, budget, self._in, SERVE_INPUT,
+                   out, min(cap, BUFFER), self._rest, served)
+        return out, served
+
+    def _take_out(self) -> Any:
         out = self._out
         if out is None:  # the last one is still held by the transport
             out = self._alloc("uint8_t[]", BUFFER)
         self._out = None
-        rest = self._alloc("uint8_t[]", len(data))
-        spec, done = self._spec, self._done
+        return out
+
+    def _call(self, state: LaneState, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(spec, *args)``, the lane's spec pointing at ``state``'s bitmaps
+        meanwhile (read without locks: ``Clone.lane`` says why that is safe)."""
+        spec = self._spec
         spec.max_write = state.max_write if self._writable else 0
-        with (_ffi.from_buffer("uint8_t[]", data) as inp,
-              _ffi.from_buffer("uint8_t[]", state.marked) as marked):
+        with _ffi.from_buffer("uint8_t[]", state.marked) as marked:
             spec.marked = marked
-            if state.present is None:
-                used = _lib.lc_lane(spec, inp, len(data), out, min(cap, BUFFER), rest, done)
-            else:
+            try:
+                if state.present is None:
+                    return fn(spec, *args)
                 with _ffi.from_buffer("uint8_t[]", state.present) as present:
                     spec.present = present
-                    used = _lib.lc_lane(spec, inp, len(data), out, min(cap, BUFFER), rest,
-                                        done)
-            spec.present = spec.marked = _ffi.NULL
-        if not (done.reads or done.writes):  # ``rest`` is data up to ``used``
-            return out, done, data
-        return out, done, _ffi.buffer(rest, done.rest_used)[:] + data[used:]
+                    return fn(spec, *args)
+            finally:
+                spec.present = spec.marked = _ffi.NULL
 
     def sendable(self, state: LaneState, offset: int, length: int) -> FileRange | None:
         """A READ's bytes as a ``FileRange`` of the clone file, when every region
@@ -122,14 +159,7 @@ class Lane:
         global _sendfile_ok
         if not _sendfile_ok:
             return None
-        spec = self._spec
-        if state.present is None:
-            ok = _lib.lc_sendable(spec, offset, length)
-        else:
-            with _ffi.from_buffer("uint8_t[]", state.present) as present:
-                spec.present = present
-                ok = _lib.lc_sendable(spec, offset, length)
-                spec.present = _ffi.NULL
+        ok = self._call(state, _lib.lc_sendable, offset, length)
         if ok < 0:
             _sendfile_ok = False
         return FileRange(state.fd, offset, length) if ok > 0 else None

@@ -36,6 +36,15 @@ struct pollfd {
     short revents;
 };
 int lc_poll(struct pollfd *fds, unsigned n, int64_t ns);
+struct lc_served {
+    size_t out_used;
+    size_t sent;
+    uint64_t reads, read_bytes, writes, write_bytes;
+    int idle;
+};
+void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned self,
+              int64_t ns, int64_t budget, uint8_t *in, size_t in_cap, uint8_t *out,
+              size_t cap, uint8_t *rest, struct lc_served *s);
 """)
 
 ffibuilder.set_source("liveclone.nbd._lane", (Path(__file__).parent / "lane.c").read_text(),

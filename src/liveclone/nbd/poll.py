@@ -27,6 +27,7 @@ work (timers, callbacks from threads) waits at most ``max_ns`` for a poll to end
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from liveclone.nbd import lane
@@ -34,6 +35,9 @@ from liveclone.nbd.limits import DEFAULT_POLL_MAX_NS
 
 GROW_FROM = 4_000  # the first poll after none: QEMU's
 _POLLIN = 0x001
+# Poll (a struct pollfd array, how many, which is the caller's, for how long);
+# True if nothing came.
+Serve = Callable[[Any, int, int, int], bool]
 
 
 class Poller:
@@ -52,6 +56,7 @@ class Poller:
         self._since = 0
         self._fds: dict[int, None] = {}
         self._array: Any = None  # struct pollfd[] of _fds; None: to be made again
+        self._index: dict[int, int] = {}  # fd -> its place in _array
 
     def watch(self, fd: int) -> None:
         """Poll ``fd`` (a client's socket) from now on."""
@@ -74,14 +79,21 @@ class Poller:
         elif self.ns:
             self.ns = self.ns // 2 if self.ns // 2 >= GROW_FROM else 0
 
-    def idle(self) -> None:
-        """The server has nothing left to do: poll before the loop sleeps."""
+    def idle(self, fd: int = -1, serve: Serve | None = None) -> None:
+        """The server has nothing left to do: poll before the loop sleeps. With
+        ``serve``, the connection of ``fd`` polls, and may answer its client's next
+        requests itself meanwhile (``_Connection._serve_in_lane``)."""
         if not self.max_ns or not self._fds:
             return
         if self.ns:
             array = self._array
             if array is None:
                 array = self._array = lane.pollfds(self._fds, _POLLIN)
-            if lane.poll(array, len(self._fds), self.ns) != 0:
+                self._index = {fd: i for i, fd in enumerate(self._fds)}
+            index = self._index.get(fd)
+            if serve is not None and index is not None:
+                if not serve(array, len(self._fds), index, self.ns):
+                    return
+            elif lane.poll(array, len(self._fds), self.ns) != 0:
                 return  # a request came (or poll failed: the loop will see why)
         self._since = time.monotonic_ns()

@@ -88,6 +88,7 @@ from liveclone.errors import CloneClosedError
 from liveclone.nbd import protocol as p
 from liveclone.nbd.lane import FileRange, Lane
 from liveclone.nbd.lane import available as lane_available
+from liveclone.nbd.lane import poll as poll_fds
 from liveclone.nbd.limits import (
     DEFAULT_POLL_MAX_NS,
     Limits,
@@ -137,6 +138,9 @@ STALL_LIMIT = 5.0
 # Python objects that listing an extent costs (a bound: extents are >= 4 KiB).
 BLOCK_STATUS_CHARGE = 128
 PIN_AFTER = 0.1  # seconds from start to pin_mmap_threshold
+# The most nanoseconds a connection answers its client from its poll before the
+# loop gets a turn for its other work (timers, other clients, threads' results).
+SERVE_BUDGET = 1_000_000
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
@@ -170,7 +174,8 @@ class ServerStats(Value):
     """Counters, all 0 at first."""
 
     __slots__ = ("connections", "active", "requests", "lane", "rejected", "errors", "dropped",
-                 "refused", "evicted", "timed_out", "stalled", "memory_peak", "sendfile")
+                 "refused", "evicted", "timed_out", "stalled", "memory_peak", "sendfile",
+                 "polled")
     connections: int  # accepted since start
     active: int  # open now
     requests: int
@@ -184,6 +189,7 @@ class ServerStats(Value):
     stalled: int  # closed for taking no answer while others waited for memory
     memory_peak: int  # most bytes held for clients at once
     sendfile: int  # READ answers sent, in part or whole, from the file by sendfile
+    polled: int  # of the lane's, answered from a poll (nbd/poll.py), not a turn of the loop
 
     def __init__(self) -> None:
         for name in self._fields:
@@ -718,32 +724,75 @@ class _Connection(asyncio.Protocol):
         are held to the same memory bounds as any other. The lane does not see
         the cookies in flight here: a client that reuses one while in flight
         (which NBD forbids) may get both answers, in any order."""
-        proto, server, lane = self.proto, self.server, self._lane
+        lane = self._lane
         assert lane is not None and self.transport is not None
-        if (proto.state is not p.State.TRANSMISSION or proto.buffered
-                or self._waiting or self._write_blocked or self.closing):
-            return data
-        room = min(server.connection_memory - self.held, server.max_memory - server.memory)
-        if room <= 0:
-            return data
-        try:
-            state = self.clone.lane()
-        except CloneClosedError:
-            return data  # the protocol's path answers with the error
+        room, state = self._lane_room()
         if state is None:
             return data
         out, done, rest = lane.run(data, state, room)
-        count = done.reads + done.writes
-        if not count:
+        if not (done.reads or done.writes):
             return data
-        proto.answered_in_lane(count)
-        server.stats.requests += count
-        server.stats.lane += count
-        self.clone.count_lane(done.reads, done.read_bytes, done.writes, done.write_bytes)
-        self.transport.write(lane.view(out, done.out_used))
-        if not proto.tls_active and self.transport.get_write_buffer_size() == 0:
-            lane.sent(out)  # nothing of it is held by the transport: reuse it
+        self._answered_in_lane(done)
+        self._send_lane(out, 0, done.out_used)
         return rest
+
+    def _lane_room(self) -> tuple[int, LaneState | None]:
+        """How many bytes of answers the lane may make now, and the clone's state
+        for it; (0, None) when it may not run: only at a message boundary (no
+        partial message buffered), with no request waiting for memory and the
+        transport taking answers. The lane's answers are held to the same memory
+        bounds as any other."""
+        proto, server = self.proto, self.server
+        if (proto.state is not p.State.TRANSMISSION or proto.buffered
+                or self._waiting or self._write_blocked or self.closing):
+            return 0, None
+        room = min(server.connection_memory - self.held, server.max_memory - server.memory)
+        if room <= 0:
+            return 0, None
+        try:
+            state = self.clone.lane()
+        except CloneClosedError:
+            return 0, None  # the protocol's path answers with the error
+        return room, state
+
+    def _answered_in_lane(self, done: Any) -> None:
+        """Account the READs and WRITEs the lane answered (``struct lc_done`` or
+        ``lc_served``)."""
+        count = done.reads + done.writes
+        self.proto.answered_in_lane(count)
+        stats = self.server.stats
+        stats.requests += count
+        stats.lane += count
+        self.clone.count_lane(done.reads, done.read_bytes, done.writes, done.write_bytes)
+
+    def _send_lane(self, out: Any, start: int, end: int) -> None:
+        """Queue the lane's replies ``out[start:end]``; reuse ``out`` once the
+        transport holds none of it."""
+        lane, transport = self._lane, self.transport
+        assert lane is not None and transport is not None
+        if start < end:
+            transport.write(lane.view(out, end)[start:])
+        if not self.proto.tls_active and transport.get_write_buffer_size() == 0:
+            lane.sent(out)
+
+    def _serve_in_lane(self, fds: Any, n: int, index: int, ns: int) -> bool:
+        """``Poller.idle``'s poll for a connection with a lane, which has nothing
+        in flight: answer the client's next batches here while the lane answers
+        them whole (``Lane.serve``), until nothing comes within ``ns``, or the loop
+        has other work. True if nothing came."""
+        lane = self._lane
+        assert lane is not None
+        room, state = self._lane_room()
+        if state is None or self.proto.tls_active:  # the socket holds TLS records
+            return poll_fds(fds, n, ns) == 0
+        out, served = lane.serve(state, fds, n, index, ns, SERVE_BUDGET, room)
+        if served.reads or served.writes:
+            self._answered_in_lane(served)
+            self.server.stats.polled += served.reads + served.writes
+        self._send_lane(out, served.sent, served.out_used)
+        if served.sent < served.out_used:
+            self._after_change()  # the transport holds answers now
+        return bool(served.idle)
 
     def _handle(self, parse: Callable[[], list[p.Event]]) -> None:
         """Run the protocol on new input and act on its events."""
@@ -992,7 +1041,10 @@ class _Connection(asyncio.Protocol):
                 or self.transport is None
                 or self.transport.get_write_buffer_size()):
             return
-        server.poller.idle()
+        if self._lane is not None:
+            server.poller.idle(self._fd, self._serve_in_lane)
+        else:
+            server.poller.idle()
 
     def _pump_soon(self) -> None:
         if not self._pump_queued:

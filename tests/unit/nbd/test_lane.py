@@ -12,11 +12,14 @@ from __future__ import annotations
 import random
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from liveclone.core import verify
+from liveclone.core.clone import Clone
 from liveclone.core.opening import open_clone
 from liveclone.nbd import lane
 from liveclone.nbd.server import ServerThread
@@ -38,6 +41,20 @@ def _cache(path: Path) -> None:
     with open(path, "rb") as f:
         while f.read(1 << 20):
             pass
+
+
+@contextmanager
+def _mostly_present(tmp_path: Path, seed: int,
+                    rng: random.Random) -> Iterator[tuple[Clone, bytearray]]:
+    """A clone of a random source of SIZE, three quarters of its regions (picked
+    by ``rng``) copied and the rest absent; and the model of what it holds."""
+    src = tmp_path / "source.img"
+    model = bytearray(make_image(src, SIZE, seed=seed))
+    with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=RS,
+                    create=True, exclusive=True) as clone:
+        for region in rng.sample(range(clone.regions_total), clone.regions_total * 3 // 4):
+            clone.fill(region, region + 1, wait=True)
+        yield clone, model
 
 
 def _connect(path: str, structured: bool) -> socket.socket:
@@ -142,14 +159,8 @@ def test_the_lane_answers_as_the_protocol_does(tmp_path: Path, monkeypatch: pyte
                                                structured: bool, with_lane: bool) -> None:
     if not with_lane:
         monkeypatch.setenv(lane.ENV, "0")
-    src = tmp_path / "source.img"
-    model = bytearray(make_image(src, SIZE, seed=3))
     rng = random.Random(11)
-    with open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=RS,
-                    create=True, exclusive=True) as clone:
-        # Most regions present (copied, or written by the guest), some absent.
-        for region in rng.sample(range(clone.regions_total), clone.regions_total * 3 // 4):
-            clone.fill(region, region + 1, wait=True)
+    with _mostly_present(tmp_path, 3, rng) as (clone, model):
         # Guest writes: in the lower half (where the batches write), most of them,
         # so that most regions there need no write intent any more.
         for _ in range(60):
@@ -365,3 +376,72 @@ def test_large_reads_sent_by_the_kernel_arrive_whole_and_in_order(
     for region in range(SIZE // RS):
         if region not in absent:
             assert got[region * RS:(region + 1) * RS] == model[region * RS:(region + 1) * RS]
+
+
+@pytest.mark.parametrize("structured", [False, True], ids=["simple", "structured"])
+@pytest.mark.parametrize("poll_max_ns", [0, 50_000_000], ids=["no-poll", "poll"])
+def test_requests_one_at_a_time_are_answered_from_the_poll(
+        tmp_path: Path, structured: bool, poll_max_ns: int) -> None:
+    """A client that waits for each answer (queue depth 1), with the server polling
+    for up to 50 ms before it sleeps, so that its poll answers what the lane can
+    (``Lane.serve``), and with no polling. Single requests and pairs, of every
+    kind: what the lane answers (READs of present data, WRITEs of marked
+    regions), what it must leave whole to the protocol (absent regions, FUA, a
+    FLUSH, requests to reject, a pair whose second is one of those). Every answer
+    is checked against a model of the clone."""
+    rng = random.Random(19)
+    with _mostly_present(tmp_path, 17, rng) as (clone, model):
+        for region in range(0, clone.regions_total, 3):  # marked: lane writes go there
+            if clone.is_present(region):
+                clone.write(region * RS, bytes(model[region * RS:region * RS + 512]))
+        _cache(tmp_path / "clone.img")
+        sock_path = str(tmp_path / "nbd.sock")
+        with ServerThread(clone, export_name="", poll_max_ns=poll_max_ns) as server:
+            server.start(unix_path=sock_path)
+            sock = _connect(sock_path, structured)
+            cookie = 0
+            for _ in range(600):
+                pair = []
+                for _ in range(1 if rng.random() < 0.8 else 2):
+                    cookie += 1
+                    kind = rng.random()
+                    length = rng.choice([512, 4096, 4096, 65536])
+                    offset = rng.randrange(SIZE - length + 1)
+                    if kind < 0.55:
+                        pair.append((cookie, wire.Cmd.READ, 0, offset, length, b""))
+                    elif kind < 0.85:
+                        flags = wire.CMD_FLAG_FUA if kind < 0.6 else 0
+                        pair.append((cookie, wire.Cmd.WRITE, flags, offset, length,
+                                     rng.randbytes(length)))
+                    elif kind < 0.9:
+                        pair.append((cookie, wire.Cmd.FLUSH, 0, 0, 0, b""))
+                    else:  # rejected: past the end
+                        pair.append((cookie, wire.Cmd.READ, 0, SIZE - 100, 4096, b""))
+                if len(pair) == 2 and pair[0][3] < pair[1][3] + pair[1][4] \
+                        and pair[1][3] < pair[0][3] + pair[0][4]:
+                    pair.pop()  # NBD runs a pair in any order: no overlaps in one
+                wire_bytes = bytearray()
+                lengths = {}
+                for c, cmd, flags, offset, length, data in pair:
+                    wire_bytes += wire.encode_request(cmd, c, offset, length, flags) + data
+                    lengths[c] = length if cmd == wire.Cmd.READ else 0
+                answers = _exchange(sock, wire_bytes, lengths, structured)
+                for c, cmd, _flags, offset, length, data in pair:
+                    if cmd == wire.Cmd.READ and offset + length > SIZE:
+                        assert answers[c][0] == wire.EINVAL, c
+                    elif cmd == wire.Cmd.READ:
+                        assert answers[c] == (0, bytes(model[offset:offset + length])), c
+                    else:
+                        assert answers[c] == (0, b""), c
+                        if cmd == wire.Cmd.WRITE:
+                            model[offset:offset + length] = data
+            for offset in range(0, SIZE, 65536):  # the whole export, as the model
+                cookie += 1
+                answer = _exchange(sock, wire.encode_request(wire.Cmd.READ, cookie, offset,
+                                                             65536), {cookie: 65536},
+                                   structured)
+                assert answer[cookie] == (0, bytes(model[offset:offset + 65536])), offset
+            sock.close()
+            stats = server.server.stats
+    assert stats.lane > 100
+    assert (stats.polled > 100) if poll_max_ns else stats.polled == 0, stats.polled
