@@ -269,6 +269,8 @@ def test_one_request_at_a_time_with_and_without_polling(setup: Setup, poll_max_n
                 break
             time.sleep(0.1)
         assert status["nbd"]["requests"] >= 2 * 2 * 1024
+        if poll_max_ns == "0":
+            assert status["nbd"]["polled"] == 0
 
 
 def _fio_verify(uri: str, cwd: Path, *extra: str) -> dict[str, object]:

@@ -388,6 +388,9 @@ async def _serve(session: CloneSession, server: NBDServer, stop: threading.Event
                 "timed_out": stats.timed_out, "stalled": stats.stalled,
                 "memory": server.memory,
                 "memory_peak": stats.memory_peak,
+                # Of the requests, answered in C (nbd/lane.py), and of those, from a
+                # poll before the loop slept (nbd/poll.py, --poll-max-ns).
+                "lane": stats.lane, "polled": stats.polled,
             }
             decile = clone.regions_present * 10 // max(1, clone.regions_total)
             if decile != reported:

@@ -54,17 +54,25 @@ class Poller:
         self.max_ns = max_ns if lane.poll_available() else 0
         self.ns = 0
         self._since = 0
-        self._fds: dict[int, None] = {}
+        self._fds: dict[int, int] = {}  # fd -> watches not yet forgotten
         self._array: Any = None  # struct pollfd[] of _fds; None: to be made again
         self._index: dict[int, int] = {}  # fd -> its place in _array
 
     def watch(self, fd: int) -> None:
-        """Poll ``fd`` (a client's socket) from now on."""
-        self._fds[fd] = None
-        self._array = None
+        """Poll ``fd`` (a client's socket) from now on: once for each ``watch``
+        not yet undone by a ``forget`` (a closed socket's number may be reused by
+        a new one before its connection is told it is gone)."""
+        count = self._fds.get(fd, 0)
+        self._fds[fd] = count + 1
+        if not count:
+            self._array = None
 
     def forget(self, fd: int) -> None:
-        if self._fds.pop(fd, 0) is None:
+        count = self._fds.get(fd, 0)
+        if count > 1:
+            self._fds[fd] = count - 1
+        elif count:
+            del self._fds[fd]
             self._array = None
 
     def woke(self) -> None:

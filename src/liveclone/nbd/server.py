@@ -630,7 +630,8 @@ class _Connection(asyncio.Protocol):
         # proto.received when the partial WRITE being received was admitted: its
         # whole payload is then counted (and read in) before it is complete.
         self._admitted = -1
-        self._fd = -1  # the socket's, polled by server.poller while connected
+        self._fd = -1  # the socket's
+        self._watched = False  # _fd is polled by server.poller: connected, and read from
 
     @property
     def negotiating(self) -> bool:
@@ -648,7 +649,7 @@ class _Connection(asyncio.Protocol):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             self._fd = sock.fileno()
-            server.poller.watch(self._fd)
+            self._polled(True)
         limit = server.limits.handshake_limit
         if limit:
             self._timers.append(asyncio.get_running_loop().call_later(
@@ -667,7 +668,7 @@ class _Connection(asyncio.Protocol):
         self._count()  # held must match what it added to server.memory
         self.closed = self.closing = True
         server = self.server
-        server.poller.forget(self._fd)
+        self._polled(False)
         for timer in self._timers:
             timer.cancel()
         if self._upgrade is not None:
@@ -1033,6 +1034,14 @@ class _Connection(asyncio.Protocol):
         self.server.freed()
         self._idle()
 
+    def _polled(self, on: bool) -> None:
+        if on != self._watched and self._fd >= 0:
+            self._watched = on
+            if on:
+                self.server.poller.watch(self._fd)
+            else:
+                self.server.poller.forget(self._fd)
+
     def _idle(self) -> None:
         """This connection has answered all it was asked: if the whole server has
         nothing left to do either, poll the clients before the loop sleeps."""
@@ -1196,9 +1205,11 @@ class _Connection(asyncio.Protocol):
             if not self._paused_reading:
                 self._paused_reading = True
                 self.transport.pause_reading()
+                self._polled(False)  # what it sends waits: no event for the poll
         elif self._paused_reading and self._running <= INFLIGHT_LOW:
             self._paused_reading = False
             self.transport.resume_reading()
+            self._polled(True)
 
     def close(self) -> None:
         """Close after the queued bytes are sent; cut if the client does not take them."""

@@ -92,6 +92,8 @@ def test_forgotten_sockets_are_not_polled(pair):
     a, b = pair
     poller = Poller(max_ns=60 * 10**9)
     poller.watch(a.fileno())
+    poller.watch(a.fileno())  # a reused number: two owners
+    poller.forget(a.fileno())  # one of them went: a is still polled
     poller.watch(b.fileno())
     poller.forget(b.fileno())
     poller.forget(b.fileno())  # twice: nothing more happens
