@@ -160,8 +160,10 @@ static int do_write(const struct lc_lane *l, const uint8_t *data, uint64_t offse
     return 1;
 }
 
-size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
-               uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
+/* lc_lane's walk. `rest` NULL: stop at the first message not answered, instead
+ * of passing it on (what was walked is then all answered). */
+static size_t walk(const struct lc_lane *l, const uint8_t *in, size_t n,
+                   uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
 {
     size_t pos = 0;
     size_t header = l->structured ? CHUNK_SIZE : SIMPLE_SIZE;
@@ -206,12 +208,20 @@ size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
             answered = 1;
         }
         if (!answered) { /* the protocol layer's, in order */
+            if (rest == NULL)
+                break;
             memcpy(rest + done->rest_used, r, whole);
             done->rest_used += whole;
         }
         pos += whole;
     }
     return pos;
+}
+
+size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
+               uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
+{
+    return walk(l, in, n, out, cap, rest, done);
 }
 
 /* What cachestat(2) takes and fills (linux/mman.h, Linux 6.5). */
@@ -273,23 +283,24 @@ struct lc_served {
     int idle;                /* 1: nothing came within `ns`; 0: the event loop has work */
 };
 
-/* Poll as lc_poll does, and answer, here, the client fds[self] while every batch
- * it sends is all plain READs and WRITEs that lc_lane answers (a client at queue
- * depth 1 sends one request at a time): so that these answers do not wait for a
- * turn of the event loop. Each batch is read with MSG_PEEK and taken off the
- * socket only once lc_lane has answered all of it; anything else is left on the
- * socket, whole, for the event loop and the protocol layer (which do again any
- * WRITE lc_lane did of it: the same bytes at the same place, not yet answered).
+/* Poll as lc_poll does, and answer, here, the client fds[self] while what it
+ * sends begins with plain READs and WRITEs that the lane answers (a client at
+ * queue depth 1 sends one request at a time), so that these answers do not wait
+ * for a turn of the event loop. What the client sent is read with MSG_PEEK; the
+ * messages the lane answered, up to the first one it does not, are taken off the
+ * socket and answered; from that one on, everything stays on the socket for the
+ * event loop and the protocol layer, whole. So every message is either taken and
+ * answered here or left untouched: none is done twice.
  *
  * Returns when nothing came within `ns` of the last answer (idle = 1), or (idle
- * = 0) when another fd has an event, the client sent what lc_lane does not
- * answer (or closed), the socket did not take a whole batch of replies (the
- * caller sends the rest: out[sent:out_used]), or `budget` ns have passed, so
- * that the loop's other work waits at most that long. `l` describes fds[self]'s
- * lane; `in` and `rest` have `in_cap` bytes, `out` has `cap`. */
+ * = 0) when another fd has an event, the client sent what the lane does not
+ * answer (or closed), the socket did not take all the replies (the caller sends
+ * the rest: out[sent:out_used]), or `budget` ns have passed, so that the loop's
+ * other work waits at most that long. `l` describes fds[self]'s lane; `in` has
+ * `in_cap` bytes, `out` has `cap`. */
 void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned self,
               int64_t ns, int64_t budget, uint8_t *in, size_t in_cap, uint8_t *out,
-              size_t cap, uint8_t *rest, struct lc_served *s)
+              size_t cap, struct lc_served *s)
 {
     int64_t start = now_ns(), end = start + ns;
     int fd = fds[self].fd;
@@ -307,10 +318,10 @@ void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned 
             ssize_t got = recv(fd, in, in_cap, MSG_PEEK | MSG_DONTWAIT);
             if (got <= 0)
                 return;
-            size_t used = lc_lane(l, in, (size_t)got, out, cap, rest, &d);
-            if (used != (size_t)got || d.rest_used)
-                return; /* not all of it: the event loop's */
-            if (recv(fd, in, (size_t)got, MSG_DONTWAIT) != got)
+            size_t used = walk(l, in, (size_t)got, out, cap, NULL, &d);
+            if (used == 0)
+                return; /* its first message is the event loop's */
+            if (recv(fd, in, used, MSG_DONTWAIT) != (ssize_t)used)
                 return; /* cannot happen: what was peeked is there */
             s->reads += d.reads;
             s->read_bytes += d.read_bytes;
@@ -327,6 +338,8 @@ void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned 
                     return; /* full, or broken: the caller's transport says which */
                 s->sent += (size_t)w;
             }
+            if (used != (size_t)got)
+                return; /* the rest is the event loop's */
             int64_t now = now_ns();
             if (now - start >= budget)
                 return;

@@ -86,8 +86,7 @@ class Lane:
         self._alloc = _ffi.new_allocator(should_clear_after_alloc=False)
         self._out: Any = None  # the reply buffer, when the transport holds none of it
         self._done = _ffi.new("struct lc_done *")
-        self._in: Any = None  # serve's input and passed-on buffers, made on first use
-        self._rest: Any = None
+        self._in: Any = None  # serve's input buffer, made on first use
         self._served = _ffi.new("struct lc_served *")
 
     def run(self, data: bytes, state: LaneState, cap: int) -> tuple[Any, Any, bytes]:
@@ -111,10 +110,11 @@ class Lane:
     def serve(self, state: LaneState, fds: Any, n: int, index: int, ns: int, budget: int,
               cap: int) -> tuple[Any, Any]:
         """Poll the first ``n`` of ``fds`` (``pollfds``) for up to ``ns`` nanoseconds
-        as ``poll`` does, and answer from here the batches of this lane's client,
-        ``fds[index]``, that the lane answers whole, for at most ``budget``
-        nanoseconds (``lc_serve`` in lane.c), in at most ``cap`` bytes of replies
-        each. The caller's connection must have nothing in flight or queued.
+        as ``poll`` does, and answer from here what this lane's client,
+        ``fds[index]``, sends, up to the first message the lane does not answer,
+        for at most ``budget`` nanoseconds (``lc_serve`` in lane.c), in at most
+        ``cap`` bytes of replies at a time. The caller's connection must be at a
+        message boundary with nothing in flight or queued.
 
         Returns (the reply buffer, ``struct lc_served``): the caller accounts what
         was answered, and sends ``view(out, s.out_used)[s.sent:]`` if the socket
@@ -122,10 +122,9 @@ class Lane:
         out = self._take_out()
         if self._in is None:
             self._in = self._alloc("uint8_t[]", SERVE_INPUT)
-            self._rest = self._alloc("uint8_t[]", SERVE_INPUT)
         served = self._served
         self._call(state, _lib.lc_serve, fds, n, index, ns, budget, self._in, SERVE_INPUT,
-                   out, min(cap, BUFFER), self._rest, served)
+                   out, min(cap, BUFFER), served)
         return out, served
 
     def _take_out(self) -> Any:

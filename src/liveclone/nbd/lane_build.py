@@ -44,7 +44,7 @@ struct lc_served {
 };
 void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned self,
               int64_t ns, int64_t budget, uint8_t *in, size_t in_cap, uint8_t *out,
-              size_t cap, uint8_t *rest, struct lc_served *s);
+              size_t cap, struct lc_served *s);
 """)
 
 ffibuilder.set_source("liveclone.nbd._lane", (Path(__file__).parent / "lane.c").read_text(),

@@ -671,9 +671,10 @@ class ServerConnection:
         itself, taking them out of the input before ``receive_data`` saw it, at a
         message boundary. The lane answers only what ``validate_request``'s fast
         path accepts: count them as parsed and answered."""
-        if self.state is not State.TRANSMISSION or self._buf:
+        if self.state is not State.TRANSMISSION or self._buf or self._discard:
             raise LocalProtocolError(f"no lane in state {self.state.value} with "
-                                     f"{len(self._buf)} bytes buffered")
+                                     f"{len(self._buf)} bytes buffered and "
+                                     f"{self._discard} to skip")
         self.received += count
 
     # -- options ----------------------------------------------------------------------------

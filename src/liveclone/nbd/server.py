@@ -279,10 +279,13 @@ class NBDServer:
         # Invariant: every storage call started and not yet finished, so that
         # stop() can wait for them before the caller closes the clone.
         self._pending: set[asyncio.Future[Any]] = set()
-        # Invariant: running == sum of _running over _connections and the closed
-        # connections whose calls are still running: 0 when nothing is left to do.
+        # Invariant: running == requests dispatched (_pump) and not yet taken by a
+        # _flush, over every connection, open or gone: 0 when nothing is left to answer.
         self.running = 0
         self.poller = Poller(poll_max_ns)
+        # Above 0 while input or resumed connections are still being dealt with:
+        # then no connection polls (_Connection._idle), as work is left to do.
+        self.holding = 0
 
     # -- exports ---------------------------------------------------------------------
 
@@ -474,8 +477,12 @@ class NBDServer:
             self._retry = None
         self._drop_stalled()
         blocked, self._blocked = self._blocked, set()
-        for conn in blocked:  # (re-)block themselves if they still cannot go on
-            conn.resume()
+        self.holding += 1  # no poll while some of them are still to be resumed
+        try:
+            for conn in blocked:  # (re-)block themselves if they still cannot go on
+                conn.resume()
+        finally:
+            self.holding -= 1
 
     def _drop_stalled(self) -> None:
         """Drop the client holding most memory in answers it has not taken for
@@ -697,7 +704,16 @@ class _Connection(asyncio.Protocol):
         self.server.freed()
 
     def data_received(self, data: bytes) -> None:
-        self.server.poller.woke()
+        server = self.server
+        server.poller.woke()
+        server.holding += 1  # no poll before all of ``data`` is with the protocol
+        try:
+            self._receive(data)
+        finally:
+            server.holding -= 1
+        self._idle()
+
+    def _receive(self, data: bytes) -> None:
         rest = data
         if self._lane is not None:
             proto = self.proto
@@ -712,7 +728,6 @@ class _Connection(asyncio.Protocol):
                 rest = self._lane_run(rest)
                 if not rest:
                     self._after_change()
-                    self._idle()
                     return
         self._handle(lambda: self.proto.receive_data(rest))
 
@@ -744,7 +759,7 @@ class _Connection(asyncio.Protocol):
         transport taking answers. The lane's answers are held to the same memory
         bounds as any other."""
         proto, server = self.proto, self.server
-        if (proto.state is not p.State.TRANSMISSION or proto.buffered
+        if (proto.state is not p.State.TRANSMISSION or proto.to_boundary
                 or self._waiting or self._write_blocked or self.closing):
             return 0, None
         room = min(server.connection_memory - self.held, server.max_memory - server.memory)
@@ -906,7 +921,10 @@ class _Connection(asyncio.Protocol):
             self.server.running += 1
             self._running_bytes += cost + payload
             self._charge(cost)  # what _count() would find: the payload only moved
-            self._dispatch(c, cost + payload)
+            try:
+                self._dispatch(c, cost + payload)
+            except Exception as e:  # answered as the errors of the pool's calls are
+                self._ready.append((c.cookie, c.cmd, cost + payload, None, e))
         keep.extend(self._waiting)
         self._waiting = keep
         if blocked:
@@ -982,12 +1000,12 @@ class _Connection(asyncio.Protocol):
         ready, self._ready = self._ready, []
         if not ready:
             return
+        self.server.running -= len(ready)  # answered now, whatever happens below
         charges = 0
         answered = 0
         if self.closed:  # the client is gone: nobody to answer
             for item in ready:
                 charges += item[2]
-            self.server.running -= len(ready)
             del ready
             self._running_bytes -= charges
             self.server.memory -= charges  # held back by _gone() until now
@@ -1026,7 +1044,6 @@ class _Connection(asyncio.Protocol):
             self._answering = False
         del out
         self._running -= answered
-        self.server.running -= answered
         self._running_bytes -= charges  # the transport's buffer is counted instead
         self._after_change()
         if self._waiting:  # admit more now that these answers' memory is free
@@ -1046,8 +1063,8 @@ class _Connection(asyncio.Protocol):
         """This connection has answered all it was asked: if the whole server has
         nothing left to do either, poll the clients before the loop sleeps."""
         server = self.server
-        if (server.running or server._blocked or self._waiting or self.closing
-                or self.transport is None
+        if (server.running or server.holding or server._blocked or self._waiting
+                or self.closing or self.transport is None
                 or self.transport.get_write_buffer_size()):
             return
         if self._lane is not None:
@@ -1215,6 +1232,7 @@ class _Connection(asyncio.Protocol):
         """Close after the queued bytes are sent; cut if the client does not take them."""
         if self.transport is not None and not self.closing:
             self.closing = True
+            self._polled(False)  # the loop reads it no more
             self.transport.close()
             self._timers.append(asyncio.get_running_loop().call_later(CLOSE_GRACE,
                                                                       self.abort))
@@ -1222,6 +1240,7 @@ class _Connection(asyncio.Protocol):
     def abort(self) -> None:
         """Close at once, dropping whatever is queued."""
         self.closing = True
+        self._polled(False)
         if self.transport is not None and not self.closed:
             self.transport.abort()
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -445,3 +446,91 @@ def test_requests_one_at_a_time_are_answered_from_the_poll(
             stats = server.server.stats
     assert stats.lane > 100
     assert (stats.polled > 100) if poll_max_ns else stats.polled == 0, stats.polled
+
+
+def _polling_server(tmp_path: Path, clone: Clone) -> tuple[ServerThread, socket.socket]:
+    """A server of ``clone`` that polls for up to 50 ms from its first request on
+    (its poll grown already), and a client connected to it (simple replies)."""
+    _cache(tmp_path / "clone.img")
+    server = ServerThread(clone, export_name="", poll_max_ns=50_000_000)
+    sock_path = str(tmp_path / "nbd.sock")
+    server.start(unix_path=sock_path)
+    sock = _connect(sock_path, structured=False)
+    server.server.poller.ns = server.server.poller.max_ns
+    return server, sock
+
+
+def _no_more_replies(sock: socket.socket) -> None:
+    sock.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        sock.recv(16)
+
+
+def test_the_poll_never_reads_the_middle_of_a_message(tmp_path: Path) -> None:
+    """A READ split across two pieces of input, then a WRITE whose payload comes in
+    pieces and holds bytes that look like a READ: answering the READ from the
+    protocol's path polls while the WRITE's header and the start of its payload
+    are still being handled. The poll must not take the rest of the payload for
+    requests: the client gets the READ's and the WRITE's answers, nothing else,
+    and the WRITE's bytes land whole."""
+    rng = random.Random(23)
+    with _mostly_present(tmp_path, 29, rng) as (clone, model):
+        clone.fill(0, clone.regions_total, wait=True)
+        server, sock = _polling_server(tmp_path, clone)
+        with server, sock:
+            read = wire.encode_request(wire.Cmd.READ, 1, 0, 4096)
+            fake = wire.encode_request(wire.Cmd.READ, 3, 0, 4096)
+            payload = bytes(100) + fake + bytes(8192 - 100 - len(fake))
+            sock.sendall(read[:13])
+            time.sleep(0.1)  # the first piece is with the protocol: a partial header
+            sock.sendall(read[13:] + wire.encode_request(wire.Cmd.WRITE, 2, 65536, 8192)
+                         + payload[:100])
+            assert _answers(sock, {1: 4096}, False) == {1: (0, bytes(model[:4096]))}
+            sock.sendall(payload[100:128])
+            time.sleep(0.05)
+            sock.sendall(payload[128:])
+            assert _answers(sock, {2: 0}, False) == {2: (0, b"")}
+            _no_more_replies(sock)
+            assert server.server.running == 0
+    with open(tmp_path / "clone.img", "rb") as f:
+        f.seek(65536)
+        assert f.read(8192) == payload
+
+
+def test_the_poll_never_reads_a_skipped_payload(tmp_path: Path) -> None:
+    """A WRITE over the largest block is rejected and its payload skipped as it
+    comes; a FLUSH before it makes the server answer from its pool and poll. The
+    payload holds bytes that look like a READ: nobody answers them."""
+    rng = random.Random(31)
+    with _mostly_present(tmp_path, 37, rng) as (clone, _model):
+        clone.fill(0, clone.regions_total, wait=True)
+        server, sock = _polling_server(tmp_path, clone)
+        with server, sock:
+            big = server.server.export.max_block + 1
+            sock.sendall(wire.encode_request(wire.Cmd.FLUSH, 1, 0, 0)
+                         + wire.encode_request(wire.Cmd.WRITE, 2, 0, big) + bytes(100))
+            assert _answers(sock, {1: 0, 2: 0}, False) == {1: (0, b""),
+                                                           2: (wire.EINVAL, b"")}
+            sock.sendall(wire.encode_request(wire.Cmd.READ, 3, 0, 4096))  # still payload
+            _no_more_replies(sock)
+            assert server.server.stats.polled == 0
+
+
+def test_a_failing_request_is_answered_and_polling_goes_on(tmp_path: Path) -> None:
+    """A WRITE to a clone read-only after a failure fails where it is dispatched
+    (``write_nowait``): the client gets EIO and keeps its connection, and the
+    server counts nothing as still running, so its polls go on."""
+    rng = random.Random(41)
+    with _mostly_present(tmp_path, 43, rng) as (clone, model):
+        clone.fill(0, clone.regions_total, wait=True)
+        server, sock = _polling_server(tmp_path, clone)
+        with server, sock:
+            clone.lifecycle.fail("a test's failure")
+            sock.sendall(wire.encode_request(wire.Cmd.WRITE, 7, 0, 512) + bytes(512))
+            assert _answers(sock, {7: 0}, False) == {7: (wire.EIO, b"")}
+            assert server.server.running == 0
+            for cookie in range(8, 40):  # answered from the poll, one at a time
+                sock.sendall(wire.encode_request(wire.Cmd.READ, cookie, 4096, 4096))
+                assert _answers(sock, {cookie: 4096}, False) == {
+                    cookie: (0, bytes(model[4096:8192]))}
+            assert server.server.stats.polled > 0
