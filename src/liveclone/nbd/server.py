@@ -361,7 +361,7 @@ class NBDServer:
         for listener in new_listeners:
             listener.sock.setblocking(False)
             self._listeners.append(listener)
-            loop.add_reader(listener.sock.fileno(), self._accept, listener.sock)
+            self._listen(listener.sock, True)
             new.append(listener.uri(self._export.name if self._export is not None else "",
                                     self.tls is not None))
         self.uris.extend(new)
@@ -419,15 +419,25 @@ class NBDServer:
         """True while a connection closed to make room has not let go of its socket."""
         return any(c.closing for c in self._connections)
 
-    def _rest(self, lsock: socket.socket) -> None:
+    def _listen(self, lsock: socket.socket, on: bool) -> None:
+        """Accept on ``lsock`` from now on, or no more. A listener accepting is
+        polled too (nbd/poll.py): a new client ends a poll."""
         loop = asyncio.get_running_loop()
-        loop.remove_reader(lsock.fileno())
+        if on:
+            loop.add_reader(lsock.fileno(), self._accept, lsock)
+            self.poller.watch(lsock.fileno())
+        else:
+            loop.remove_reader(lsock.fileno())
+            self.poller.forget(lsock.fileno())
+
+    def _rest(self, lsock: socket.socket) -> None:
+        self._listen(lsock, False)
 
         def again() -> None:
             if any(x.sock is lsock for x in self._listeners):
-                loop.add_reader(lsock.fileno(), self._accept, lsock)
+                self._listen(lsock, True)
 
-        loop.call_later(ACCEPT_RETRY, again)
+        asyncio.get_running_loop().call_later(ACCEPT_RETRY, again)
 
     def _open(self, sock: socket.socket) -> None:
         made: list[_Connection] = []
@@ -515,7 +525,7 @@ class NBDServer:
         """Close the listeners and every connection; wait for storage calls."""
         loop = asyncio.get_running_loop()
         for listener in self._listeners:
-            loop.remove_reader(listener.sock.fileno())
+            self._listen(listener.sock, False)
             listener.close()
         self._listeners.clear()
         for task in list(self._opening):
