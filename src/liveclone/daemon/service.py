@@ -29,8 +29,6 @@ import sys
 from dataclasses import dataclass
 from typing import Any
 
-from liveclone.nbd.limits import DEFAULT_POLL_MAX_NS
-
 log = logging.getLogger("liveclone.daemon")
 
 
@@ -47,7 +45,7 @@ class Options:
     max_copiers: int
     rate: int | None
     limits: Any  # nbd.limits.Limits
-    poll_max_ns: int = DEFAULT_POLL_MAX_NS
+    poll_max_ns: int  # nbd/poll.py; 0: never poll
 
 
 class JournalFormatter(logging.Formatter):

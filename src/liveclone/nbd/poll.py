@@ -15,13 +15,18 @@ How long to poll adapts as QEMU's event loop does (its IOThread ``poll-max-ns``)
 client that keeps the server waiting longer than that (an idle or slow one) costs
 no polling, and a busy one at queue depth 1 gets its requests polled for.
 
-Measured (benchmarks/results.md, "NBD export"): 4 KiB random reads at queue depth
-1 went from 13.7k to 22.5k IOPS with 50 µs of polling; it costs CPU only while
-a client keeps sending within ``max_ns``, as polling does in QEMU and SPDK.
+A connection with a lane polls through ``Lane.serve`` and answers its client's
+plain requests from the poll itself (``_Connection._serve_in_lane``).
 
-Polling runs in C without the GIL (``lc_poll`` in ``lane.c``), so other threads
-keep running; without the compiled module there is no polling. The loop's other
-work (timers, callbacks from threads) waits at most ``max_ns`` for a poll to end.
+Measured (benchmarks/results.md, "NBD export"; benchmarks/poll_bench.py): 4 KiB
+random reads at queue depth 1 went from 13.7k IOPS to about 23k with polling
+alone, and to about 40k with the poll answering; it costs CPU only while a client
+keeps sending within ``max_ns``, as polling does in QEMU and SPDK.
+
+Polling runs in C without the GIL (``lc_poll``, ``lc_serve`` in ``lane.c``), so
+other threads keep running; without the compiled module there is no polling. The
+loop's other work (timers, callbacks from threads) waits at most ``max_ns`` for a
+poll to end, or ``SERVE_BUDGET`` (nbd/server.py) while a poll answers a client.
 """
 
 from __future__ import annotations
@@ -97,7 +102,7 @@ class Poller:
             array = self._array
             if array is None:
                 array = self._array = lane.pollfds(self._fds, _POLLIN)
-                self._index = {fd: i for i, fd in enumerate(self._fds)}
+                self._index = {watched: i for i, watched in enumerate(self._fds)}
             index = self._index.get(fd)
             if serve is not None and index is not None:
                 if not serve(array, len(self._fds), index, self.ns):

@@ -803,9 +803,9 @@ class _Connection(asyncio.Protocol):
 
     def _serve_in_lane(self, fds: Any, n: int, index: int, ns: int) -> bool:
         """``Poller.idle``'s poll for a connection with a lane, which has nothing
-        in flight: answer the client's next batches here while the lane answers
-        them whole (``Lane.serve``), until nothing comes within ``ns``, or the loop
-        has other work. True if nothing came."""
+        in flight: answer here what the client sends, up to the first message the
+        lane does not answer (``Lane.serve``), until nothing comes within ``ns``,
+        or the loop has other work. True if nothing came."""
         lane = self._lane
         assert lane is not None
         room, state = self._lane_room()
