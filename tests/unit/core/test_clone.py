@@ -15,7 +15,7 @@ from liveclone.core.opening import open_clone
 from liveclone.errors import CloneBusyError, NotACloneError, SourceChangedError, TargetError
 from liveclone.sources.base import Extent
 from liveclone.sources.local import LocalFileSource
-from tests.conftest import allocated
+from tests.conftest import allocated, make_image
 
 RS = 64 << 10
 
@@ -311,15 +311,18 @@ def test_fills_work_without_direct_io(tmp_path: Path, source_image) -> None:
 
 
 @pytest.mark.parametrize("refuse", ["preadv", "pwrite"])
-def test_direct_io_refused_midway_falls_back(tmp_path: Path, source_image, monkeypatch,
+def test_direct_io_refused_midway_falls_back(tmp_path: Path, monkeypatch,
                                              refuse: str) -> None:
     """A filesystem that opens files with O_DIRECT but refuses the I/O itself (EINVAL):
     the copy goes on through the page cache instead of failing."""
     import errno
 
     import liveclone.core.clone as clone_mod
+    from liveclone.core.fill import DIRECT_MIN
 
-    src, data = source_image
+    # Data in blocks long enough to be written with direct I/O.
+    src = tmp_path / "big.img"
+    data = make_image(src, 8 << 20, block=2 * DIRECT_MIN)
     with _clone(tmp_path, src) as c:
         c._fill._share_blocks = False
         direct_fds = {c._fill._dfd, c.source.direct_fileno()}  # type: ignore[union-attr]
