@@ -265,20 +265,38 @@ def test_write_nowait_only_for_present_regions(tmp_path: Path, source_image) -> 
 
 
 def test_fills_use_direct_io_and_buffered_reads_stay_coherent(tmp_path: Path,
-                                                             source_image) -> None:
-    """Fills write with O_DIRECT. Pages of a region that a buffered read (say, a
-    neighbour's readahead) cached while it was still a hole must not survive the
-    fill: reads of the now present region see the source's bytes."""
-    src, data = source_image
+                                                             monkeypatch) -> None:
+    """Bulk fills write runs of DIRECT_MIN or more with O_DIRECT. Pages of a region
+    that a buffered read (say, a neighbour's readahead) cached while it was still a
+    hole must not survive the fill: reads of the now present region see the
+    source's bytes."""
+    from liveclone.core import fsops
+    from liveclone.core.fill import DIRECT_MIN
+
+    src = tmp_path / "random.img"
+    data = os.urandom(4 * DIRECT_MIN)
+    src.write_bytes(data)
+    n = 2 * DIRECT_MIN // RS  # regions 1..n: one run long enough to go direct
     with _clone(tmp_path, src) as c:
         assert c._fill._dfd is not None and c.source is not None
         assert c.source.direct_fileno() is not None
+        direct: list[int] = []
+        real = fsops.pwrite_all
+
+        def spy(fd: int, *args: object) -> None:
+            if fd == c._fill._dfd:
+                direct.append(fd)
+            real(fd, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(fsops, "pwrite_all", spy)
+        c._fill._share_blocks = False  # as found on ext4 (no reflink)
         c.write(0, b"g" * RS)
-        stale = os.pread(c._fd, 4 * RS, RS)  # regions 1-4 are holes: zeros get cached
-        assert stale == bytes(4 * RS)
-        c.fill(1, 5, bulk=True)
-        assert bytes(c.read(RS, 4 * RS)) == data[RS:5 * RS]
-        assert os.pread(c._fd, 4 * RS, RS) == data[RS:5 * RS]
+        stale = os.pread(c._fd, n * RS, RS)  # regions 1..n are holes: zeros get cached
+        assert stale == bytes(n * RS)
+        c.fill(1, n + 1, bulk=True)
+        assert direct  # the run went with direct I/O
+        assert bytes(c.read(RS, n * RS)) == data[RS:(n + 1) * RS]
+        assert os.pread(c._fd, n * RS, RS) == data[RS:(n + 1) * RS]
 
 
 @pytest.mark.parametrize("size", [3 * RS + 1000, 5 * RS - 512, 4096 + 7])
