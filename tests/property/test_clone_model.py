@@ -224,18 +224,21 @@ class CloneModel(RuleBasedStateMachine):
             self.write(a, b - a, fill)
 
     @rule(r=offsets, k=st.integers(1, 14), bulk=st.booleans(),
-          gap=st.sampled_from([0, 4096, 8192, 256 << 10]))
-    def copier_step(self, r: int, k: int, bulk: bool, gap: int) -> None:
-        """A copier batch (direct I/O), or a guest-driven fill (page cache), over a
-        span that may hold present gaps; gaps up to ``gap`` bytes are read along."""
+          gap=st.sampled_from([0, 4096, 8192, 256 << 10]),
+          direct_min=st.sampled_from([4096, 16 << 10, fill_mod.DIRECT_MIN]))
+    def copier_step(self, r: int, k: int, bulk: bool, gap: int, direct_min: int) -> None:
+        """A copier batch (direct I/O for runs of at least ``direct_min``, the page
+        cache for shorter ones), or a guest-driven fill (page cache), over a span that
+        may hold present gaps; gaps up to ``gap`` bytes are read along."""
         r %= self.NREG + 1
         end = min(r + k, self.NREG + 1)
         span = set(range(r, end))
-        before, fill_mod.READ_ALONG = fill_mod.READ_ALONG, gap
+        before = fill_mod.READ_ALONG, fill_mod.DIRECT_MIN
+        fill_mod.READ_ALONG, fill_mod.DIRECT_MIN = gap, direct_min
         try:
             self.clone.fill(r, end, bulk=bulk)
         finally:
-            fill_mod.READ_ALONG = before
+            fill_mod.READ_ALONG, fill_mod.DIRECT_MIN = before
         self.skipped += len(span & self.present - self.reported)
         self.reported |= span
         self.present |= span

@@ -27,11 +27,11 @@ import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from liveclone.core import fsops
+from liveclone.core import fill, fsops
 from liveclone.core.buffers import ANSWERS
 from liveclone.core.digests import Digester
 from liveclone.core.durability import Durability
-from liveclone.core.fill import DIRECT_MIN, FillEngine
+from liveclone.core.fill import FillEngine
 from liveclone.core.lifecycle import Lifecycle, State
 from liveclone.core.metadata import MapHeader, MapStore
 from liveclone.core.ownership import Owned, Ownership, Run
@@ -235,7 +235,7 @@ class Clone:
                 # third of the copier's time, serialised with its work.
                 end = min(done[-1][1] << shift, size)
                 for start, stop in spans if bulk else ():
-                    if stop - start >= DIRECT_MIN and start < end:
+                    if stop - start >= fill.DIRECT_MIN and start < end:
                         fsops.drop_cached(self._fd, start, min(stop, end) - start)
             finally:
                 try:
