@@ -191,7 +191,7 @@ class Clone:
 
         This is the copier's write and CACHE's: regions that are present are "done"
         without being written (invariant 4); regions owned by another caller are
-        skipped unless ``wait``. ``bulk``: a copier batch, moved with direct I/O.
+        skipped unless ``wait``. ``bulk``: a copier batch (direct I/O for its long runs).
         The absent runs are copied together (``FillEngine.copy``: few large reads,
         present gaps read along and dropped, never written). Return ``(regions
         filled, source bytes read)``; the rate limit counts what was read. Source
@@ -227,12 +227,15 @@ class Clone:
                     break
                 done.append((a, b))
             try:
-                # While still owned, after direct writes (runs of DIRECT_MIN or more
-                # in a bulk fill): drop pages a neighbour's readahead cached while
-                # the range was a hole. Runs written through the page cache are
-                # left to the commit's fdatasync: starting their writeback here
-                # (tens of thousands of small runs on a fragmented map) took a
-                # third of the copier's time, serialised with its work.
+                # While still owned, after direct writes (only in spans of
+                # DIRECT_MIN or more of a bulk fill): drop pages a neighbour's
+                # readahead cached while the range was a hole. Such a span may also
+                # hold pieces written through the page cache (cut by zero blocks or
+                # guest-written sub-blocks): their writeback starts here. Shorter
+                # spans went wholly through the page cache and are left to the
+                # commit's fdatasync: starting their writeback here (tens of
+                # thousands of small runs on a fragmented map) took a third of the
+                # copier's time, serialised with its work.
                 end = min(done[-1][1] << shift, size)
                 for start, stop in spans if bulk else ():
                     if stop - start >= fill.DIRECT_MIN and start < end:

@@ -3,9 +3,11 @@
 Zero runs and source holes become holes in the clone (punched, never trusted:
 invariant 8). A local source is read into a reused page-aligned buffer; non-zero
 runs are shared with the source where the filesystem can (reflink), else written
-from that buffer. Bulk fills (the copier's batches) use direct I/O on both sides
-where the files allow it, so the copy never waits on page-cache writeback;
-guest-driven fills are small and latency-bound and go through the page cache.
+from that buffer. Bulk fills (the copier's batches) read with direct I/O where the
+files allow it, and write their runs of DIRECT_MIN or more with direct I/O, so a
+large copy never waits on page-cache writeback; shorter runs (a map the guest has
+fragmented) and guest-driven fills, small and latency-bound, go through the page
+cache.
 
 Errors carry their side. Anything the source raises (a read, its extents, a short
 read) becomes ``SourceReadError``: retried by the copier with back-off. Errors

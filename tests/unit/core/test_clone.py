@@ -208,19 +208,25 @@ def test_concurrent_guest_writes_and_copier(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("bulk", [True, False], ids=["direct", "buffered"])
-def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
-                                                    monkeypatch, bulk: bool) -> None:
+def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, monkeypatch,
+                                                    bulk: bool) -> None:
     """A disk that fills up mid-batch: regions written before the failure stay present
-    (and correct); the rest stay absent."""
+    (and correct); the rest stay absent. A bulk fill meets it in a direct write."""
     import errno
 
     import liveclone.core.clone as clone_mod
+    from liveclone.core.fill import DIRECT_MIN
 
-    src, data = source_image
+    src = tmp_path / "random.img"
+    data = os.urandom(4 * DIRECT_MIN)  # one run of 2 * DIRECT_MIN below: direct if bulk
+    src.write_bytes(data)
+    n = 2 * DIRECT_MIN // RS
     real = os.pwrite
     budget = 5 * RS + 4096  # the disk fills up inside region 5
+    fds: set[int] = set()
 
     def pwrite(fd: int, buf, offset: int) -> int:
+        fds.add(fd)
         if offset >= budget:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, memoryview(buf)[:budget - offset], offset)  # short, like a full disk
@@ -232,11 +238,12 @@ def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, source_image,
         monkeypatch.setattr(copyc, "lib", None)
         monkeypatch.setattr(clone_mod.os, "pwrite", pwrite)
         with pytest.raises(OSError):
-            c.fill(0, 16, bulk=bulk)
+            c.fill(0, n, bulk=bulk)
         monkeypatch.undo()
-        present = [r for r in range(16) if c.is_present(r)]
+        assert (c._fill._dfd in fds) == bulk  # the failing write was direct, or buffered
+        present = [r for r in range(n) if c.is_present(r)]
         assert present == list(range(5))
-        assert bytes(c.read(0, 16 * RS)) == data[:16 * RS]
+        assert bytes(c.read(0, n * RS)) == data[:n * RS]
 
 
 def test_read_nowait_serves_cached_bytes_only(tmp_path: Path, source_image) -> None:
@@ -299,10 +306,11 @@ def test_fills_use_direct_io_and_buffered_reads_stay_coherent(tmp_path: Path,
         assert os.pread(c._fd, n * RS, RS) == data[RS:(n + 1) * RS]
 
 
-@pytest.mark.parametrize("size", [3 * RS + 1000, 5 * RS - 512, 4096 + 7])
+@pytest.mark.parametrize("size", [(1 << 20) + 3 * RS + 1000, (2 << 20) - 512, 4096 + 7])
 def test_unaligned_source_tail_is_copied(tmp_path: Path, size: int) -> None:
-    """Direct I/O takes whole 4 KiB blocks; the tail of a source whose size is not a
-    multiple of that goes through the page cache, and the clone keeps the size."""
+    """Direct I/O takes whole 4 KiB blocks (runs of DIRECT_MIN, 1 MiB, or more); the
+    tail of a source whose size is not a multiple of that goes through the page
+    cache, and the clone keeps the size."""
     src = tmp_path / "odd.img"
     data = os.urandom(size)
     src.write_bytes(data)
