@@ -239,7 +239,8 @@ def test_copier_never_writes_a_present_region_however_fragmented(
         touched: list[tuple[int, int, set[int]]] = []  # (start, end, present then)
 
         # Where each call writes: [(fd, offset, length)] from its arguments. Only the
-        # clone file's writes count (the copier also writes the digest file).
+        # clone file's writes count, buffered or direct (the copier also writes the
+        # digest file).
         # put_runs touches only its runs (tests/unit/core/test_putruns.py).
         where = {"pwrite_all": lambda fd, data, offset, *_: [(fd, offset, len(data))],
                  "punch_hole": lambda fd, offset, length: [(fd, offset, length)],
@@ -247,12 +248,14 @@ def test_copier_never_writes_a_present_region_however_fragmented(
                  "clone_range": lambda s, d, offset, length: [(d, offset, length)],
                  "put_runs": lambda fd, runs, *_: [(fd, a, b - a) for a, b in runs]}
 
+        clone_fds = {c._fd, c._fill._dfd}
+
         def spy(name: str):  # type: ignore[no-untyped-def]
             real = getattr(fsops, name)
 
             def wrapped(*args):  # type: ignore[no-untyped-def]
                 for fd, offset, length in where[name](*args):
-                    if threading.current_thread().name.startswith("copier") and fd == c._fd:
+                    if threading.current_thread().name.startswith("copier") and fd in clone_fds:
                         with c._own.cond:
                             present = {r for r in c.geometry.span(offset, length)
                                        if c._own.map.is_present(r)}
