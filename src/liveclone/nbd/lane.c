@@ -160,10 +160,10 @@ static int do_write(const struct lc_lane *l, const uint8_t *data, uint64_t offse
     return 1;
 }
 
-/* lc_lane's walk. `rest` NULL: stop at the first message not answered, instead
- * of passing it on (what was walked is then all answered). */
-static size_t walk(const struct lc_lane *l, const uint8_t *in, size_t n,
-                   uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
+/* The walk described at the top. `rest` NULL: stop at the first message not
+ * answered, instead of passing it on (what was walked is then all answered). */
+size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
+               uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
 {
     size_t pos = 0;
     size_t header = l->structured ? CHUNK_SIZE : SIMPLE_SIZE;
@@ -216,12 +216,6 @@ static size_t walk(const struct lc_lane *l, const uint8_t *in, size_t n,
         pos += whole;
     }
     return pos;
-}
-
-size_t lc_lane(const struct lc_lane *l, const uint8_t *in, size_t n,
-               uint8_t *out, size_t cap, uint8_t *rest, struct lc_done *done)
-{
-    return walk(l, in, n, out, cap, rest, done);
 }
 
 /* What cachestat(2) takes and fills (linux/mman.h, Linux 6.5). */
@@ -318,7 +312,7 @@ void lc_serve(const struct lc_lane *l, struct pollfd *fds, unsigned n, unsigned 
             ssize_t got = recv(fd, in, in_cap, MSG_PEEK | MSG_DONTWAIT);
             if (got <= 0)
                 return;
-            size_t used = walk(l, in, (size_t)got, out, cap, NULL, &d);
+            size_t used = lc_lane(l, in, (size_t)got, out, cap, NULL, &d);
             if (used == 0)
                 return; /* its first message is the event loop's */
             if (recv(fd, in, used, MSG_DONTWAIT) != (ssize_t)used)
