@@ -11,6 +11,7 @@ import pytest
 from liveclone.core import copyc
 from liveclone.core.clone import Clone
 from liveclone.core.copier import Copier
+from liveclone.core.fill import DIRECT_MIN
 from liveclone.core.opening import open_clone
 from liveclone.errors import CloneBusyError, NotACloneError, SourceChangedError, TargetError
 from liveclone.sources.base import Extent
@@ -23,6 +24,15 @@ RS = 64 << 10
 def _clone(tmp_path: Path, src: Path, rs: int = RS) -> Clone:
     return open_clone(str(tmp_path / "clone.img"), LocalFileSource(str(src)), region_size=rs,
                       create=True, exclusive=True)
+
+
+def _direct_source(tmp_path: Path) -> tuple[Path, bytes, int]:
+    """A source of random data, and how many regions from its start make one run
+    long enough for a bulk fill to write it with direct I/O (2 * DIRECT_MIN)."""
+    src = tmp_path / "random.img"
+    data = os.urandom(4 * DIRECT_MIN)
+    src.write_bytes(data)
+    return src, data, 2 * DIRECT_MIN // RS
 
 
 def test_reads_come_from_source_until_copied(tmp_path: Path, source_image) -> None:
@@ -215,12 +225,8 @@ def test_failed_fill_keeps_the_regions_it_finished(tmp_path: Path, monkeypatch,
     import errno
 
     import liveclone.core.clone as clone_mod
-    from liveclone.core.fill import DIRECT_MIN
 
-    src = tmp_path / "random.img"
-    data = os.urandom(4 * DIRECT_MIN)  # one run of 2 * DIRECT_MIN below: direct if bulk
-    src.write_bytes(data)
-    n = 2 * DIRECT_MIN // RS
+    src, data, n = _direct_source(tmp_path)  # regions 0..n-1: direct if bulk
     real = os.pwrite
     budget = 5 * RS + 4096  # the disk fills up inside region 5
     fds: set[int] = set()
@@ -278,12 +284,8 @@ def test_fills_use_direct_io_and_buffered_reads_stay_coherent(tmp_path: Path,
     hole must not survive the fill: reads of the now present region see the
     source's bytes."""
     from liveclone.core import fsops
-    from liveclone.core.fill import DIRECT_MIN
 
-    src = tmp_path / "random.img"
-    data = os.urandom(4 * DIRECT_MIN)
-    src.write_bytes(data)
-    n = 2 * DIRECT_MIN // RS  # regions 1..n: one run long enough to go direct
+    src, data, n = _direct_source(tmp_path)  # regions 1..n: one run that goes direct
     with _clone(tmp_path, src) as c:
         assert c._fill._dfd is not None and c.source is not None
         assert c.source.direct_fileno() is not None
@@ -344,7 +346,6 @@ def test_direct_io_refused_midway_falls_back(tmp_path: Path, monkeypatch,
     import errno
 
     import liveclone.core.clone as clone_mod
-    from liveclone.core.fill import DIRECT_MIN
 
     # Data in blocks long enough to be written with direct I/O.
     src = tmp_path / "big.img"
